@@ -1,0 +1,213 @@
+"""Labelled image set for the text-spot stage: which image-caption pairs must the CAT filter drop?
+
+    from bench.textspot_set import build_set
+    items = build_set()          # 60 LabelledPair(name, image (H x W x 3 uint8), caption, drop, kind, text)
+    PYTHONPATH=. .venv/bin/python -m bench.textspot_set --out bench/work/textspot_set   # writes PNGs + labels.json to look at
+
+Deterministic (seeded). Real photos from ../shared/data/coco-mini (with their COCO captions) and
+skimage.data, at varied sizes. Kinds and labels:
+  caption_text  drop  part of the caption (or all of it) rendered onto the photo: varied fonts,
+                      sizes (5-12% of the image height), colours, styles (outline, banner, plain),
+                      positions, upper/original case
+  clean         keep  the same photos without text
+  other_text    keep  text that shares < 5 characters with the caption (watermarks, sale tags, dates)
+  natural       both  real photos of text: skimage's book page (caption quoting its heading -> drop,
+                      caption not quoting it -> keep), handwriting, COCO photos of signs and buses
+The generator checks its own labels: a keep item's visible text shares no 5-character window
+with the caption (same normalisation as pipeline.textspot.caption_match).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.textspot import caption_match
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO = ROOT.parent / "shared" / "data" / "coco-mini"
+FONT_DIR = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf"
+FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
+         "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf")
+LONG_SIDES = (400, 512, 640, 800, 1024)  # web images come at many sizes; the spotter resizes to its canvas
+OTHER_TEXTS = ("SALE 50% OFF", "www.picsum.net", "(c) Northwind Studio", "Happy Birthday!", "Summer 2019",
+               "FREE SHIPPING", "Limited Edition", "Qwerty Zephyr", "BEST PRICE", "Copyright 2021",
+               "Hello Kitty", "Photo by J. Kowalski", "New Arrivals", "Vintage Look")
+SKIMAGE_PHOTOS = {  # name -> caption written for the photo
+    "astronaut": "An astronaut in a white suit poses in front of the American flag",
+    "chelsea": "A tabby cat is looking at the camera with green eyes",
+    "coffee": "A cup of coffee sits on a saucer next to a spoon",
+    "rocket": "A space shuttle is sitting on the launch pad under a blue sky",
+}
+SIGN_PHOTOS = ("000000231460.jpg", "000000525891.jpg", "000000252639.jpg", "000000466547.jpg")
+
+
+@dataclass
+class LabelledPair:
+    name: str
+    image: np.ndarray   # H x W x 3 uint8 RGB
+    caption: str
+    drop: bool          # ground truth: the CAT filter should drop this pair
+    kind: str           # caption_text | clean | other_text | natural
+    text: str           # the text rendered onto the image ("" if none was added)
+
+
+def _coco_photos() -> list[tuple[str, Image.Image, str]]:
+    meta = json.loads((COCO / "captions.json").read_text())
+    first_caption = {}
+    for ann in sorted(meta["annotations"], key=lambda a: a["id"]):
+        first_caption.setdefault(ann["image_id"], ann["caption"].strip())
+    photos = []
+    for im in sorted(meta["images"], key=lambda i: i["file_name"]):
+        if im["file_name"] not in SIGN_PHOTOS:
+            photos.append((im["file_name"], Image.open(COCO / "images" / im["file_name"]).convert("RGB"),
+                           first_caption[im["id"]]))
+    return photos
+
+
+def _skimage_photos() -> list[tuple[str, Image.Image, str]]:
+    from skimage import data
+    return [(name, Image.fromarray(getattr(data, name)()).convert("RGB"), caption)
+            for name, caption in SKIMAGE_PHOTOS.items()]
+
+
+def _resize(img: Image.Image, long_side: int) -> Image.Image:
+    scale = long_side / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and font.getlength(trial) > max_width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines
+
+
+def render_text(img: Image.Image, text: str, rng: random.Random) -> Image.Image:
+    """Draw `text` on a copy of `img` in a random font, size, colour, style and position."""
+    img = img.copy()
+    draw = ImageDraw.Draw(img, "RGBA")
+    size = max(12, round(img.height * rng.uniform(0.05, 0.12)))
+    font = ImageFont.truetype(str(FONT_DIR / rng.choice(FONTS)), size)
+    lines = _wrap(text, font, int(img.width * 0.9))
+    while max(font.getlength(line) for line in lines) > img.width * 0.95 and size > 12:  # one long word
+        size -= 2
+        font = ImageFont.truetype(str(font.path), size)
+    line_h = round(size * 1.25)
+    block_w, block_h = int(max(font.getlength(line) for line in lines)), line_h * len(lines)
+    x = rng.randint(0, max(0, img.width - block_w))
+    y = {"top": round(img.height * 0.04), "bottom": img.height - block_h - round(img.height * 0.04),
+         "middle": (img.height - block_h) // 2,
+         "random": rng.randint(0, max(0, img.height - block_h))}[rng.choice(("top", "bottom", "middle", "random"))]
+    y = min(max(0, y), max(0, img.height - block_h))
+    style = rng.choice(("outline", "banner", "plain"))
+    stroke = 0
+    if style == "outline":                       # meme style: light text, dark outline
+        fill, stroke_fill, stroke = rng.choice([(255, 255, 255), (255, 230, 0)]), (0, 0, 0), max(1, size // 12)
+    elif style == "banner":                      # title bar: text on a translucent band
+        dark = rng.random() < 0.5
+        draw.rectangle([x - size // 3, y - size // 5, x + block_w + size // 3, y + block_h + size // 5],
+                       fill=(0, 0, 0, 170) if dark else (255, 255, 255, 190))
+        fill, stroke_fill = ((255, 255, 255) if dark else (rng.choice([(0, 0, 0), (180, 0, 0), (0, 40, 140)]))), None
+    else:                                        # plain: colour chosen to contrast with the area under it
+        region = np.asarray(img.crop((x, y, x + block_w, y + block_h)).convert("L"))
+        fill = (20, 20, 20) if region.size and region.mean() > 120 else (250, 250, 250)
+        stroke_fill = None
+    for i, line in enumerate(lines):
+        draw.text((x, y + i * line_h), line, font=font, fill=fill, stroke_width=stroke, stroke_fill=stroke_fill)
+    return img
+
+
+def _caption_phrase(caption: str, rng: random.Random) -> str:
+    """2-5 consecutive caption words with >= 8 letters, or the whole caption; sometimes upper case."""
+    words = caption.rstrip(".").split()
+    if rng.random() < 0.25 or len(words) <= 3:
+        phrase = " ".join(words)
+    else:
+        for _ in range(20):
+            n = rng.randint(2, min(5, len(words)))
+            start = rng.randint(0, len(words) - n)
+            phrase = " ".join(words[start:start + n])
+            if sum(c.isalnum() for c in phrase) >= 8:
+                break
+    return phrase.upper() if rng.random() < 0.3 else phrase
+
+
+def _shares_caption_text(text: str, caption: str) -> bool:
+    return caption_match([(text, 1.0)], caption) is not None
+
+
+def _natural_items() -> list[LabelledPair]:
+    from skimage import data
+    page = np.stack([data.page()] * 3, axis=-1)
+    handwriting = np.stack([data.text()] * 3, axis=-1)
+    items = [
+        LabelledPair("page_quoted", page, "Textbook page on region-based segmentation of coins", True, "natural",
+                     "Region-based segmentation"),
+        LabelledPair("page_unquoted", page, "A printed paper sheet lying flat on a wooden desk", False, "natural", ""),
+        LabelledPair("handwriting", handwriting, "Handwritten maths formulas on a paper sheet", False, "natural", ""),
+    ]
+    meta = json.loads((COCO / "captions.json").read_text())
+    ids = {im["file_name"]: im["id"] for im in meta["images"]}
+    for file_name in SIGN_PHOTOS:
+        caption = min((a for a in meta["annotations"] if a["image_id"] == ids[file_name]), key=lambda a: a["id"])
+        image = np.asarray(Image.open(COCO / "images" / file_name).convert("RGB"))
+        items.append(LabelledPair(f"sign_{file_name[:-4]}", image, caption["caption"].strip(), False, "natural", ""))
+    return items
+
+
+def build_set(n_caption_text: int = 24, n_clean: int = 18, n_other_text: int = 11, seed: int = 0) -> list[LabelledPair]:
+    """The labelled set (default 24 + 18 + 11 + 7 natural = 60 pairs, 25 to drop)."""
+    rng = random.Random(seed)
+    photos = _skimage_photos() + _coco_photos()
+    order = list(range(len(photos)))
+    rng.shuffle(order)
+    photos = [photos[i] for i in order]
+    assert len(photos) >= n_caption_text + n_other_text and n_clean <= n_caption_text
+    items: list[LabelledPair] = []
+    for i, (name, photo, caption) in enumerate(photos[:n_caption_text]):
+        photo = _resize(photo, rng.choice(LONG_SIDES))
+        phrase = _caption_phrase(caption, rng)
+        items.append(LabelledPair(f"caption_text_{name}", np.asarray(render_text(photo, phrase, rng)), caption,
+                                  True, "caption_text", phrase))
+        if i < n_clean:
+            items.append(LabelledPair(f"clean_{name}", np.asarray(photo), caption, False, "clean", ""))
+    for name, photo, caption in photos[n_caption_text:n_caption_text + n_other_text]:
+        photo = _resize(photo, rng.choice(LONG_SIDES))
+        text = rng.choice([t for t in OTHER_TEXTS if not _shares_caption_text(t, caption)])
+        items.append(LabelledPair(f"other_text_{name}", np.asarray(render_text(photo, text, rng)), caption,
+                                  False, "other_text", text))
+    items += _natural_items()
+    for item in items:  # the labels must agree with the rule applied to the text we know is visible
+        assert item.drop == (item.kind in ("caption_text", "natural") and _shares_caption_text(item.text, item.caption)), item.name
+    return items
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/work/textspot_set")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = []
+    for item in build_set(seed=args.seed):
+        Image.fromarray(item.image).save(out / f"{item.name}.png")
+        labels.append({"name": item.name, "caption": item.caption, "drop": item.drop, "kind": item.kind,
+                       "text": item.text, "height": item.image.shape[0], "width": item.image.shape[1]})
+    (out / "labels.json").write_text(json.dumps(labels, indent=1))
+    print(f"{len(labels)} images ({sum(l['drop'] for l in labels)} to drop) -> {out}")
+
+
+if __name__ == "__main__":
+    main()

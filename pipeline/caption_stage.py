@@ -1,0 +1,201 @@
+"""Caption stage of the CAT filter for one input part (one Spark task; no Spark in here).
+
+    counts = run_caption_part(chunk, columns, out, params, final=True)
+
+Reads the part's rows with pyarrow, assigns keys, settles what cheap checks can (null, non-string,
+invalid UTF-8, empty, too long, duplicate), parses the rest with pipeline.captions and applies the
+DiHT rules. Writes OUTPUT/captions/<part>.parquet (every row with its parse), the ledger rows this
+stage decides (OUTPUT/ledger/caption/<part>.parquet) and, when images must be fetched, the rows to
+download (OUTPUT/_work/download_input/<part>.parquet); then the part's completion marker.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import schemas as S
+from pipeline import captions as cap
+from pipeline.keys import content_key, duplicate_key
+from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk, write_marker
+
+LEDGER_CAPTION_CHARS = 1000   # the ledger is read by people; full captions stay in captions/
+
+
+def part_keys(table: pa.Table, cols: Columns) -> tuple[list[str], list[str]]:
+    """(keys, content hashes) of a part's rows: the key is the given one, else the content hash."""
+    n = table.num_rows
+    given = table.column(cols.key).to_pylist() if cols.key else [None] * n
+    urls = _strings(table, cols.url) if cols.url else [None] * n
+    contents = [content_key(u, c) for u, c in zip(urls, _raw_captions(table, cols.caption))]
+    return [str(g) if g is not None else c for g, c in zip(given, contents)], contents
+
+
+def write_part_keys(chunk: Chunk, cols: Columns, out: str) -> int:
+    """Dedupe pass, step 1: every row's key and position, for the driver's duplicate query."""
+    try:
+        table = read_chunk(chunk, [c for c in (cols.key, cols.url, cols.caption) if c])
+        keys, contents = part_keys(table, cols)
+    except Exception:  # noqa: BLE001 - unreadable rows get positional keys in the caption stage
+        keys = contents = [unreadable_key(chunk, i) for i in range(chunk.num_rows)]
+    rows = [{"key": k, "content": c, "part": chunk.part, "row": chunk.file_row_offset + i}
+            for i, (k, c) in enumerate(zip(keys, contents))]
+    atomic_write_parquet(S.KEYS.from_rows(rows), os.path.join(out, "_work", "keys", f"{chunk.part}.parquet"))
+    return len(rows)
+
+
+def unreadable_key(chunk: Chunk, i: int) -> str:
+    return content_key(None, f"{os.path.basename(chunk.path)}:{chunk.file_row_offset + i}")
+
+
+def read_duplicates(out: str, part: str) -> dict[int, tuple[int, bool]]:
+    """Dedupe pass result for one part: file row -> (occurrence of its key, repeats earlier content)."""
+    path = os.path.join(out, "_work", "dups", f"part={part}")
+    if not os.path.isdir(path):
+        return {}
+    t = pq.read_table(path, columns=["row", "key_occ", "content_occ"]).to_pydict()
+    return {r: (k, c > 1) for r, k, c in zip(t["row"], t["key_occ"], t["content_occ"])}
+
+
+def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionParams,
+                     final: bool, download: bool = False) -> dict:
+    dups = read_duplicates(out, chunk.part)
+    try:
+        table = read_chunk(chunk, cols.present() if not cols.image else
+                           [c for c in cols.present() if c != cols.image])
+    except Exception as e:  # noqa: BLE001 - a corrupt row group fails its rows, not the job
+        return _write_unreadable(chunk, out, f"{type(e).__name__}: {e}")
+
+    n = table.num_rows
+    keys, _ = part_keys(table, cols)
+    urls = _strings(table, cols.url) if cols.url else [None] * n
+    texts, failures = _decode_captions(table, cols.caption)
+    rows = []   # CAPTIONS rows
+    to_parse = []
+    for i in range(n):
+        row = {"key": keys[i], "url": urls[i], "caption": texts[i], "source_file": chunk.path,
+               "source_row": chunk.file_row_offset + i, "passed": False, "reason": None}
+        key_occ, repeated = dups.get(row["source_row"], (1, False))
+        if key_occ > 1:  # the key is taken (e.g. two img2dataset runs merged): a new, traceable one
+            row["key"] = duplicate_key(keys[i], key_occ)
+        if repeated:     # same url + caption as an earlier row: a re-crawl, dropped
+            row["reason"] = S.R_DUPLICATE
+        elif i in failures:
+            row["reason"], row["caption"] = failures[i]
+        elif texts[i] is None or not texts[i].strip():
+            row["reason"] = S.R_EMPTY_CAPTION
+        elif params.max_caption_chars and len(texts[i]) > params.max_caption_chars:
+            row["reason"] = S.R_TOO_LONG
+        else:
+            to_parse.append(i)
+        rows.append(row)
+
+    parses = cap.parse_captions([texts[i] for i in to_parse], params)
+    for i, parse in zip(to_parse, parses):
+        keep, reason = cap.keep_caption(parse, params.min_complexity, params.require_action)
+        rows[i].update(parse.to_row(), passed=keep, reason=reason)
+
+    ledger, download_rows = [], []
+    for r in rows:
+        if not r["passed"]:
+            status = S.FAILED if r["reason"] in (S.R_NON_STRING, S.R_INVALID_UTF8) else S.DROPPED
+            ledger.append(_ledger_row(r, status, S.STAGE_CAPTION, r["reason"]))
+        elif final:
+            ledger.append(_ledger_row(r, S.KEPT, S.STAGE_CAPTION, None))
+        elif download:
+            if not _is_http(r["url"]):
+                ledger.append(_ledger_row(r, S.FAILED, S.STAGE_DOWNLOAD, S.R_BAD_URL,
+                                          error_message=f"not an http(s) URL: {str(r['url'])[:200]!r}"))
+            else:
+                download_rows.append({"url": r["url"], "caption": r["caption"], "cat_key": r["key"],
+                                      "cat_part": chunk.part})
+
+    atomic_write_parquet(S.CAPTIONS.from_rows(rows), os.path.join(out, "captions", f"{chunk.part}.parquet"))
+    atomic_write_parquet(S.LEDGER.from_rows(ledger),
+                         os.path.join(out, "ledger", S.STAGE_CAPTION, f"{chunk.part}.parquet"))
+    if download and download_rows:  # img2dataset wants no empty input files
+        atomic_write_parquet(pa.Table.from_pylist(download_rows, schema=DOWNLOAD_INPUT),
+                             os.path.join(out, "_work", "download_input", f"{chunk.part}.parquet"))
+    counts = _count(ledger, n, sum(r["passed"] for r in rows))
+    write_marker(out, S.STAGE_CAPTION, chunk.part, counts)
+    return counts
+
+
+# img2dataset's input for the download stage: cat_key / cat_part come back in its output shards
+DOWNLOAD_INPUT = pa.schema([("url", pa.string()), ("caption", pa.string()),
+                            ("cat_key", pa.string()), ("cat_part", pa.string())])
+
+
+def ledger_row(key: str, status: str, stage: str, reason: str | None, **evidence) -> dict:
+    row = dict.fromkeys(S.LEDGER.columns)
+    row.update(key=key, status=status, stage=stage, reason=reason)
+    row.update(evidence)
+    if isinstance(row.get("caption"), str):
+        row["caption"] = row["caption"][:LEDGER_CAPTION_CHARS]
+    return row
+
+
+def _ledger_row(r: dict, status, stage, reason, **extra) -> dict:
+    evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
+    return ledger_row(r["key"], status, stage, reason, **evidence, **extra)
+
+
+def _count(ledger: list[dict], n_rows: int, n_passed: int) -> dict:
+    c = Counter((r["status"], r["stage"], r["reason"] or "") for r in ledger)
+    return {"n_rows": n_rows, "n_passed": n_passed,
+            "decided": [{"status": s, "stage": st, "reason": re, "n": k} for (s, st, re), k in sorted(c.items())]}
+
+
+def _write_unreadable(chunk: Chunk, out: str, error: str) -> dict:
+    rows = [{"key": unreadable_key(chunk, i), "source_file": chunk.path, "passed": False,
+             "source_row": chunk.file_row_offset + i, "reason": S.R_READ_ERROR} for i in range(chunk.num_rows)]
+    ledger = [_ledger_row(r, S.FAILED, S.STAGE_CAPTION, S.R_READ_ERROR, error_message=error[:500]) for r in rows]
+    atomic_write_parquet(S.CAPTIONS.from_rows(rows), os.path.join(out, "captions", f"{chunk.part}.parquet"))
+    atomic_write_parquet(S.LEDGER.from_rows(ledger),
+                         os.path.join(out, "ledger", S.STAGE_CAPTION, f"{chunk.part}.parquet"))
+    counts = _count(ledger, chunk.num_rows, 0)
+    write_marker(out, S.STAGE_CAPTION, chunk.part, counts)
+    return counts
+
+
+def _is_http(url) -> bool:
+    return isinstance(url, str) and url.lower().startswith(("http://", "https://"))
+
+
+def _strings(table: pa.Table, col: str) -> list[str | None]:
+    """A column as Python strings whatever its type; invalid UTF-8 replaced (used for urls only)."""
+    arr = table.column(col)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
+        return [None if b is None else b.decode("utf-8", "replace")
+                for b in pc.cast(arr, pa.binary()).to_pylist()]
+    return [None if v is None else str(v) for v in arr.to_pylist()]
+
+
+def _raw_captions(table: pa.Table, col: str) -> list:
+    """Caption values as stored: bytes for string/binary columns (not yet validated), else Python values."""
+    arr = table.column(col)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or \
+            pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        return pc.cast(arr, pa.large_binary()).to_pylist()
+    return arr.to_pylist()
+
+
+def _decode_captions(table: pa.Table, col: str) -> tuple[list[str | None], dict[int, tuple[str, str]]]:
+    """Strict UTF-8 decoding; failures map row -> (reason, printable evidence)."""
+    texts, failures = [], {}
+    for i, v in enumerate(_raw_captions(table, col)):
+        if v is None:
+            texts.append(None)
+        elif isinstance(v, bytes):
+            try:
+                texts.append(v.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                texts.append(None)
+                failures[i] = (S.R_INVALID_UTF8, f"{v[:200].decode('utf-8', 'replace')} [{e.reason} at byte {e.start}]")
+        else:
+            texts.append(None)
+            failures[i] = (S.R_NON_STRING, f"{type(v).__name__}: {repr(v)[:200]}")
+    return texts, failures

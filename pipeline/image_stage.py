@@ -1,0 +1,153 @@
+"""Text-spot stage of the CAT filter for one part of images (one Spark task; no Spark in here).
+
+    rows = rows_from_chunk(chunk, columns, out)          # images came with the input
+    rows = rows_from_download_shard(shard_path, out)     # images fetched by img2dataset
+    counts = run_image_part(part, rows, out, params)
+
+Each row is decoded safely (pipeline.images), spotted for text (pipeline.textspot, batched) and
+matched against its caption by the DiHT rule. Kept pairs go to OUTPUT/shards/<part>.parquet with
+their caption parse; every row gets its ledger row in OUTPUT/ledger/textspot/<part>.parquet (or
+stage download when the image never arrived), a few thumbnails per reason go to the report's table.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+import schemas as S
+from pipeline import images as img
+from pipeline import textspot as ts
+from pipeline.caption_stage import _count, ledger_row
+from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk, write_marker
+
+_PARSE = [f.name for f in S.PARSE_FIELDS]
+_CARRY = ["key", "caption", "url", *_PARSE, "source_file", "source_row"]
+
+
+@dataclass(frozen=True)
+class ImageStageParams:
+    textspot: ts.TextSpotParams = field(default_factory=ts.TextSpotParams)
+    max_pixels: int = img.DEFAULT_MAX_PIXELS   # decompression-bomb guard, checked before decoding
+    shard_rows: int = 10_000                   # kept pairs per output shard file
+    thumbs_per_reason: int = 4                 # report examples kept per reason and part
+    thumb_size: int = 160
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _passed_captions(out: str, part: str, keys: set | None = None) -> dict[str, dict]:
+    t = pq.read_table(os.path.join(out, "captions", f"{part}.parquet"), columns=_CARRY + ["passed"])
+    t = t.filter(pc.field("passed"))
+    return {r["key"]: r for r in t.select(_CARRY).to_pylist() if keys is None or r["key"] in keys}
+
+
+def rows_from_chunk(chunk: Chunk, cols: Columns, out: str) -> list[dict]:
+    """Passed rows of an input part, with the image bytes (and img2dataset status) from the input."""
+    passed = sorted(_passed_captions(out, chunk.part).values(), key=lambda r: r["source_row"])
+    if not passed:
+        return []
+    wanted = [c for c in (cols.image, cols.status, cols.error, cols.key) if c]
+    table = read_chunk(chunk, wanted)
+    local = [r["source_row"] - chunk.file_row_offset for r in passed]
+    sub = table.take(local).to_pylist()
+    tar_images = _tar_images(chunk.tar, {s[cols.key] for s in sub}) if chunk.tar and cols.key else {}
+    for r, s in zip(passed, sub):
+        r["jpg"] = s.get(cols.image) if cols.image else tar_images.get(str(s.get(cols.key)))
+        r["status"] = s.get(cols.status) if cols.status else "success"
+        r["error_message"] = s.get(cols.error) if cols.error else None
+        if r["jpg"] is None and r["status"] == "success" and chunk.tar:
+            r["error_message"] = f"image for key {s.get(cols.key)} not found in {os.path.basename(chunk.tar)}"
+    return passed
+
+
+def _tar_images(tar_path: str, keys: set) -> dict[str, bytes]:
+    found = {}
+    try:
+        with tarfile.open(tar_path) as tf:
+            for m in tf:
+                stem, ext = os.path.splitext(m.name)
+                if m.isfile() and ext.lower() in (".jpg", ".jpeg", ".png", ".webp") and stem in keys:
+                    found[stem] = tf.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # truncated tar: the members read so far count; the rest fail as missing images
+    return found
+
+
+def rows_from_download_shard(shard_path: str, out: str) -> list[dict]:
+    """img2dataset output shard -> rows with bytes, joined to their caption parse by cat_key."""
+    t = pq.read_table(shard_path, columns=["cat_key", "cat_part", "status", "error_message", "jpg"])
+    rows = []
+    by_part = defaultdict(list)
+    for r in t.to_pylist():
+        by_part[r["cat_part"]].append(r)
+    for part in sorted(by_part):
+        parses = _passed_captions(out, part, {r["cat_key"] for r in by_part[part]})
+        for r in by_part[part]:
+            base = parses.get(r["cat_key"])
+            if base is not None:
+                rows.append({**base, "jpg": r["jpg"], "status": r["status"], "error_message": r["error_message"]})
+    return sorted(rows, key=lambda r: (r["source_file"], r["source_row"]))
+
+
+def run_image_part(part: str, rows: list[dict], out: str, params: ImageStageParams) -> dict:
+    ledger, shard, thumbs = [], [], defaultdict(list)
+    decoded = []  # (row, DecodedImage) awaiting text spotting
+    for r in rows:
+        evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
+        if r["status"] != "success" or r["jpg"] is None:
+            ledger.append(ledger_row(r["key"], S.FAILED, S.STAGE_DOWNLOAD, S.R_DOWNLOAD_FAILED, **evidence,
+                                     error_message=(r.get("error_message") or f"status {r['status']}")[:500]))
+            continue
+        try:
+            decoded.append((r, img.decode_image(r["jpg"], max_pixels=params.max_pixels)))
+        except img.ImageDecodeError as e:
+            ledger.append(ledger_row(r["key"], S.FAILED, S.STAGE_TEXTSPOT, S.R_DECODE_ERROR, **evidence,
+                                     error_message=str(e)[:500]))
+
+    results = ts.spot_and_match([d.array() for _, d in decoded], [r["caption"] for r, _ in decoded],
+                                params.textspot) if decoded else []
+    for (r, d), res in zip(decoded, results):
+        evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
+        best = max(res.detections, key=lambda t: t[1], default=None)
+        if res.match is not None:
+            ledger.append(ledger_row(r["key"], S.DROPPED, S.STAGE_TEXTSPOT, S.R_TEXT_SPOTTED, **evidence,
+                                     ocr_text=res.match.text, ocr_conf=float(res.match.conf),
+                                     matched_span=res.match.span))
+            _add_thumb(thumbs, r["key"], S.R_TEXT_SPOTTED, d.image, params)
+            continue
+        ledger.append(ledger_row(r["key"], S.KEPT, S.STAGE_TEXTSPOT, None, **evidence,
+                                 ocr_text=best[0] if best else None, ocr_conf=float(best[1]) if best else None))
+        _add_thumb(thumbs, r["key"], "kept", d.image, params)
+        jpg = r["jpg"] if d.source_format == "JPEG" else img.to_jpeg(d.image)
+        shard.append({**{k: r[k] for k in ("key", "caption", "url", *_PARSE)},
+                      "jpg": jpg, "width": d.width, "height": d.height})
+
+    for i in range(0, max(1, len(shard)), params.shard_rows):
+        piece = shard[i:i + params.shard_rows]
+        if piece:
+            suffix = "" if i == 0 else f"-{i // params.shard_rows}"
+            atomic_write_parquet(S.SHARD.from_rows(piece), os.path.join(out, "shards", f"{part}{suffix}.parquet"))
+    atomic_write_parquet(S.LEDGER.from_rows(ledger), os.path.join(out, "ledger", S.STAGE_TEXTSPOT, f"{part}.parquet"))
+    thumb_rows = [t for reason in sorted(thumbs) for t in thumbs[reason]]
+    atomic_write_parquet(S.THUMBS.from_rows(thumb_rows), os.path.join(out, "_work", "thumbs", f"{part}.parquet"))
+    counts = _count(ledger, len(rows), len(shard))
+    write_marker(out, S.STAGE_TEXTSPOT, part, counts)
+    return counts
+
+
+def _add_thumb(thumbs, key, reason, image: Image.Image, params: ImageStageParams) -> None:
+    if len(thumbs[reason]) >= params.thumbs_per_reason:
+        return
+    im = image.copy()
+    im.thumbnail((params.thumb_size, params.thumb_size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    thumbs[reason].append({"key": key, "reason": reason, "jpg": buf.getvalue()})

@@ -1,0 +1,140 @@
+"""Every table the product writes, defined once, usable as pyarrow and as Spark schemas.
+
+    from schemas import LEDGER, SHARD
+    pq.write_table(pa.Table.from_pylist(rows, schema=LEDGER.arrow), path)
+    spark.read.schema(LEDGER.spark).parquet(path)
+
+No other module spells column lists by hand: use `TABLE.columns` / `TABLE.arrow` / `TABLE.spark`.
+Status and reason vocabularies for the ledger live here too, so reports and tests share them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import pyarrow as pa
+
+# ---------------------------------------------------------------- ledger vocabulary
+KEPT, DROPPED, FAILED = "kept", "dropped", "failed"
+STATUSES = (KEPT, DROPPED, FAILED)
+
+# stages in the order rows flow through them
+STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_TEXTSPOT, STAGE_DISTILL = "caption", "download", "textspot", "distill"
+STAGES = (STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_TEXTSPOT, STAGE_DISTILL)
+
+# reasons: dropped = the data is fine but fails a rule; failed = the data could not be processed
+R_EMPTY_CAPTION = "empty_caption"            # dropped: null / empty / whitespace-only caption
+R_NON_STRING = "caption_not_string"          # failed: caption column holds a non-string value
+R_INVALID_UTF8 = "caption_invalid_utf8"      # failed: caption bytes are not valid UTF-8
+R_DUPLICATE = "duplicate"                    # dropped: same key as an earlier input row
+R_NO_ACTION = "caption_no_action"            # dropped: no action relation in the caption
+R_LOW_COMPLEXITY = "caption_low_complexity"  # dropped: complexity below the threshold
+R_TOO_LONG = "caption_too_long"              # dropped: caption longer than max_caption_chars
+R_READ_ERROR = "input_read_error"            # failed: the rows' Parquet row group is unreadable
+R_DOWNLOAD_FAILED = "download_failed"        # failed: img2dataset could not fetch the image
+R_DECODE_ERROR = "image_decode_error"        # failed: bytes are not a decodable, safe image
+R_TEXT_SPOTTED = "text_spotted"              # dropped: the image shows the caption as text
+R_EMBED_FAILED = "embed_failed"              # failed: the teacher could not embed the image
+R_BAD_URL = "url_not_http"                   # failed: URL missing or not http(s); never fetched
+R_UNACCOUNTED = "missing_from_stage_output"  # failed: a stage returned no result for the row (logged)
+REASONS = (R_EMPTY_CAPTION, R_NON_STRING, R_INVALID_UTF8, R_DUPLICATE, R_NO_ACTION, R_LOW_COMPLEXITY,
+           R_TOO_LONG, R_READ_ERROR, R_DOWNLOAD_FAILED, R_DECODE_ERROR, R_TEXT_SPOTTED, R_EMBED_FAILED,
+           R_BAD_URL, R_UNACCOUNTED)
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    fields: tuple[pa.Field, ...]
+
+    @cached_property
+    def arrow(self) -> pa.Schema:
+        return pa.schema(list(self.fields))
+
+    @cached_property
+    def spark(self):
+        from pyspark.sql.pandas.types import from_arrow_schema  # lazy: pipeline/ must not need Spark
+        return from_arrow_schema(self.arrow)
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def empty(self) -> pa.Table:
+        return self.arrow.empty_table()
+
+    def from_rows(self, rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=self.arrow)
+
+
+def _f(name, typ, nullable=True):
+    return pa.field(name, typ, nullable=nullable)
+
+
+_STR_LIST = pa.list_(pa.string())
+ATTRIBUTES_TYPE = pa.list_(pa.struct([_f("object", pa.string()), _f("values", _STR_LIST)]))
+ACTIONS_TYPE = pa.list_(pa.struct([_f("subject", pa.string()), _f("verb", pa.string()), _f("object", pa.string())]))
+
+PARSE_FIELDS = (
+    _f("objects", _STR_LIST),
+    _f("attributes", ATTRIBUTES_TYPE),   # object -> its attribute words, as a list of structs
+    _f("actions", ACTIONS_TYPE),         # (subject, verb, object), None where absent
+    _f("complexity", pa.int32()),
+    _f("has_action", pa.bool_()),
+)
+
+SOURCE_FIELDS = (
+    _f("source_file", pa.string()),      # input file the row came from
+    _f("source_row", pa.int64()),        # row index inside that file
+)
+
+# every input row with its parse (caption stage output)
+CAPTIONS = Table("captions", (
+    _f("key", pa.string(), False), _f("url", pa.string()), _f("caption", pa.string()),
+    *PARSE_FIELDS,
+    _f("passed", pa.bool_()),            # passed the caption rules (goes on to the image stages)
+    _f("reason", pa.string()),           # why not, when not passed
+    *SOURCE_FIELDS,
+))
+
+# work table of the dedupe pass: every input row's key, content hash (url + caption) and position
+KEYS = Table("keys", (_f("key", pa.string(), False), _f("content", pa.string(), False),
+                      _f("part", pa.string(), False), _f("row", pa.int64(), False)))
+
+# report thumbnails of dropped/failed rows (a few per reason and part), joined to the ledger by key
+THUMBS = Table("thumbs", (_f("key", pa.string(), False), _f("reason", pa.string()), _f("jpg", pa.binary())))
+
+# exactly one row per input row across all stages; evidence columns are null where not applicable
+LEDGER = Table("ledger", (
+    _f("key", pa.string(), False),
+    _f("status", pa.string(), False),    # kept | dropped | failed
+    _f("stage", pa.string(), False),     # the stage that decided
+    _f("reason", pa.string()),           # null for kept
+    _f("url", pa.string()),
+    _f("caption", pa.string()),          # truncated to 1,000 chars: the ledger is for people
+    _f("complexity", pa.int32()),
+    _f("has_action", pa.bool_()),
+    _f("ocr_text", pa.string()),
+    _f("ocr_conf", pa.float32()),
+    _f("matched_span", pa.string()),
+    _f("error_message", pa.string()),
+    *SOURCE_FIELDS,
+))
+
+# training-ready kept pairs (OUTPUT/shards/*.parquet)
+SHARD = Table("shard", (
+    _f("key", pa.string(), False), _f("caption", pa.string()), _f("url", pa.string()),
+    _f("jpg", pa.binary()), _f("width", pa.int32()), _f("height", pa.int32()),
+    *PARSE_FIELDS,
+))
+
+# sparse top-k concept pseudo-labels (LABELS/shards/*.parquet), key-aligned with SHARD
+LABELS = Table("labels", (
+    _f("key", pa.string(), False),
+    _f("object_indices", pa.list_(pa.int32())),
+    _f("object_probs", pa.list_(pa.float32())),
+    _f("attribute_indices", pa.list_(pa.int32())),
+    _f("attribute_probs", pa.list_(pa.float32())),
+))
+
+ALL_TABLES = (CAPTIONS, KEYS, THUMBS, LEDGER, SHARD, LABELS)
