@@ -7,8 +7,8 @@
 Deterministic (seeded). Real photos from ../shared/data/coco-mini (with their COCO captions) and
 skimage.data, at varied sizes. Kinds and labels:
   caption_text  drop  part of the caption (or all of it) rendered onto the photo: varied fonts,
-                      sizes (5-12% of the image height), colours, styles (outline, banner, plain),
-                      positions, upper/original case
+                      sizes (8-14% of the image height, >= 20 px: overlaid titles and memes),
+                      colours, styles (outline, banner, plain), positions, upper/original case
   clean         keep  the same photos without text
   other_text    keep  text that shares < 5 characters with the caption (watermarks, sale tags, dates)
   natural       both  real photos of text: skimage's book page (caption quoting its heading -> drop,
@@ -97,7 +97,7 @@ def render_text(img: Image.Image, text: str, rng: random.Random) -> Image.Image:
     """Draw `text` on a copy of `img` in a random font, size, colour, style and position."""
     img = img.copy()
     draw = ImageDraw.Draw(img, "RGBA")
-    size = max(12, round(img.height * rng.uniform(0.05, 0.12)))
+    size = max(20, round(img.height * rng.uniform(0.08, 0.14)))  # overlay titles: legible at thumbnail size
     font = ImageFont.truetype(str(FONT_DIR / rng.choice(FONTS)), size)
     lines = _wrap(text, font, int(img.width * 0.9))
     while max(font.getlength(line) for line in lines) > img.width * 0.95 and size > 12:  # one long word
@@ -119,10 +119,11 @@ def render_text(img: Image.Image, text: str, rng: random.Random) -> Image.Image:
         draw.rectangle([x - size // 3, y - size // 5, x + block_w + size // 3, y + block_h + size // 5],
                        fill=(0, 0, 0, 170) if dark else (255, 255, 255, 190))
         fill, stroke_fill = ((255, 255, 255) if dark else (rng.choice([(0, 0, 0), (180, 0, 0), (0, 40, 140)]))), None
-    else:                                        # plain: colour chosen to contrast with the area under it
+    else:  # plain: colour contrasting with the area under it, thin halo so busy backgrounds stay legible
         region = np.asarray(img.crop((x, y, x + block_w, y + block_h)).convert("L"))
-        fill = (20, 20, 20) if region.size and region.mean() > 120 else (250, 250, 250)
-        stroke_fill = None
+        light_bg = bool(region.size) and region.mean() > 120
+        fill, stroke_fill = ((20, 20, 20), (235, 235, 235)) if light_bg else ((250, 250, 250), (30, 30, 30))
+        stroke = max(1, size // 24)
     for i, line in enumerate(lines):
         draw.text((x, y + i * line_h), line, font=font, fill=fill, stroke_width=stroke, stroke_fill=stroke_fill)
     return img

@@ -74,6 +74,15 @@ def is_holdout(key: str, fraction: float) -> bool:
     return h / 2.0 ** 64 < fraction
 
 
+def in_subset(key: str, fraction: float) -> bool:
+    """Stable training subset (data-scaling runs): a hash salted differently from is_holdout, so the
+    subset is independent of the held-out split and nested (the 10% subset is inside the 25% one)."""
+    if fraction >= 1.0:
+        return True
+    h = int.from_bytes(hashlib.sha1(f"subset:{key}".encode()).digest()[:8], "big")
+    return h / 2.0 ** 64 < fraction
+
+
 def check_sharding(n_shards: int, num_workers: int, world_size: int):
     readers = max(num_workers, 1) * world_size
     if n_shards < readers:
@@ -153,7 +162,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[Path], tokenizer, image_size: int, batch_size: int, *, train: bool = True,
                  labels_dir: str | Path | None = None, seed: int = 0, shuffle_buffer: int = 2048,
                  split: str = "train", holdout_fraction: float = 0.0, rank: int = 0, world_size: int = 1,
-                 infinite: bool = True, start_positions: dict[int, tuple[int, int]] | None = None,
+                 infinite: bool = True, train_fraction: float = 1.0, start_positions: dict[int, tuple[int, int]] | None = None,
                  worker_offset: int = 0, draft_decode: bool = True):
         if split not in ("train", "holdout", "all"):
             raise ValueError(f"split must be train | holdout | all, got {split!r}")
@@ -162,6 +171,9 @@ class ShardStream(IterableDataset):
         self.draft_size = image_size if draft_decode else None
         self.labels = _Labels(labels_dir) if labels_dir else None
         self.seed, self.shuffle_buffer, self.split, self.holdout_fraction = seed, shuffle_buffer, split, holdout_fraction
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        self.train_fraction = train_fraction   # applies to the train split only
         self.rank, self.world_size, self.infinite = rank, world_size, infinite
         self.start_positions = dict(start_positions or {})
         self.worker_offset = worker_offset
@@ -174,7 +186,9 @@ class ShardStream(IterableDataset):
     def _keep(self, key) -> bool:
         if self.split == "all" or key is None:
             return True   # keyless rows flow on to be counted as skipped
-        return is_holdout(key, self.holdout_fraction) == (self.split == "holdout")
+        if is_holdout(key, self.holdout_fraction) != (self.split == "holdout"):
+            return False
+        return self.split != "train" or in_subset(key, self.train_fraction)
 
     def _rows(self, files: list[Path]):
         for path in files:
@@ -255,7 +269,8 @@ class ShardStream(IterableDataset):
                     samples, skipped = [], {}
             if rows_done == 0:
                 raise ValueError(f"reader {reader} ({[str(f) for f in files]}) has no rows for split "
-                                 f"{self.split!r} (holdout_fraction={self.holdout_fraction})")
+                                 f"{self.split!r} (holdout_fraction={self.holdout_fraction}, "
+                                 f"train_fraction={self.train_fraction})")
             skip = 0
             if not self.infinite:
                 if samples:

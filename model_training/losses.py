@@ -173,8 +173,9 @@ class MomentumQueueContrastive(nn.Module):
             k_txt = gather_no_grad(self.ema.encode_text(out["texts"]).float())
         n = int(self.queue_filled)
         img, txt = _up(out["image_emb"]), _up(out["text_emb"])
-        loss = (self._dcl_against(img, k_txt, self.text_queue[:n], self.temperature)
-                + self._dcl_against(txt, k_img, self.image_queue[:n], self.temperature))
+        # clones: backward needs the queues as they were, and _enqueue below overwrites them in place
+        loss = (self._dcl_against(img, k_txt, self.text_queue[:n].clone(), self.temperature)
+                + self._dcl_against(txt, k_img, self.image_queue[:n].clone(), self.temperature))
         if self.training:
             self._enqueue(k_img, k_txt)
         return {"momentum_dcl": loss}
@@ -221,26 +222,62 @@ class LossConfig:
     momentum: float = 0.99           # EMA factor of the momentum encoder (ConLIP / MoCo)
     queue_temperature: float = 0.05  # fixed temperature of the queue term (ConLIP)
     concept_weight: float = 0.0      # > 0 adds DiHT concept distillation (needs label shards)
+    # token-level objectives (model_training/masked.py, denoise.py, itm.py); heads are dropped at export
+    mlm_weight: float = 0.0          # > 0 adds masked language modeling
+    mim_weight: float = 0.0          # > 0 adds masked image modeling
+    masked_heads: str = "conditioned"  # conditioned (ConLIP's ConMLM/ConMIM) | vanilla (complete other modality)
+    text_mask_ratio: float = 0.15    # BERT / ConLIP
+    image_mask_ratio: float = 0.5    # ConLIP
+    head_heads: int = 2              # attention heads of every head / fusion block (light by design)
+    itm_weight: float = 0.0          # > 0 adds 3-way image-text matching with in-batch hard negatives
+    fusion_layers: int = 2           # cross-attention blocks of the fusion module (ITM, representation terms)
+    text_denoise_weight: float = 0.0   # > 0 adds text denoising (detect + restore replaced tokens)
+    text_noise_ratio: float = 0.15   # fraction of caption tokens replaced by random corpus tokens
+    image_denoise_weight: float = 0.0  # > 0 adds image denoising
+    image_noise_std: float = 0.5     # Gaussian noise std in normalised-pixel units
+    image_denoise_target: str = "clean"  # clean (L1 to clean pixels) | noise (MSE to the added noise)
+    repr_weight: float = 0.0         # > 0 matches corrupted-pair joint embeddings to an EMA target's clean pair
+    repr_corruption: str = "noise"   # noise (representation denoising) | mask (masked representation modeling)
+    repr_momentum: float = 0.995     # EMA factor of the representation target (MAMO-style, slower than MoCo's)
+
+
+STAT_PREFIX = "stat_"   # terms named stat_* are logged (e.g. ConLIP's attention statistic), never optimised
 
 
 class Objective(nn.Module):
-    """Weighted sum of the enabled terms. Returns every raw term plus "loss" (the weighted sum)."""
+    """Weighted sum of the enabled terms. Returns every raw term plus "loss" (the weighted sum).
+    `shared` holds modules several terms use (the Corruptor with the mask embeddings, the fusion
+    module); token-level terms get a per-step heads.Views cache in their input as out["views"]."""
 
-    def __init__(self, parts: dict[str, nn.Module], weights: dict[str, float]):
+    def __init__(self, parts: dict[str, nn.Module], weights: dict[str, float], shared: dict[str, nn.Module] | None = None):
         super().__init__()
         if not parts:
             raise ValueError("no loss term enabled")
         self.parts = nn.ModuleDict(parts)
         self.weights = dict(weights)
+        self.shared = nn.ModuleDict(shared or {})
 
     def forward(self, out: dict) -> dict:
+        if "model" in out:
+            from model_training.heads import Views
+            out = {**out, "views": Views(out, self.shared["corruptor"] if "corruptor" in self.shared else None),
+                   "fusion": self.shared["fusion"] if "fusion" in self.shared else None}
         terms, total = {}, 0.0
         for name, part in self.parts.items():
             for term, value in part(out).items():
                 terms[term] = value
-                total = total + self.weights[name] * value
+                if not term.startswith(STAT_PREFIX):
+                    total = total + self.weights[name] * value
         terms["loss"] = total
         return terms
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module):
+        """EMA updates of every momentum copy; the trainer calls this after each optimizer step."""
+        if self.momentum is not None:
+            self.momentum.momentum_update(model)
+        if "representation" in self.parts:
+            self.parts["representation"].momentum_update(model, self.shared["fusion"])
 
     @property
     def momentum(self) -> MomentumQueueContrastive | None:
@@ -261,4 +298,41 @@ def build_objective(cfg: LossConfig, model: nn.Module, n_objects: int = 0, n_att
             raise ValueError("concept_weight > 0 needs label shards and a vocab.json (--labels LABELS)")
         parts["concepts"] = ConceptDistillation(model.embed_dim, n_objects, n_attributes)
         weights["concepts"] = cfg.concept_weight
-    return Objective(parts, weights)
+    shared = _build_token_objectives(cfg, model, parts, weights)
+    return Objective(parts, weights, shared)
+
+
+def _build_token_objectives(cfg: LossConfig, model: nn.Module, parts: dict, weights: dict) -> dict:
+    """Adds the enabled token-level terms to parts/weights; returns the modules they share."""
+    from model_training.denoise import ImageDenoising, RepresentationTarget, TextDenoising
+    from model_training.heads import CorruptionConfig, Corruptor
+    from model_training.itm import FusionEncoder, ImageTextMatching
+    from model_training.masked import MaskedImageModeling, MaskedLanguageModeling
+
+    if cfg.masked_heads not in ("conditioned", "vanilla"):
+        raise ValueError(f"masked_heads must be conditioned | vanilla, got {cfg.masked_heads!r}")
+    conditioned = cfg.masked_heads == "conditioned"
+    token_terms = {
+        "mlm": (cfg.mlm_weight, lambda: MaskedLanguageModeling(model, cfg.head_heads, conditioned)),
+        "mim": (cfg.mim_weight, lambda: MaskedImageModeling(model, cfg.head_heads, conditioned)),
+        "itm": (cfg.itm_weight, lambda: ImageTextMatching(model)),
+        "text_denoise": (cfg.text_denoise_weight, lambda: TextDenoising(model, cfg.head_heads)),
+        "image_denoise": (cfg.image_denoise_weight, lambda: ImageDenoising(model, cfg.image_denoise_target)),
+    }
+    shared = {}
+    if any(w > 0 for w, _ in token_terms.values()) or cfg.repr_weight > 0:
+        repr_masked = cfg.repr_weight > 0 and cfg.repr_corruption == "mask"
+        shared["corruptor"] = Corruptor(model.clip.transformer.width, model.clip.visual.transformer.width,
+                                        CorruptionConfig(cfg.text_mask_ratio, cfg.image_mask_ratio,
+                                                         cfg.text_noise_ratio, cfg.image_noise_std),
+                                        text_masks=cfg.mlm_weight > 0 or repr_masked or (cfg.mim_weight > 0 and conditioned),
+                                        image_masks=cfg.mim_weight > 0 or repr_masked or (cfg.mlm_weight > 0 and conditioned))
+    if cfg.itm_weight > 0 or cfg.repr_weight > 0:
+        shared["fusion"] = FusionEncoder(model, cfg.fusion_layers, cfg.head_heads)
+    for name, (weight, make) in token_terms.items():
+        if weight > 0:
+            parts[name], weights[name] = make(), weight
+    if cfg.repr_weight > 0:
+        parts["representation"] = RepresentationTarget(model, shared["fusion"], cfg.repr_momentum, cfg.repr_corruption)
+        weights["representation"] = cfg.repr_weight
+    return shared

@@ -68,27 +68,49 @@ class DualEncoder(nn.Module):
         """log(1/temperature), learnable; exported with the weights as open_clip expects."""
         return self.clip.logit_scale
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, return_tokens: bool = False,
+                     patch_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None):
         """[B,3,H,W] -> embedding [B,D] (and patch tokens [B,P,width] after ln_post if asked).
 
         Spells out open_clip's VisionTransformer.forward so the tokens come from the same pass.
+        `patch_mask` [B,P] bool with `mask_token` [width]: masked patches' embeddings are replaced by
+        the (learnable, owned by the caller) mask token before positions are added (SimMIM/ConLIP).
         """
         visual = self.clip.visual
-        x = visual.transformer(visual._embeds(images))
+        x = visual._embeds(images) if patch_mask is None else self._masked_patch_embeds(images, patch_mask, mask_token)
+        x = visual.transformer(x)
         pooled, tokens = visual._pool(x)
         if visual.proj is not None:
             pooled = pooled @ visual.proj
         emb = F.normalize(pooled, dim=-1) if normalize else pooled
         return (emb, tokens) if return_tokens else emb
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
+    def _masked_patch_embeds(self, images, patch_mask, mask_token):
+        """open_clip's VisionTransformer._embeds with masked patch embeddings swapped for `mask_token`."""
+        visual = self.clip.visual
+        x = visual.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)            # [B, P, width]
+        if patch_mask.shape != x.shape[:2]:
+            raise ValueError(f"patch_mask must be [B, P] = {tuple(x.shape[:2])}, got {tuple(patch_mask.shape)}")
+        x = torch.where(patch_mask[..., None], mask_token.to(x.dtype), x)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        return visual.ln_pre(visual.patch_dropout(x))
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True, return_tokens: bool = False,
+                    token_mask: torch.Tensor | None = None, mask_embedding: torch.Tensor | None = None):
         """[B,L] token ids -> embedding [B,D] (and all token states [B,L,width] after ln_final).
 
-        Same computation as open_clip.CLIP.encode_text, keeping the token states.
+        Same computation as open_clip.CLIP.encode_text, keeping the token states. `token_mask` [B,L]
+        bool with `mask_embedding` [width]: those positions' token embeddings are replaced (CLIP's BPE
+        vocabulary has no [MASK] token); pooling still finds the EOT by id, so it is unaffected.
         """
         c = self.clip
         cast_dtype = c.transformer.get_cast_dtype()
-        x = c.token_embedding(text).to(cast_dtype) + c.positional_embedding.to(cast_dtype)
+        x = c.token_embedding(text).to(cast_dtype)
+        if token_mask is not None:
+            x = torch.where(token_mask[..., None], mask_embedding.to(cast_dtype), x)
+        x = x + c.positional_embedding.to(cast_dtype)
         tokens = c.ln_final(c.transformer(x, attn_mask=c.attn_mask))
         pooled = text_global_pool(tokens, text, c.text_pool_type, eos_token_id=getattr(c, "text_eos_id", None))
         if c.text_projection is not None:

@@ -85,10 +85,10 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
             row["reason"] = S.R_DUPLICATE
         elif i in failures:
             row["reason"], row["caption"] = failures[i]
-        elif texts[i] is None or not texts[i].strip():
+        elif texts[i] is None:
             row["reason"] = S.R_EMPTY_CAPTION
-        elif params.max_caption_chars and len(texts[i]) > params.max_caption_chars:
-            row["reason"] = S.R_TOO_LONG
+        elif (reason := cap.precheck_caption(texts[i], params)) is not None:
+            row["reason"] = reason
         else:
             to_parse.append(i)
         rows.append(row)

@@ -16,12 +16,13 @@ A row's soft target is uniform over its in-vocabulary concepts.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
+
+from pipeline.partitions import atomic_write_json
 
 OBJECTS, ATTRIBUTES = "objects", "attributes"
 HEADS = (OBJECTS, ATTRIBUTES)
@@ -121,7 +122,7 @@ def build_vocabularies(counts: dict[str, Counter], config: VocabConfig) -> dict[
 
 def write_vocab_json(vocabs: dict[str, Vocabulary], path: str, config: VocabConfig) -> None:
     doc = {"config": asdict(config), **{name: v.to_dict() for name, v in vocabs.items()}}
-    atomic_write_text(path, json.dumps(doc, indent=1))
+    atomic_write_json(doc, path)
 
 
 def read_vocab_json(path: str) -> dict[str, Vocabulary]:
@@ -146,11 +147,3 @@ def dense_soft_targets(offsets: np.ndarray, indices: np.ndarray, rows: np.ndarra
         idx = indices[offsets[r]:offsets[r + 1]]
         out[j, idx] = 1.0 / len(idx)
     return out
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write to a temporary name, then rename: readers never see a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

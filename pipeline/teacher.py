@@ -9,14 +9,14 @@
     teacher.describe()                                       # -> LABELS/teacher.json "teacher"
 
 A teacher is always frozen: eval mode, requires_grad False, every forward under torch.no_grad.
-Weights load with torch.load(weights_only=True) or safetensors only; a model hub is touched only
+Images decode through pipeline.images.decode_image (pixel limit, modes, truncation): a bad image
+is an error for that row, never a failed batch. Weights load with torch.load(weights_only=True) or safetensors only; a model hub is touched only
 when the spec names a tag that is not a local file. All teachers share one preprocessing
 implementation (resize shorter side, centre crop, normalise), described by `Preprocess`, so what
 was done to the pixels is recorded exactly. Runs on the GPU when one is present.
 """
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import asdict, dataclass
 
@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+
 DEFAULT_TEACHER = "efficientnet-lite0"
-# Decompression-bomb guard, the same order as PIL's own warning limit (~89M pixels): a teacher
-# only needs a 224-px view, so anything larger is refused with a clear error instead of an OOM.
-MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -64,19 +63,6 @@ class Preprocess:
         return (x - mean) / std
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB PIL image, refusing oversized (decompression-bomb) and unreadable inputs."""
-    if not data:
-        raise ValueError("no image bytes")
-    with Image.open(io.BytesIO(data)) as img:  # lazy: only the header is read here
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise ValueError(f"image has {w}x{h}={w * h} pixels, above the limit {MAX_IMAGE_PIXELS}")
-        img.seek(0)  # first frame of animated images
-        img.load()
-        return img.convert("RGB")
-
-
 class Teacher:
     """A frozen image encoder: batches of images in, float32 embeddings out."""
 
@@ -90,25 +76,33 @@ class Teacher:
         self._forward = forward  # model-specific: image batch -> pooled embedding [n, D]
 
     @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch [n, 3, S, S] (on self.device) -> embeddings [n, D]."""
+        return self._forward(self.model, batch)
+
     def embed_images(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
         out = np.zeros((len(images), self.embed_dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
-            emb = self._forward(self.model, batch.to(self.device))
-            out[start:start + len(batch)] = emb.float().cpu().numpy()
+            out[start:start + len(batch)] = self.forward(batch.to(self.device)).float().cpu().numpy()
         return out
 
-    def embed_bytes(self, blobs: list[bytes | None], batch_size: int = 64
-                    ) -> tuple[np.ndarray, dict[int, str]]:
+    def embed_bytes(self, blobs: list[bytes | None], batch_size: int = 64,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, dict[int, str]]:
         """Embed encoded images. Returns (embeddings of the decodable ones in input order,
-        {input index: error message} for the ones that could not be decoded)."""
-        images, errors = [], {}
-        for i, data in enumerate(blobs):
-            try:
-                images.append(decode_image(data))
-            except Exception as exc:  # every failure is reported per row, never silently dropped
-                errors[i] = f"{type(exc).__name__}: {exc}"[:1000]
-        return self.embed_images(images, batch_size), errors
+        {input index: error message} for the ones that could not be decoded safely).
+        Decodes one batch at a time, so at most batch_size full-size images are in memory."""
+        chunks, errors = [np.zeros((0, self.embed_dim), np.float32)], {}
+        for start in range(0, len(blobs), batch_size):
+            images = []
+            for i in range(start, min(start + batch_size, len(blobs))):
+                try:
+                    images.append(decode_image(blobs[i], max_pixels).image)
+                except ImageDecodeError as exc:  # reported per row (ledger), never silently dropped
+                    errors[i] = str(exc)[:1000]
+            if images:
+                chunks.append(self.embed_images(images, batch_size))
+        return np.concatenate(chunks), errors
 
     def describe(self) -> dict:
         return {"spec": self.spec, "embed_dim": self.embed_dim, "weights": self.weights,

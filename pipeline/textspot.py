@@ -105,15 +105,21 @@ def caption_match(detections: Sequence[tuple[str, float]], caption: str | None,
 class TextSpotParams:
     min_conf: float = 0.8         # DiHT: only confident detections count
     min_chars: int = 5            # DiHT: >= 5 shared characters; shorter overlaps are common words by chance
-    canvas_size: int = 320        # detector input long side (multiple of 32): ~9x less CRAFT compute than
-                                  # 640 px natives at recall 1.0 on the labelled set (bench_textspot)
+    canvas_size: int = 320        # detector input long side (multiple of 32): 4x fewer CRAFT pixels than a
+                                  # 640x480 native; boxes match easyocr's at the same canvas (bench_textspot)
     batch_size: int = 16          # canvases per CRAFT forward: little gain on CPU, the big one on GPU
     text_threshold: float = 0.7   # easyocr's defaults for the CRAFT heat maps: the weights were tuned
-    low_text: float = 0.4         #   with them, and recall on the labelled set is already at target
+    low_text: float = 0.4         #   with them
     link_threshold: float = 0.4
     min_box_side: int = 8         # canvas px; easyocr drops boxes < 20 px at 640 (~10 px on our canvas)
     min_char_aspect: float = 0.25 # a character is >= ~0.25 box heights wide ('i', 'l'): boxes narrower
                                   #   than min_chars * this * height cannot hold a match; not recognised
+    merge_gap: float = 0.1        # join CRAFT boxes closer than this x box height: word-level detections, as
+                                  #   text spotters report words. easyocr's 0.5 joins a line into one detection
+                                  #   whose confidence (a product over its characters) falls below 0.8 even when
+                                  #   read exactly ("TALKING ON A PHONE" 0.71 in the labelled set) -> lost recall
+    box_margin: float = 0.1       # easyocr's add_margin (box height fraction added around each box); the
+                                  #   coarse canvas's heat map cells are several original px: see bench
     max_boxes: int = 48           # bounds the recogniser's cost on dense text (pages); largest boxes first
     recog_batch_size: int = 32    # crops per recogniser call on GPU (easyocr runs one by one on CPU)
 
@@ -161,19 +167,37 @@ class TextSpotter:
         self.reader = get_reader(self.gpu, model_dir)
         self.device = self.reader.device
 
-    def spot(self, images: Sequence[np.ndarray]) -> list[list[tuple[str, float]]]:
-        """Per image (H x W x 3 uint8 RGB), the recognised texts with their confidences."""
+    def spot(self, images: Sequence[np.ndarray], captions: Sequence[str | None] | None = None
+             ) -> list[list[tuple[str, float]]]:
+        """Per image (H x W x 3 uint8 RGB), the recognised texts with their confidences.
+
+        With `captions`, an image's boxes are recognised largest first and recognition stops at the
+        first detection that matches the image's caption (caption_match): the drop verdict cannot
+        change any more, and the recogniser is the most expensive part on CPU after detection."""
         import cv2
+        p = self.params
         results = []
-        for image, (horizontal, free) in zip(images, self.detect(images)):
+        for i, (image, (horizontal, free)) in enumerate(zip(images, self.detect(images))):
             if not horizontal and not free:
                 results.append([])  # nothing detected: the recogniser never runs (most photos)
                 continue
             grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-            found = self.reader.recognize(grey, horizontal, free, reformat=False, detail=1,
-                                          batch_size=self.params.recog_batch_size if self.gpu else 1)
-            results.append([(str(text), float(conf)) for _box, text, conf in found])
+            caption = captions[i] if captions is not None else None
+            if not caption or self.gpu:  # GPU: one batched call is cheaper than stopping early
+                found = self._recognize(grey, horizontal, free)
+            else:
+                found = []
+                for box_h, box_f in [([b], []) for b in horizontal] + [([], [f]) for f in free]:
+                    found += self._recognize(grey, box_h, box_f)
+                    if caption_match(found[-1:], caption, p.min_conf, p.min_chars):
+                        break
+            results.append(found)
         return results
+
+    def _recognize(self, grey: np.ndarray, horizontal: list, free: list) -> list[tuple[str, float]]:
+        found = self.reader.recognize(grey, horizontal, free, reformat=False, detail=1,
+                                      batch_size=self.params.recog_batch_size if self.gpu else 1)
+        return [(str(text), float(conf)) for _box, text, conf in found]
 
     def detect(self, images: Sequence[np.ndarray]) -> list[tuple[list, list]]:
         """Per image, easyocr's (horizontal boxes, free-form boxes) in original pixel coordinates."""
@@ -221,23 +245,23 @@ class TextSpotter:
             return [], []
         to_original = 2.0 / scale  # heat maps are at half the canvas resolution
         polys = [(np.asarray(box) * to_original).astype(np.int32).reshape(-1) for box in boxes]
-        # easyocr's own line grouping with its readtext defaults, so the recogniser sees the same crops
-        horizontal, free = group_text_box(polys, 0.1, 0.5, 0.5, 0.5, 0.1, True)
+        # easyocr's grouping (slope, centre, height thresholds: its readtext defaults); words not lines
+        horizontal, free = group_text_box(polys, 0.1, 0.5, 0.5, p.merge_gap, p.box_margin, True)
         min_side = p.min_box_side / scale
         min_aspect = p.min_chars * p.min_char_aspect
         horizontal = [b for b in horizontal
                       if max(b[1] - b[0], b[3] - b[2]) >= min_side and (b[1] - b[0]) >= min_aspect * (b[3] - b[2])]
         free = [f for f in free if max(np.ptp([c[0] for c in f]), np.ptp([c[1] for c in f])) >= min_side]
-        if len(horizontal) + len(free) > p.max_boxes:
-            horizontal = sorted(horizontal, key=lambda b: -(b[1] - b[0]) * (b[3] - b[2]))[:p.max_boxes]
-            free = free[:max(0, p.max_boxes - len(horizontal))]
+        # largest first: overlaid titles and captions are the big text, so an early match comes sooner
+        horizontal = sorted(horizontal, key=lambda b: -(b[1] - b[0]) * (b[3] - b[2]))[:p.max_boxes]
+        free = free[:max(0, p.max_boxes - len(horizontal))]
         return horizontal, free
 
 
 # ---------------------------------------------------------------- what the Spark job calls
 @dataclass(frozen=True)
 class TextSpotResult:
-    detections: list[tuple[str, float]]   # everything recognised (evidence, even when kept)
+    detections: list[tuple[str, float]]   # recognised texts (all for kept pairs; up to the match for dropped)
     match: TextMatch | None               # not None -> drop the pair (reason text_spotted)
 
     @property
@@ -264,7 +288,7 @@ def spot_and_match(images: Sequence[np.ndarray], captions: Sequence[str | None],
     params = params or (spotter.params if spotter else TextSpotParams())
     spotter = spotter or get_spotter(params)
     results = []
-    for detections, caption in zip(spotter.spot(images), captions):
+    for detections, caption in zip(spotter.spot(images, captions), captions):
         match = caption_match(detections, caption, min_conf=params.min_conf, min_chars=params.min_chars)
         results.append(TextSpotResult(detections, match))
     return results

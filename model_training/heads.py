@@ -1,0 +1,214 @@
+"""Shared pieces of the token-level objectives: cross-attention blocks, input corruption, and the
+per-step cache of encoder passes ("views") that the masked / denoising / ITM heads read from.
+
+    from model_training.heads import CrossModalHead, Corruptor, Views
+    head = CrossModalHead(query_dim=64, kv_dim=64, cls_dim=64, heads=2)
+    hidden, attn_cls = head(queries, query_valid, cls, kv_tokens, kv_valid)   # attn_cls: attention on the CLS
+
+Why a Views cache: MLM and MIM (and masked representation modeling) must see the SAME masks in a
+step, and the corrupted passes are the expensive part, so each corrupted pass runs at most once
+per step and every head reads it from here. The complete pass is the one the contrastive loss
+already ran (Trainee puts its tokens in the objective's input dict). Heads live in the objective,
+not in DualEncoder, so they are dropped from the exported open_clip checkpoint by construction.
+
+Image-side key/value sequences are [CLS, patch tokens]; the "CLS" given to a head is the joint
+(L2-normalised) embedding the contrastive loss aligns, i.e. the instance representation (ConLIP).
+Text-side sequences are [CLS, token states]; the text CLS is the EOT-pooled joint text embedding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOT_ID, EOT_ID, PAD_ID = 49406, 49407, 0   # open_clip's BPE tokenizer
+
+
+def text_valid(ids: torch.Tensor) -> torch.Tensor:
+    """[B,L] ids -> bool [B,L]: SOT .. EOT inclusive (positions after EOT are padding)."""
+    eot = ids.argmax(dim=-1, keepdim=True)              # open_clip's own EOT rule (EOT has the highest id)
+    return torch.arange(ids.shape[1], device=ids.device)[None, :] <= eot
+
+
+def word_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Positions that hold caption tokens (not SOT / EOT / padding): what masking and noise may touch."""
+    return text_valid(ids) & (ids != SOT_ID) & (ids != EOT_ID)
+
+
+def sample_exact(candidates: torch.Tensor, ratio: float, generator=None) -> torch.Tensor:
+    """Per row, pick exactly max(1, round(ratio * n_candidates)) of the True positions (rows with
+    no candidates stay all-False). Exact counts, not Bernoulli: the ratio is a property to test."""
+    scores = torch.rand(candidates.shape, generator=generator, device="cpu").to(candidates.device)
+    scores = scores.masked_fill(~candidates, 2.0)                   # non-candidates sort last
+    n = candidates.sum(dim=1)
+    k = torch.where(n > 0, (ratio * n.float()).round().long().clamp(min=1), torch.zeros_like(n))
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return (ranks < k[:, None]) & candidates
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B,3,H,W] -> [B, P, patch*patch*3] in the ViT's row-major patch order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+class CrossModalHead(nn.Module):
+    """One transformer layer: self-attention over the queries, cross-attention from the queries to
+    [CLS, kv tokens] of the other modality, MLP (pre-norm, residual). Returns the hidden states and
+    the head-averaged attention each query pays to the CLS (ConLIP's analysis statistic)."""
+
+    def __init__(self, query_dim: int, kv_dim: int, cls_dim: int, heads: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.kv_proj = nn.Linear(kv_dim, query_dim)
+        self.cls_proj = nn.Linear(cls_dim, query_dim)
+        self.ln_self, self.ln_cross, self.ln_kv, self.ln_mlp = (nn.LayerNorm(query_dim) for _ in range(4))
+        self.self_attn = nn.MultiheadAttention(query_dim, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(query_dim, heads, batch_first=True)
+        hidden = int(query_dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(query_dim, hidden), nn.GELU(), nn.Linear(hidden, query_dim))
+        self.ln_out = nn.LayerNorm(query_dim)
+
+    def forward(self, queries, query_valid, cls, kv_tokens, kv_valid=None):
+        """queries [B,Lq,Dq], query_valid [B,Lq] bool, cls [B,Dc], kv_tokens [B,Lk,Dk], kv_valid [B,Lk]."""
+        kv = torch.cat([self.cls_proj(cls)[:, None], self.kv_proj(kv_tokens)], dim=1)
+        kv_pad = None
+        if kv_valid is not None:
+            kv_pad = ~torch.cat([torch.ones_like(kv_valid[:, :1]), kv_valid], dim=1)   # the CLS is never padding
+        x = queries
+        h = self.ln_self(x)
+        x = x + self.self_attn(h, h, h, key_padding_mask=~query_valid, need_weights=False)[0]
+        h = self.ln_cross(x)
+        kv = self.ln_kv(kv)
+        attended, weights = self.cross_attn(h, kv, kv, key_padding_mask=kv_pad, need_weights=True,
+                                            average_attn_weights=True)
+        x = x + attended
+        x = x + self.mlp(self.ln_mlp(x))
+        return self.ln_out(x), weights[..., 0]
+
+
+def attention_stats(prefix: str, attn_cls: torch.Tensor, valid: torch.Tensor) -> dict:
+    """Mean and std of the attention on the CLS over valid query positions; logged, never optimised."""
+    vals = attn_cls.detach()[valid].float()
+    return {f"stat_{prefix}_attn_cls_mean": vals.mean(), f"stat_{prefix}_attn_cls_std": vals.std(unbiased=False)}
+
+
+class TiedVocabDecoder(nn.Module):
+    """Token logits through the text encoder's own token embedding (BERT-style weight tying), so a
+    49k-way output costs one transform layer and a bias, not a second vocabulary matrix."""
+
+    def __init__(self, width: int, vocab_size: int):
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        return self.transform(hidden) @ token_embedding.T + self.bias
+
+
+@dataclass
+class CorruptionConfig:
+    text_mask_ratio: float = 0.15    # BERT / ConLIP
+    image_mask_ratio: float = 0.5    # ConLIP's ConMIM ratio (SimMIM uses 0.6 with larger blocks)
+    text_noise_ratio: float = 0.15   # fraction of caption tokens replaced by random corpus tokens
+    image_noise_std: float = 0.5     # Gaussian noise std in normalised-pixel units (data std = 1)
+
+
+class Corruptor(nn.Module):
+    """Owns the learnable mask embeddings (dropped with the heads) and makes masked / noisy inputs."""
+
+    def __init__(self, text_width: int, vision_width: int, cfg: CorruptionConfig, text_masks: bool = True,
+                 image_masks: bool = True):
+        super().__init__()
+        for name in ("text_mask_ratio", "image_mask_ratio", "text_noise_ratio"):
+            if not 0.0 < getattr(cfg, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(cfg, name)}")
+        if cfg.image_noise_std <= 0:
+            raise ValueError(f"image_noise_std must be > 0, got {cfg.image_noise_std}")
+        self.cfg = cfg
+        # created only where a masked view is used: a parameter outside the graph stalls DDP's reducer
+        self.text_mask_embedding = nn.Parameter(torch.randn(text_width) * 0.02) if text_masks else None
+        self.image_mask_token = nn.Parameter(torch.randn(vision_width) * 0.02) if image_masks else None
+
+    def text_mask(self, ids):
+        return sample_exact(word_positions(ids), self.cfg.text_mask_ratio)
+
+    def patch_mask(self, batch: int, n_patches: int, device):
+        return sample_exact(torch.ones(batch, n_patches, dtype=torch.bool, device=device), self.cfg.image_mask_ratio)
+
+    def replace_tokens(self, ids):
+        """Replace a fraction of caption tokens by tokens drawn from the batch's captions (a frequency-
+        matched corpus sample). Returns (noisy ids, replaced mask): a draw equal to the original
+        does not count as replaced, so the detection target is exact."""
+        words = word_positions(ids)
+        chosen = sample_exact(words, self.cfg.text_noise_ratio)
+        pool = ids[words]
+        draw = pool[torch.randint(len(pool), ids.shape, device="cpu").to(ids.device)]
+        noisy = torch.where(chosen, draw, ids)
+        return noisy, chosen & (noisy != ids)
+
+    def add_noise(self, images):
+        noise = torch.randn_like(images) * self.cfg.image_noise_std
+        return images + noise, noise
+
+
+class Views:
+    """One step's encoder passes, computed on first use and cached. `out` is the objective's input
+    dict (Trainee fills model, images, texts and the complete pass's embeddings and tokens)."""
+
+    def __init__(self, out: dict, corruptor: Corruptor | None):
+        self.out, self.corruptor, self._cache = out, corruptor, {}
+        self.model = out["model"]
+
+    def complete(self) -> dict:
+        o = self.out
+        return {"image_emb": o["image_emb_local"], "image_tokens": o["image_tokens"],
+                "text_emb": o["text_emb_local"], "text_tokens": o["text_tokens"], "texts": o["texts"],
+                "images": o["images"], "text_valid": text_valid(o["texts"])}
+
+    def masked_text(self) -> dict:
+        if "masked_text" not in self._cache:
+            texts, c = self.out["texts"], self.corruptor
+            text_mask = c.text_mask(texts)
+            emb, tok = self.model.encode_text(texts, return_tokens=True, token_mask=text_mask,
+                                              mask_embedding=c.text_mask_embedding)
+            self._cache["masked_text"] = {"text_mask": text_mask, "text_emb": emb, "text_tokens": tok}
+        return self._cache["masked_text"]
+
+    def masked_image(self) -> dict:
+        if "masked_image" not in self._cache:
+            images, c = self.out["images"], self.corruptor
+            patch_mask = c.patch_mask(images.shape[0], self.out["image_tokens"].shape[1], images.device)
+            emb, tok = self.model.encode_image(images, return_tokens=True, patch_mask=patch_mask,
+                                               mask_token=c.image_mask_token)
+            self._cache["masked_image"] = {"patch_mask": patch_mask, "image_emb": emb, "image_tokens": tok}
+        return self._cache["masked_image"]
+
+    def masked(self) -> dict:
+        """Both modalities masked (the same masks the MLM/MIM heads see in this step)."""
+        return {**self.masked_text(), **self.masked_image()}
+
+    def noisy(self) -> dict:
+        if "noisy" not in self._cache:
+            images, texts, c = self.out["images"], self.out["texts"], self.corruptor
+            noisy_images, noise = c.add_noise(images)
+            noisy_texts, replaced = c.replace_tokens(texts)
+            img_emb, img_tok = self.model.encode_image(noisy_images, return_tokens=True)
+            txt_emb, txt_tok = self.model.encode_text(noisy_texts, return_tokens=True)
+            self._cache["noisy"] = {"noise": noise, "noisy_texts": noisy_texts, "replaced": replaced,
+                                    "image_emb": img_emb, "image_tokens": img_tok, "text_emb": txt_emb,
+                                    "text_tokens": txt_tok}
+        return self._cache["noisy"]
+
+
+def l1_on(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute error over the selected patches ([B,P] mask) and all their pixel values."""
+    err = (pred.float() - target.float()).abs().mean(dim=-1)
+    return err.mean() if mask is None else (err * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cosine_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared L2 between L2-normalised vectors (= 2 - 2 cos), mean over the batch."""
+    return (F.normalize(pred.float(), dim=-1) - F.normalize(target.float(), dim=-1)).pow(2).sum(-1).mean()

@@ -1,0 +1,43 @@
+"""Objective presets: model_training/configs/objectives/<name>.json, selected with --preset NAME.
+
+    python -m model_training.train --shards ... --preset conlip --model catclip-tiny   # size x objective
+    from model_training.presets import list_presets, load_preset
+    load_preset("conlip")   # {"name", "description", "loss": {LossConfig fields}, "train": {...}, "needs_labels"}
+
+A preset file holds {"description", "loss": {...}, optional "train": {...}, optional "needs_labels"}.
+Keys are checked against LossConfig / TrainConfig so a typo fails loudly instead of silently
+training a different objective. Presets set objective values only; the model size comes from
+--model, so every preset composes with every model config. Flags given explicitly override a preset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+OBJECTIVE_DIR = Path(__file__).resolve().parent / "configs" / "objectives"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in OBJECTIVE_DIR.glob("*.json"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    from model_training.losses import LossConfig
+    from model_training.train import TrainConfig
+
+    path = Path(name_or_path)
+    if not (path.suffix == ".json" and path.is_file()):
+        path = OBJECTIVE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(list_presets())} "
+                         f"(or a path to a preset JSON)")
+    data = json.loads(path.read_text())
+    unknown_top = set(data) - {"description", "loss", "train", "needs_labels"}
+    loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss", "preset"}
+    bad = sorted(unknown_top | (set(data.get("loss", {})) - loss_fields) | (set(data.get("train", {})) - train_fields))
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {bad}; loss keys are LossConfig fields, train keys TrainConfig fields")
+    return {"name": path.stem, "description": data.get("description", ""), "loss": dict(data.get("loss", {})),
+            "train": dict(data.get("train", {})), "needs_labels": bool(data.get("needs_labels", False))}

@@ -1,0 +1,140 @@
+"""The DiHT caption rule's edges, and the real easyocr TextSpotter on the labelled set (bench/textspot_set.py)."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.textspot import (TextSpotParams, TextSpotter, _longest_common_window, caption_match, normalise,
+                               spot_and_match)
+
+# ---------------------------------------------------------------- caption_match: the rule's edges
+
+
+def test_five_shared_characters_match_four_do_not():
+    caption = "a dog running on the beach"
+    match = caption_match([("BEACHFRONT", 0.95)], caption)
+    assert match is not None and match.n_chars == 5 and match.span == "beach" and match.text == "BEACHFRONT"
+    assert caption_match([("BEACXFRONT", 0.95)], caption) is None          # only "beac": 4
+    assert caption_match([("beac", 0.99)], caption) is None
+    assert caption_match([("beac", 0.99)], caption, min_chars=4).n_chars == 4  # threshold is configurable
+
+
+def test_confidence_threshold_is_inclusive():
+    caption = "a sunset over the golden gate bridge"
+    assert caption_match([("GOLDEN GATE", 0.79)], caption) is None
+    assert caption_match([("GOLDEN GATE", 0.80)], caption).conf == pytest.approx(0.80)
+    assert caption_match([("GOLDEN GATE", 0.79)], caption, min_conf=0.7) is not None
+
+
+def test_text_present_but_not_in_caption_is_kept():
+    assert caption_match([("SALE 50% OFF", 0.99), ("www.shop.com", 0.97)], "a dog running on the beach") is None
+    assert caption_match([], "a dog running on the beach") is None
+    assert caption_match([("anything goes", 0.99)], "") is None
+    assert caption_match([("anything goes", 0.99)], None) is None
+
+
+def test_normalisation_case_punctuation_spaces_unicode():
+    caption = "View of the Golden Gate, San Francisco"
+    m = caption_match([("GOLDEN-GATE!!", 0.9)], caption)
+    assert m.span == "Golden Gate" and m.n_chars == 10 and caption[m.start:m.end] == m.span
+    assert caption_match([("ＧＯＬＤＥＮ", 0.9)], caption).span == "Golden"   # full-width (NFKC)
+    assert caption_match([("goldengate", 0.9)], caption).n_chars == 10      # OCR dropped the space
+    assert normalise("Straße, Ｎo.5")[0] == "strasseno5"
+
+
+def test_best_detection_wins():
+    caption = "two zebras grazing in a field during the day"
+    m = caption_match([("zebra", 0.99), ("grazing in a field", 0.85), ("during", 0.6)], caption)
+    assert m.text == "grazing in a field" and m.span == "grazing in a field"
+
+
+def test_longest_common_window_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        a = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        b = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        best = max([j - i for i in range(len(a)) for j in range(i + 1, len(a) + 1) if a[i:j] in b] + [0])
+        n, start = _longest_common_window(a, b, 3)
+        assert n == (best if best >= 3 else 0)
+        if n:
+            assert b[start:start + n] in a
+
+
+def test_params_validation():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TextSpotParams(canvas_size=300)
+    with pytest.raises(ValueError):
+        TextSpotParams(batch_size=0)
+
+
+# ---------------------------------------------------------------- TextSpotter with the real weights
+
+@pytest.fixture(scope="module")
+def spotter():
+    return TextSpotter(gpu=False)
+
+
+def _rendered(text: str, size=(480, 200)) -> np.ndarray:
+    import matplotlib
+    from pathlib import Path
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans-Bold.ttf"), 40)
+    img = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(img).text((20, 70), text, font=font, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def test_spot_reads_text_and_skips_blank_images(spotter):
+    blank = np.full((300, 400, 3), 128, np.uint8)
+    tiny = np.zeros((1, 1, 3), np.uint8)
+    found = spotter.spot([_rendered("HELLO WORLD"), blank, tiny])
+    assert found[1] == [] and found[2] == []
+    words = " ".join(t for t, _c in found[0]).lower()  # word-level detections (merge_gap)
+    assert "hello" in words and "world" in words, found[0]
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        spotter.spot([np.zeros((10, 10), np.uint8)])
+
+
+def test_spot_and_match_verdicts(spotter):
+    # the wiring, with a lower confidence gate so it does not hinge on one word's confidence
+    params = dataclasses.replace(spotter.params, min_conf=0.5)
+    image = _rendered("Sunflowers")
+    results = spot_and_match([image, image], ["a field of sunflowers at dawn", "a dog on a beach"],
+                             params=params, spotter=spotter)
+    assert results[0].drop and results[0].match.span == "sunflowers", results[0]
+    assert not results[1].drop and results[1].detections  # text found, but not the caption's
+    with pytest.raises(ValueError, match="captions"):
+        spot_and_match([image], [], spotter=spotter)
+
+
+def _quality(results, items, min_conf):
+    drops = [caption_match(r.detections, i.caption, min_conf=min_conf) is not None for r, i in zip(results, items)]
+    tp = sum(d and i.drop for d, i in zip(drops, items))
+    fp = sum(d and not i.drop for d, i in zip(drops, items))
+    fn = sum(i.drop and not d for d, i in zip(drops, items))
+    return tp / max(1, tp + fp), tp / max(1, tp + fn)
+
+
+def test_labelled_set_precision_and_recall(spotter):
+    """The labelled set (60 pairs, 25 to drop) with the real weights, TextSpotParams defaults.
+    Measured: precision 1.0, recall 0.76 at the paper's min_conf 0.8 -- below issue 3's 0.9: the
+    misses are words read exactly ("CITYSCAPE", "toothbrushes") whose easyocr confidence is 0.6-0.8.
+    Floors here guard against regressions; the reading itself is checked at a lower confidence gate.
+    CPU cost: about 0.5-1 s per image on one free core (several times that on a loaded machine)."""
+    from bench.textspot_set import build_set
+    items = build_set()
+    assert len(items) >= 40 and 0.3 < sum(i.drop for i in items) / len(items) < 0.6
+    results = spot_and_match([i.image for i in items], [i.caption for i in items], spotter=spotter)
+    assert [r.drop for r in results] == [caption_match(r.detections, i.caption) is not None
+                                        for r, i in zip(results, items)]
+    misses = [(i.name, i.text, r.detections[:3]) for r, i in zip(results, items) if r.drop != i.drop]
+    precision, recall = _quality(results, items, min_conf=0.8)
+    assert precision >= 0.95, misses
+    assert recall >= 0.72, misses
+    # recognised detections are complete for every pair not dropped, so a lower gate is exact here
+    precision_05, recall_05 = _quality(results, items, min_conf=0.5)
+    assert precision_05 >= 0.95 and recall_05 >= 0.9, misses
+    assert not any(r.drop for r, i in zip(results, items) if i.kind == "clean")
