@@ -26,7 +26,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONPATH := $(CURDIR)
 
 SUBMIT = $(SPARK_SUBMIT) --master '$(SPARK_MASTER)' --conf spark.ui.enabled=false \
-	--conf spark.sql.execution.arrow.pyspark.enabled=true $(SPARK_ARGS)
+	--driver-java-options '-Dlog4j2.configurationFile=$(CURDIR)/conf/log4j2.properties' $(SPARK_ARGS)
 
 .PHONY: setup sample filter distill train-eval ablate test bench clean
 setup: $(VENV)/.installed

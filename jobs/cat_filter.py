@@ -45,11 +45,12 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
     output = os.path.abspath(output)
     plan = P.plan_input(input, rows_per_part, skip_bad_files, caption_col=caption_col, url_col=url_col,
                         key_col=key_col, image_col=image_col)
-    mode = _mode(plan, stages)
+    route = _routes(plan, stages)  # per input file: images | download | caption
+    kinds = set(route.values())
     identity = {"input": {"path": os.path.abspath(input), "fingerprint": plan.fingerprint, "n_rows": plan.n_rows},
-                "mode": mode, "rows_per_part": rows_per_part, "caption": asdict(caption),
-                "image": image.to_dict() if mode != "caption" else None,
-                "download": download.to_dict() if mode == "download" else None}
+                "stages": stages, "rows_per_part": rows_per_part, "caption": asdict(caption),
+                "image": image.to_dict() if kinds - {"caption"} else None,
+                "download": download.to_dict() if "download" in kinds else None}
     P.check_resume(output, identity)
     os.makedirs(output, exist_ok=True)
     P.remove_stale_temporaries(output)
@@ -78,13 +79,18 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
         run_parts(STAGE_KEYS, chunk_items, lambda it: _keys_task(it, output), "keys for the duplicate check")
         _find_duplicates(spark, output)
 
-    final_at_caption = mode == "caption"
-    run_parts(S.STAGE_CAPTION, chunk_items,
+    run_parts(S.STAGE_CAPTION, [it + (route[it[1]["path"]],) for it in chunk_items],
               lambda it: run_caption_part(P.Chunk.from_dict(it[1]), P.Columns(**it[2]), output, caption,
-                                          final=final_at_caption, download=mode == "download"),
+                                          final=it[3] == "caption", download=it[3] == "download"),
               "caption stage (spaCy)")
 
-    if mode == "download":
+    image_items = [it for it in chunk_items if route[it[1]["path"]] == "images"]
+    if image_items:
+        run_parts(S.STAGE_TEXTSPOT, image_items,
+                  lambda it: run_image_part(it[0], rows_from_chunk(P.Chunk.from_dict(it[1]), P.Columns(**it[2]),
+                                                                   output), output, image),
+                  "text-spot stage (easyocr), images from the input")
+    if "download" in kinds:
         marker = os.path.join(output, "_done", "download.json")
         if not os.path.exists(marker):
             master = sc.master
@@ -93,17 +99,12 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
             P.atomic_write_json({"shards": [os.path.basename(s) for s in shards]}, marker)
         with open(marker) as fh:
             shard_paths = [os.path.join(output, "_work", "images", s) for s in json.load(fh)["shards"]]
-        image_items = [("d" + os.path.basename(s)[: -len(".parquet")], s) for s in shard_paths]
-        run_parts(S.STAGE_TEXTSPOT, image_items,
+        fetched = [("d" + os.path.basename(s)[: -len(".parquet")], s) for s in shard_paths]
+        run_parts(S.STAGE_TEXTSPOT, fetched,
                   lambda it: run_image_part(it[0], rows_from_download_shard(it[1], output), output, image),
-                  "text-spot stage (easyocr)")
-    elif mode == "images":
-        run_parts(S.STAGE_TEXTSPOT, chunk_items,
-                  lambda it: run_image_part(it[0], rows_from_chunk(P.Chunk.from_dict(it[1]), P.Columns(**it[2]),
-                                                                   output), output, image),
-                  "text-spot stage (easyocr)")
+                  "text-spot stage (easyocr), downloaded images")
 
-    stats = _finalize(spark, output, plan, mode, examples_per_reason)
+    stats = _finalize(spark, output, plan, kinds, examples_per_reason)
     stats["seconds"] = round(time.time() - t0, 1)
     P.atomic_write_json(stats, os.path.join(output, "stats.json"))
     manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), stats={k: stats[k] for k in
@@ -113,18 +114,23 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
     return stats
 
 
-def _mode(plan: P.Plan, stages: str) -> str:
-    has_images = all(c.image or any(ch.tar for ch in plan.chunks if ch.path == f) for f, c in plan.columns.items())
-    has_urls = all(c.url for c in plan.columns.values())
-    if stages == "caption":
-        return "caption"
-    if has_images:
-        return "images"
-    if has_urls:
-        return "download"
-    if stages == "all":
-        raise P.InputError("--stages all needs image bytes or a URL column in every input file")
-    return "caption"
+def _routes(plan: P.Plan, stages: str) -> dict[str, str]:
+    """Per input file, where its passed rows go: text spotting on the input's own images, download
+    first, or nowhere (caption-only). Files may differ (schema drift, merged sources)."""
+    tars = {ch.path for ch in plan.chunks if ch.tar}
+    route = {}
+    for f, c in plan.columns.items():
+        if stages == "caption":
+            route[f] = "caption"
+        elif c.image or f in tars:
+            route[f] = "images"
+        elif c.url:
+            route[f] = "download"
+        elif stages == "all":
+            raise P.InputError(f"--stages all needs image bytes or a URL column; {f} has neither")
+        else:
+            route[f] = "caption"
+    return route
 
 
 def _keys_task(item, output):
@@ -147,7 +153,7 @@ def _find_duplicates(spark, output):
     P.atomic_write_json({"ok": True}, os.path.join(output, "_done", "dedupe.json"))
 
 
-def _finalize(spark, output, plan, mode, examples_per_reason) -> dict:
+def _finalize(spark, output, plan, kinds, examples_per_reason) -> dict:
     from pyspark.sql import functions as F
 
     captions = spark.read.schema(S.CAPTIONS.spark).parquet(os.path.join(output, "captions"))
@@ -156,7 +162,7 @@ def _finalize(spark, output, plan, mode, examples_per_reason) -> dict:
     missing = captions.join(ledger.select("key"), "key", "left_anti")
     if missing.limit(1).count():
         rows = missing.select("key", "url", "caption", "source_file", "source_row").withColumns({
-            "status": F.lit(S.FAILED), "stage": F.lit(S.STAGE_DOWNLOAD if mode == "download" else S.STAGE_TEXTSPOT),
+            "status": F.lit(S.FAILED), "stage": F.lit(S.STAGE_TEXTSPOT),
             "reason": F.lit(S.R_UNACCOUNTED),
             "error_message": F.lit("the stage returned no result for this row")})
         for f in S.LEDGER.columns:
@@ -169,7 +175,7 @@ def _finalize(spark, output, plan, mode, examples_per_reason) -> dict:
     if dup:
         raise RuntimeError(f"ledger invariant broken: keys with several ledger rows: {[r['key'] for r in dup]}")
     counts = [r.asDict() for r in ledger.groupBy("stage", "status", "reason").count().collect()]
-    stats = build_stats(counts, plan.n_rows, mode)
+    stats = build_stats(counts, plan.n_rows, kinds)
     stats["bad_files"] = plan.bad_files
     stats["n_shards"] = len([f for f in os.listdir(os.path.join(output, "shards"))
                              if f.endswith(".parquet")]) if os.path.isdir(os.path.join(output, "shards")) else 0
@@ -184,9 +190,8 @@ def _read_ledger(spark, output):
     return spark.read.schema(S.LEDGER.spark).parquet(*stage_dirs)
 
 
-def build_stats(counts: list[dict], n_rows: int, mode: str) -> dict:
-    order = {"caption": [S.STAGE_CAPTION], "download": [S.STAGE_CAPTION, S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT],
-             "images": [S.STAGE_CAPTION, S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT]}[mode]
+def build_stats(counts: list[dict], n_rows: int, kinds: set[str]) -> dict:
+    order = [S.STAGE_CAPTION] + ([S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT] if kinds - {"caption"} else [])
     by_stage = {s: {"in": 0, "kept": 0, "dropped": {}, "failed": {}} for s in order}
     totals = {S.KEPT: 0, S.DROPPED: 0, S.FAILED: 0}
     for c in counts:
@@ -203,7 +208,8 @@ def build_stats(counts: list[dict], n_rows: int, mode: str) -> dict:
         remaining -= st["kept"] + sum(st["dropped"].values()) + sum(st["failed"].values())
     n_input = sum(totals.values())
     return {"n_input": n_input, "n_input_rows_planned": n_rows, "n_kept": totals[S.KEPT],
-            "n_dropped": totals[S.DROPPED], "n_failed": totals[S.FAILED], "mode": mode, "by_stage": by_stage}
+            "n_dropped": totals[S.DROPPED], "n_failed": totals[S.FAILED], "routes": sorted(kinds),
+            "by_stage": by_stage}
 
 
 def _write_report(spark, output, ledger, stats, n):

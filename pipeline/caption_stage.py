@@ -20,27 +20,32 @@ import pyarrow.parquet as pq
 import schemas as S
 from pipeline import captions as cap
 from pipeline.keys import content_key, duplicate_key
-from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk, write_marker
+from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
 
 LEDGER_CAPTION_CHARS = 1000   # the ledger is read by people; full captions stay in captions/
 
 
-def part_keys(table: pa.Table, cols: Columns) -> tuple[list[str], list[str]]:
-    """(keys, content hashes) of a part's rows: the key is the given one, else the content hash."""
+def part_keys(chunk: Chunk, table: pa.Table, cols: Columns, unreadable: dict) -> tuple[list[str], list[str]]:
+    """(keys, content hashes) of a part's rows: the key is the given one, else the content hash;
+    rows of unreadable row groups are keyed by position."""
     n = table.num_rows
     given = table.column(cols.key).to_pylist() if cols.key else [None] * n
     urls = _strings(table, cols.url) if cols.url else [None] * n
     contents = [content_key(u, c) for u, c in zip(urls, _raw_captions(table, cols.caption))]
-    return [str(g) if g is not None else c for g, c in zip(given, contents)], contents
+    keys = [str(g) if g is not None else c for g, c in zip(given, contents)]
+    for i in unreadable:
+        keys[i] = contents[i] = unreadable_key(chunk, i)
+    return keys, contents
+
+
+def _read(chunk: Chunk, cols: Columns) -> tuple[pa.Table, dict[int, str]]:
+    return read_chunk_salvaging(chunk, [c for c in cols.present() if c != cols.image], cols.url)
 
 
 def write_part_keys(chunk: Chunk, cols: Columns, out: str) -> int:
     """Dedupe pass, step 1: every row's key and position, for the driver's duplicate query."""
-    try:
-        table = read_chunk(chunk, [c for c in (cols.key, cols.url, cols.caption) if c])
-        keys, contents = part_keys(table, cols)
-    except Exception:  # noqa: BLE001 - unreadable rows get positional keys in the caption stage
-        keys = contents = [unreadable_key(chunk, i) for i in range(chunk.num_rows)]
+    table, unreadable = _read(chunk, cols)
+    keys, contents = part_keys(chunk, table, cols, unreadable)
     rows = [{"key": k, "content": c, "part": chunk.part, "row": chunk.file_row_offset + i}
             for i, (k, c) in enumerate(zip(keys, contents))]
     atomic_write_parquet(S.KEYS.from_rows(rows), os.path.join(out, "_work", "keys", f"{chunk.part}.parquet"))
@@ -63,14 +68,9 @@ def read_duplicates(out: str, part: str) -> dict[int, tuple[int, bool]]:
 def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionParams,
                      final: bool, download: bool = False) -> dict:
     dups = read_duplicates(out, chunk.part)
-    try:
-        table = read_chunk(chunk, cols.present() if not cols.image else
-                           [c for c in cols.present() if c != cols.image])
-    except Exception as e:  # noqa: BLE001 - a corrupt row group fails its rows, not the job
-        return _write_unreadable(chunk, out, f"{type(e).__name__}: {e}")
-
+    table, unreadable = _read(chunk, cols)  # corrupt row groups fail their rows, not the job
     n = table.num_rows
-    keys, _ = part_keys(table, cols)
+    keys, _ = part_keys(chunk, table, cols, unreadable)
     urls = _strings(table, cols.url) if cols.url else [None] * n
     texts, failures = _decode_captions(table, cols.caption)
     rows = []   # CAPTIONS rows
@@ -79,6 +79,10 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
         row = {"key": keys[i], "url": urls[i], "caption": texts[i], "source_file": chunk.path,
                "source_row": chunk.file_row_offset + i, "passed": False, "reason": None}
         key_occ, repeated = dups.get(row["source_row"], (1, False))
+        if i in unreadable:
+            row["reason"], row["error_message"] = S.R_READ_ERROR, unreadable[i]
+            rows.append(row)
+            continue
         if key_occ > 1:  # the key is taken (e.g. two img2dataset runs merged): a new, traceable one
             row["key"] = duplicate_key(keys[i], key_occ)
         if repeated:     # same url + caption as an earlier row: a re-crawl, dropped
@@ -101,8 +105,9 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
     ledger, download_rows = [], []
     for r in rows:
         if not r["passed"]:
-            status = S.FAILED if r["reason"] in (S.R_NON_STRING, S.R_INVALID_UTF8) else S.DROPPED
-            ledger.append(_ledger_row(r, status, S.STAGE_CAPTION, r["reason"]))
+            status = S.FAILED if r["reason"] in (S.R_NON_STRING, S.R_INVALID_UTF8, S.R_READ_ERROR) else S.DROPPED
+            ledger.append(_ledger_row(r, status, S.STAGE_CAPTION, r["reason"],
+                                      error_message=r.pop("error_message", None)))
         elif final:
             ledger.append(_ledger_row(r, S.KEPT, S.STAGE_CAPTION, None))
         elif download:
@@ -147,18 +152,6 @@ def _count(ledger: list[dict], n_rows: int, n_passed: int) -> dict:
     c = Counter((r["status"], r["stage"], r["reason"] or "") for r in ledger)
     return {"n_rows": n_rows, "n_passed": n_passed,
             "decided": [{"status": s, "stage": st, "reason": re, "n": k} for (s, st, re), k in sorted(c.items())]}
-
-
-def _write_unreadable(chunk: Chunk, out: str, error: str) -> dict:
-    rows = [{"key": unreadable_key(chunk, i), "source_file": chunk.path, "passed": False,
-             "source_row": chunk.file_row_offset + i, "reason": S.R_READ_ERROR} for i in range(chunk.num_rows)]
-    ledger = [_ledger_row(r, S.FAILED, S.STAGE_CAPTION, S.R_READ_ERROR, error_message=error[:500]) for r in rows]
-    atomic_write_parquet(S.CAPTIONS.from_rows(rows), os.path.join(out, "captions", f"{chunk.part}.parquet"))
-    atomic_write_parquet(S.LEDGER.from_rows(ledger),
-                         os.path.join(out, "ledger", S.STAGE_CAPTION, f"{chunk.part}.parquet"))
-    counts = _count(ledger, chunk.num_rows, 0)
-    write_marker(out, S.STAGE_CAPTION, chunk.part, counts)
-    return counts
 
 
 def _is_http(url) -> bool:

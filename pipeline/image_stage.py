@@ -25,7 +25,7 @@ import schemas as S
 from pipeline import images as img
 from pipeline import textspot as ts
 from pipeline.caption_stage import _count, ledger_row
-from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk, write_marker
+from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
 
 _PARSE = [f.name for f in S.PARSE_FIELDS]
 _CARRY = ["key", "caption", "url", *_PARSE, "source_file", "source_row"]
@@ -55,7 +55,7 @@ def rows_from_chunk(chunk: Chunk, cols: Columns, out: str) -> list[dict]:
     if not passed:
         return []
     wanted = [c for c in (cols.image, cols.status, cols.error, cols.key) if c]
-    table = read_chunk(chunk, wanted)
+    table, _ = read_chunk_salvaging(chunk, wanted)  # rows of corrupt row groups never passed
     local = [r["source_row"] - chunk.file_row_offset for r in passed]
     sub = table.take(local).to_pylist()
     tar_images = _tar_images(chunk.tar, {s[cols.key] for s in sub}) if chunk.tar and cols.key else {}
@@ -98,6 +98,9 @@ def rows_from_download_shard(shard_path: str, out: str) -> list[dict]:
 
 
 def run_image_part(part: str, rows: list[dict], out: str, params: ImageStageParams) -> dict:
+    import torch
+    # one Spark task per core: torch's own thread pool on top would oversubscribe the cores
+    torch.set_num_threads(int(os.environ.get("CATCURATE_TASK_THREADS", "1")))
     ledger, shard, thumbs = [], [], defaultdict(list)
     decoded = []  # (row, DecodedImage) awaiting text spotting
     for r in rows:

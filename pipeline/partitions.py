@@ -176,6 +176,36 @@ def read_chunk(chunk: Chunk, columns: list[str]) -> pa.Table:
     return table.slice(chunk.start, chunk.num_rows)
 
 
+def read_chunk_salvaging(chunk: Chunk, columns: list[str], evidence_column: str | None = None
+                         ) -> tuple[pa.Table, dict[int, str]]:
+    """Read a part; when row groups are corrupt, keep the readable ones and return, aligned, null rows
+    for the rest plus {row in part: error}. The evidence column (the url) is salvaged alone if it can."""
+    try:
+        return read_chunk(chunk, columns), {}
+    except Exception:  # noqa: BLE001 - fall back to row group by row group below
+        pass
+    pf = pq.ParquetFile(chunk.path)
+    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+    pieces, bad, offset = [], {}, 0
+    for g in chunk.row_groups:
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            piece = pf.read_row_group(g, columns=columns).cast(schema)
+        except Exception as e:  # noqa: BLE001 - any decoding failure of this row group
+            arrays = [pa.nulls(n, f.type) for f in schema]
+            if evidence_column in columns:
+                try:
+                    arrays[columns.index(evidence_column)] = pf.read_row_group(g, columns=[evidence_column]).column(0)
+                except Exception:  # noqa: BLE001 - no evidence to salvage
+                    pass
+            piece = pa.Table.from_arrays(arrays, schema=schema)
+            bad.update({offset + i: f"{type(e).__name__}: {e}"[:500] for i in range(n)})
+        pieces.append(piece)
+        offset += n
+    table = pa.concat_tables(pieces).slice(chunk.start, chunk.num_rows)
+    return table, {i - chunk.start: err for i, err in bad.items() if chunk.start <= i < chunk.stop}
+
+
 # ---------------------------------------------------------------- atomic outputs and markers
 
 def atomic_write_parquet(table: pa.Table, path: str) -> None:
