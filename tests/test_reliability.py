@@ -69,9 +69,12 @@ def kill_when(cmd, out, stage, n_markers, timeout=400):
 
 
 def test_sigkill_at_several_points_then_resume_matches_uninterrupted(spark, sample_parquet, tmp_path):
-    args = ("--rows-per-part", "32")
+    small = tmp_path / "input.parquet"  # the first 112 rows of the sample: 7 parts of 16
+    pq.write_table(pq.read_table(sample_parquet).slice(0, 112), small, row_group_size=16)
+    sample_parquet = small
+    args = ("--rows-per-part", "16")
     reference = tmp_path / "reference"
-    cat_filter(str(sample_parquet), str(reference), spark=spark, rows_per_part=32)
+    cat_filter(str(sample_parquet), str(reference), spark=spark, rows_per_part=16)
     n_parts = len(markers(reference, S.STAGE_CAPTION))
     assert n_parts >= 5
 
