@@ -27,7 +27,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
-import json
 import random
 from pathlib import Path
 
@@ -92,15 +91,16 @@ def check_sharding(n_shards: int, num_workers: int, world_size: int):
 
 
 def read_vocab(labels_dir: str | Path) -> tuple[int, int]:
-    """Sizes of the object and attribute vocabularies from LABELS/vocab.json (lists, possibly with counts)."""
+    """Sizes of the object and attribute vocabularies of LABELS/vocab.json, as make distill writes it."""
+    from pipeline.concepts import read_vocab_json
     path = Path(labels_dir) / "vocab.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: label shards need their vocab.json")
-    vocab = json.loads(path.read_text())
     try:
-        return len(vocab["objects"]), len(vocab["attributes"])
+        vocabs = read_vocab_json(str(path))
+        return len(vocabs["objects"]), len(vocabs["attributes"])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} must hold {{'objects': [...], 'attributes': [...]}}") from e
+        raise ValueError(f"{path} is not a vocab.json written by jobs/distill_labels.py: {e}") from e
 
 
 def decode_image(jpg: bytes, draft_size: int | None = None) -> Image.Image:

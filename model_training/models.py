@@ -4,6 +4,7 @@
     model = build_model("catclip-tiny")                 # configs/catclip-tiny.json, random init
     img = model.encode_image(images)                    # L2-normalised [B, D]
     img, patches = model.encode_image(images, return_tokens=True)   # + [B, P, width] patch tokens
+    img, patches = model.encode_image(images, return_tokens=True, patch_mask=m, mask_token=t)   # masked pass
     export_open_clip(model, "run/export")               # open_clip.create_model_and_transforms loads it
 
 Why open_clip builds the network: the exported weights are then exactly an open_clip CLIP

@@ -2,6 +2,7 @@
 
     python -m model_training.train --shards out/filter/shards --run runs/tiny --max-steps 300
     python -m model_training.train --shards ... --run runs/tiny --resume latest          # continue
+    python -m model_training.train --shards ... --run runs/conlip --preset conlip --model catclip-tiny
     torchrun --nproc_per_node 8 -m model_training.train --model ViT-B-16 --batch-size 256 \
         --shards /data/laion-cat/shards --labels /data/laion-cat/labels --contrastive hn_nce \
         --concept-weight 1.0 --max-steps 100000 --warmup-steps 2000 --lr 5e-4 --run runs/b16

@@ -45,7 +45,7 @@ class Preprocess:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(resize_shorter_side_to=self.resize_size, crop="center", mode="RGB",
-                 value_range=f"(x/255 - mean) / std")
+                 value_range="(x/255 - mean) / std")
         return d
 
     def __call__(self, image: Image.Image) -> torch.Tensor:

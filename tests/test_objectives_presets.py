@@ -1,7 +1,6 @@
 """Every objective preset trains a few steps at toy size on coco-mini shards; preset CLI semantics;
 the export drops every head; data subsets for scaling runs; the ablation runner end to end (tiny)."""
 import csv
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +13,7 @@ from model_training.models import build_model
 from model_training.presets import list_presets, load_preset
 from model_training.train import TrainConfig, parse_args, train
 from schemas import LABELS
+from tests.vocab_util import write_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco-mini"
@@ -36,7 +36,7 @@ def data(tmp_path_factory):
     pq.write_table(LABELS.from_rows([{"key": k, "object_indices": [i % 4], "object_probs": [1.0],
                                       "attribute_indices": [i % 3], "attribute_probs": [1.0]}
                                      for i, k in enumerate(keys)]), root / "labels" / "shards" / "00000.parquet")
-    (root / "labels" / "vocab.json").write_text(json.dumps({"objects": list("abcd"), "attributes": list("xyz")}))
+    write_vocab(root / "labels", list("abcd"), list("xyz"))
     return root
 
 

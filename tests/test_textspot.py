@@ -119,22 +119,28 @@ def _quality(results, items, min_conf):
 
 
 def test_labelled_set_precision_and_recall(spotter):
-    """The labelled set (60 pairs, 25 to drop) with the real weights, TextSpotParams defaults.
-    Measured: precision 1.0, recall 0.76 at the paper's min_conf 0.8 -- below issue 3's 0.9: the
-    misses are words read exactly ("CITYSCAPE", "toothbrushes") whose easyocr confidence is 0.6-0.8.
-    Floors here guard against regressions; the reading itself is checked at a lower confidence gate.
-    CPU cost: about 0.5-1 s per image on one free core (several times that on a loaded machine)."""
+    """Issue 3's target on 40 of the labelled set's 60 pairs (two of every three, all kinds; the full
+    set is bench_textspot's), TextSpotParams defaults, the paper's min_conf 0.8: precision >= 0.95 and
+    recall >= 0.9. Measured on the full set: P 1.0, R 0.96 (bf16 CRAFT) / 0.92 (fp32 CRAFT); the miss
+    is a box clipped into another word's stroke ("bbed"). CPU cost: ~0.5 s per image on a free core."""
     from bench.textspot_set import build_set
-    items = build_set()
+    items = [item for k, item in enumerate(build_set()) if k % 3 != 2]
     assert len(items) >= 40 and 0.3 < sum(i.drop for i in items) / len(items) < 0.6
+    assert {i.kind for i in items} == {"caption_text", "clean", "other_text", "natural"}
     results = spot_and_match([i.image for i in items], [i.caption for i in items], spotter=spotter)
     assert [r.drop for r in results] == [caption_match(r.detections, i.caption) is not None
                                         for r, i in zip(results, items)]
     misses = [(i.name, i.text, r.detections[:3]) for r, i in zip(results, items) if r.drop != i.drop]
     precision, recall = _quality(results, items, min_conf=0.8)
-    assert precision >= 0.95, misses
-    assert recall >= 0.72, misses
-    # recognised detections are complete for every pair not dropped, so a lower gate is exact here
-    precision_05, recall_05 = _quality(results, items, min_conf=0.5)
-    assert precision_05 >= 0.95 and recall_05 >= 0.9, misses
+    assert precision >= 0.95 and recall >= 0.9, (precision, recall, misses)
     assert not any(r.drop for r, i in zip(results, items) if i.kind == "clean")
+
+
+def test_reread_keeps_the_more_confident_reading(spotter):
+    """Boxes read below min_conf are read again from wider crops; a re-read never lowers a confidence
+    and, without captions, every box is reported (no early settling)."""
+    image = _rendered("Sunflowers and tulips")
+    once = TextSpotter(gpu=False, params=dataclasses.replace(spotter.params, reread_margins=())).spot([image])[0]
+    again = spotter.spot([image])[0]
+    assert len(once) == len(again) >= 1
+    assert all(b >= a - 1e-6 for (_ta, a), (_tb, b) in zip(once, again)), (once, again)

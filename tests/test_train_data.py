@@ -1,10 +1,11 @@
 """Streaming shards + labels (model_training/data.py): determinism, joins, counted skips, early errors."""
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.vocab_util import write_vocab
 
 from model_training.caption_sets import load_coco, write_shards
 from model_training.data import ShardStream, check_sharding, is_holdout, list_shards, make_loader
@@ -31,7 +32,7 @@ def data(tmp_path_factory):
                                       "attribute_indices": [1], "attribute_probs": [0.9]}
                                      for i, k in enumerate(labelled)]),
                    root / "labels" / "shards" / "all.parquet")   # not shard-aligned: global index path
-    (root / "labels" / "vocab.json").write_text(json.dumps({"objects": [["o", 3]] * 7, "attributes": ["a"] * 4}))
+    write_vocab(root / "labels", ["o%d" % i for i in range(7)], ["a%d" % i for i in range(4)])
     return root, set(labelled), len(keys)
 
 

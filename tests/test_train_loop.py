@@ -12,6 +12,8 @@ from pathlib import Path
 import open_clip
 import pyarrow.parquet as pq
 import pytest
+
+from tests.vocab_util import write_vocab
 import torch
 from PIL import Image
 
@@ -38,7 +40,7 @@ def coco(tmp_path_factory):
     pq.write_table(LABELS.from_rows([{"key": k, "object_indices": [i % 5], "object_probs": [1.0],
                                       "attribute_indices": [i % 3, 0], "attribute_probs": [0.7, 0.3]}
                                      for i, k in enumerate(keys)]), root / "labels" / "shards" / "00000.parquet")
-    (root / "labels" / "vocab.json").write_text(json.dumps({"objects": list("abcde"), "attributes": list("xyz")}))
+    write_vocab(root / "labels", list("abcde"), list("xyz"))
     return root, held
 
 
