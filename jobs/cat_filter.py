@@ -28,7 +28,8 @@ from pipeline import captions as cap  # noqa: E402
 from pipeline import partitions as P  # noqa: E402
 from pipeline.caption_stage import run_caption_part, write_part_keys  # noqa: E402
 from pipeline.download import DownloadParams, run_download  # noqa: E402
-from pipeline.image_stage import ImageStageParams, rows_from_chunk, rows_from_download_shard, run_image_part  # noqa: E402
+from pipeline.image_stage import (ImageStageParams, rows_from_chunk, rows_from_download_shard,  # noqa: E402
+                                  run_image_part, thumbnails_from_input)
 from pipeline.textspot import TextSpotParams  # noqa: E402
 
 STAGE_KEYS = "keys"
@@ -180,7 +181,7 @@ def _finalize(spark, output, plan, kinds, examples_per_reason) -> dict:
     stats["n_shards"] = len([f for f in os.listdir(os.path.join(output, "shards"))
                              if f.endswith(".parquet")]) if os.path.isdir(os.path.join(output, "shards")) else 0
     P.atomic_write_json(stats, os.path.join(output, "stats.json"))
-    _write_report(spark, output, ledger, stats, examples_per_reason)
+    _write_report(spark, output, ledger, stats, examples_per_reason, plan.columns)
     return stats
 
 
@@ -212,7 +213,7 @@ def build_stats(counts: list[dict], n_rows: int, kinds: set[str]) -> dict:
             "by_stage": by_stage}
 
 
-def _write_report(spark, output, ledger, stats, n):
+def _write_report(spark, output, ledger, stats, n, columns):
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -232,6 +233,14 @@ def _write_report(spark, output, ledger, stats, n):
         bucket = examples.setdefault(r["bucket"], [])
         if len(bucket) < n and all(e["key"] != r["key"] for e in bucket):
             bucket.append({k: r[k] for k in S.LEDGER.columns + (["jpg"] if "jpg" in r else [])})
+    missing = [e for bucket in examples.values() for e in bucket if e.get("jpg") is None]
+    pictures = thumbnails_from_input(missing, columns)
+    for e in missing:
+        e["jpg"] = pictures.get(e["key"])
+    for bucket in examples.values():
+        for e in bucket:
+            if e["caption"] and len(e["caption"]) > 300:
+                e["caption"] = e["caption"][:300] + " ..."
     write_report(output, stats, examples)
 
 

@@ -36,7 +36,7 @@ class ImageStageParams:
     textspot: ts.TextSpotParams = field(default_factory=ts.TextSpotParams)
     max_pixels: int = img.DEFAULT_MAX_PIXELS   # decompression-bomb guard, checked before decoding
     shard_rows: int = 10_000                   # kept pairs per output shard file
-    thumbs_per_reason: int = 4                 # report examples kept per reason and part
+    thumbs_per_reason: int = 8                 # report examples kept per reason and part
     thumb_size: int = 160
 
     def to_dict(self) -> dict:
@@ -147,10 +147,34 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
 
 
 def _add_thumb(thumbs, key, reason, image: Image.Image, params: ImageStageParams) -> None:
-    if len(thumbs[reason]) >= params.thumbs_per_reason:
-        return
+    if len(thumbs[reason]) < params.thumbs_per_reason:
+        thumbs[reason].append({"key": key, "reason": reason, "jpg": thumbnail(image, params.thumb_size)})
+
+
+def thumbnail(image: Image.Image, size: int) -> bytes:
     im = image.copy()
-    im.thumbnail((params.thumb_size, params.thumb_size))
+    im.thumbnail((size, size))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=80)
-    thumbs[reason].append({"key": key, "reason": reason, "jpg": buf.getvalue()})
+    return buf.getvalue()
+
+
+def thumbnails_from_input(examples: list[dict], columns: dict[str, Columns], size: int = 160) -> dict[str, bytes]:
+    """Report thumbnails for rows decided before any image was decoded (caption stage), read back
+    from the input's image column by (source_file, source_row); a few rows, on the driver."""
+    found = {}
+    for r in examples:
+        cols = columns.get(r.get("source_file"))
+        if not cols or not cols.image or r.get("source_row") is None:
+            continue
+        try:
+            pf = pq.ParquetFile(r["source_file"])
+            row, g = r["source_row"], 0
+            while row >= pf.metadata.row_group(g).num_rows:
+                row -= pf.metadata.row_group(g).num_rows
+                g += 1
+            data = pf.read_row_group(g, columns=[cols.image]).column(0)[row].as_py()
+            found[r["key"]] = thumbnail(img.decode_image(data).image, size)
+        except Exception:  # noqa: BLE001 - a report picture is optional; the row's evidence is not
+            continue
+    return found
