@@ -34,6 +34,7 @@ def rows() -> list[tuple[str, str, str]]:
         out.append((f"filter job, caption stage, spark-submit local[2] ({t.get('rows')} rows)",
                     f"{t.get('job_captions_per_s')} captions/s (job clock; {t.get('command_captions_per_s_incl_jvm_start')}"
                     f" incl. JVM start) vs reference {t.get('reference_captions_per_cpu_s_one_core')}/s per core",
+                    f"{t.get('speedup_job_vs_reference_process')}x the reference process, "
                     f"{t.get('speedup_job_vs_reference_on_2_cores')}x of 2 reference cores, agreement "
                     f"{t.get('verdict_agreement_with_reference')}"))
         m = r.get("bounded_memory")

@@ -66,7 +66,10 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
     sc = spark.sparkContext
     cols = plan.columns
 
+    phase_seconds: dict[str, float] = {}
+
     def run_parts(stage, items, fn, label):
+        t = time.time()
         done = P.done_parts(output, stage)
         todo = [it for it in items if it[0] not in done]
         print(f"[cat_filter] {label}: {len(items) - len(todo)} of {len(items)} parts already done, "
@@ -74,11 +77,14 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
         if todo:
             sc.setJobDescription(label)
             sc.parallelize(todo, len(todo)).map(fn).collect()  # per-part counts only
+        phase_seconds[stage] = round(phase_seconds.get(stage, 0) + time.time() - t, 1)
 
     chunk_items = [(c.part, c.to_dict(), asdict(cols[c.path])) for c in plan.chunks]
     if not os.path.exists(os.path.join(output, "_done", "dedupe.json")):
         run_parts(STAGE_KEYS, chunk_items, lambda it: _keys_task(it, output), "keys for the duplicate check")
+        t = time.time()
         _find_duplicates(spark, output)
+        phase_seconds["dedupe"] = round(time.time() - t, 1)
 
     run_parts(S.STAGE_CAPTION, [it + (route[it[1]["path"]],) for it in chunk_items],
               lambda it: run_caption_part(P.Chunk.from_dict(it[1]), P.Columns(**it[2]), output, caption,
@@ -96,7 +102,9 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
         if not os.path.exists(marker):
             master = sc.master
             distributor = "multiprocessing" if master.startswith("local") else "pyspark"
+            t = time.time()
             shards = run_download(output, download, distributor, rows_per_part)
+            phase_seconds[S.STAGE_DOWNLOAD] = round(time.time() - t, 1)
             P.atomic_write_json({"shards": [os.path.basename(s) for s in shards]}, marker)
         with open(marker) as fh:
             shard_paths = [os.path.join(output, "_work", "images", s) for s in json.load(fh)["shards"]]
@@ -105,8 +113,11 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
                   lambda it: run_image_part(it[0], rows_from_download_shard(it[1], output), output, image),
                   "text-spot stage (easyocr), downloaded images")
 
+    t = time.time()
     stats = _finalize(spark, output, plan, kinds, examples_per_reason)
+    phase_seconds["finalize_and_report"] = round(time.time() - t, 1)
     stats["seconds"] = round(time.time() - t0, 1)
+    stats["phase_seconds"] = phase_seconds
     P.atomic_write_json(stats, os.path.join(output, "stats.json"))
     manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), stats={k: stats[k] for k in
                     ("n_input", "n_kept", "n_dropped", "n_failed")})

@@ -66,6 +66,7 @@ def snapshot(filter_out, labels_out):
     labels = pd.read_parquet(Path(labels_out) / "shards").sort_values("key").reset_index(drop=True)
     stats = json.loads((Path(filter_out) / "stats.json").read_text())
     stats.pop("seconds")
+    stats.pop("phase_seconds")
     return ledger, shards, labels, stats
 
 

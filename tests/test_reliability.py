@@ -38,6 +38,7 @@ def snapshot(out) -> dict:
     shards = pd.read_parquet(os.path.join(out, "shards")).sort_values("key").reset_index(drop=True)
     stats = json.load(open(os.path.join(out, "stats.json")))
     stats.pop("seconds")
+    stats.pop("phase_seconds")
     return {"ledger": ledger, "shards": shards, "stats": stats}
 
 
