@@ -42,18 +42,42 @@ def rows() -> list[tuple[str, str, str]]:
             out.append((f"filter job, {m['n_input']:,} rows, --driver-memory {m['driver_memory']}",
                         f"peak RSS driver JVM {m['peak_rss_driver_jvm_mb']} MB, whole tree {m['peak_rss_tree_mb']} MB",
                         f"{m['job_s']} s job time, no OOM"))
-    for name in ("textspot", "distill", "train", "ablate", "cluster_check"):
-        r = _load(name)
-        if r:
-            out.append((name, _headline(name, r), ""))
+    r = _load("textspot")
+    if r:
+        sub, full = _get(r, "cpu", "subset"), _get(r, "cpu", "full_set_textspotter")
+        out.append((f"text spotting, CPU, {_get(sub, 'textspotter', 'n_images')}-image timed subset",
+                    f"{_get(sub, 'textspotter', 'cpu_seconds_per_image'):.2f} CPU s/image vs naive readtext "
+                    f"{_get(sub, 'naive_readtext', 'cpu_seconds_per_image'):.2f}",
+                    f"{_get(sub, 'speedup_cpu'):.1f}x; recall {_get(sub, 'textspotter', 'recall')} vs "
+                    f"{_get(sub, 'naive_readtext', 'recall')}"))
+        out.append((f"text-spot drop verdict, {_get(full, 'n_images')} labelled pairs, gate 0.8",
+                    f"precision {_get(full, 'precision')}, recall {_get(full, 'recall')}", ""))
+        if _get(r, "gpu", default=None):
+            out.append(("text spotting, GPU", json.dumps(r["gpu"])[:200], ""))
+    r = _load("distill")
+    if r:
+        t = _get(r, "teacher_throughput", "cpu_1_thread", "end_to_end")
+        st = r.get("labels_storage", {})
+        out.append(("teacher embedding (EfficientNet-Lite0), CPU, 1 thread",
+                    f"{_get(t, 'images_per_wall_s')} images/s end to end (decode + forward)", ""))
+        out.append((f"labels, k={st.get('k')}", f"{st.get('sparse_bytes_per_sample')} bytes/sample sparse",
+                    f"dense float32 {st.get('dense_float32_bytes_per_sample')} bytes ({st.get('n_objects')}+"
+                    f"{st.get('n_attributes')} concepts)"))
+    r = _load("train")
+    if r:
+        t, e = r.get("training", {}), r.get("retrieval_eval", {})
+        out.append((f"training step, {t.get('model')}, batch {t.get('batch')}, CPU",
+                    f"{t.get('ours_samples_per_s')} samples/s vs open_clip {t.get('open_clip_samples_per_s')}",
+                    f"ratio {t.get('ratio')}"))
+        out.append((f"retrieval eval {e.get('n_images')} x {e.get('n_captions')} (dim {e.get('dim')})",
+                    f"{e.get('seconds')} s", f"+{e.get('peak_rss_growth_mb')} MB (full matrix: "
+                    f"{e.get('full_matrix_would_be_mb')} MB)"))
+    r = _load("cluster_check")
+    if r:
+        out.append(("standalone cluster (master + 2 workers) vs local[2]",
+                    f"identical outputs: {r.get('identical')}", f"filter {r.get('cluster_filter_s')} s vs "
+                    f"{r.get('local_filter_s')} s"))
     return out
-
-
-def _headline(name, r) -> str:
-    keys = {"textspot": ["speedup", "fast", "naive"], "distill": ["teacher", "labels"],
-            "train": ["ratio", "ours", "open_clip", "retrieval_eval"], "cluster_check": ["identical", "n_input"]}
-    picked = {k: v for k, v in r.items() if any(s in k for s in keys.get(name, []))}
-    return json.dumps(picked or {k: v for k, v in r.items() if k != "machine"}, default=str)[:400]
 
 
 def _load(name):
