@@ -97,6 +97,27 @@ def test_sigkill_at_several_points_then_resume_matches_uninterrupted(spark, samp
     assert_same(snapshot(out), snapshot(reference))
 
 
+def test_distill_sigkill_then_resume_matches_uninterrupted(spark, tmp_path):
+    """Distillation killed (SIGKILL of the spark-submit tree) after its first embedded shard, rerun."""
+    from bench.bench_distill import build_coco_filtered
+    from jobs.distill_labels import distill_labels
+    filtered = build_coco_filtered(tmp_path / "filtered", captions_per_image=1, n_shards=4)
+    reference = tmp_path / "reference"
+    distill_labels(str(filtered), str(reference), spark=spark, min_count=2)
+    out = tmp_path / "killed"
+    cmd = [SPARK_SUBMIT, "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+           "--driver-java-options", f"-Dlog4j2.configurationFile={ROOT}/conf/log4j2.properties",
+           str(ROOT / "jobs" / "distill_labels.py"), "--input", str(filtered), "--output", str(out), "--min-count", "2"]
+    done = kill_when(cmd, out, "embed", 1)
+    assert len(done) < 4, "the kill must land before every shard was embedded"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = markers(out, "embed")
+    assert all(after[f] == t for f, t in done.items()), "embedded shards were not redone"
+    for name in sorted(os.listdir(reference / "shards")):
+        pd.testing.assert_frame_equal(pd.read_parquet(reference / "shards" / name), pd.read_parquet(out / "shards" / name))
+
+
 # ---------------------------------------------------------------- the bad-input matrix
 
 def _jpeg(path_or_img, size=None) -> bytes:
