@@ -44,7 +44,11 @@ filter: $(VENV)/.installed $(if $(INPUT),,$(SAMPLE))
 distill: $(VENV)/.installed
 	$(SUBMIT) jobs/distill_labels.py --input '$(or $(INPUT),$(OUTPUT))' --output '$(LABELS)' $(DISTILL_ARGS)
 
+# Trains on OUTPUT/shards; on a fresh checkout with the default OUTPUT it filters the sample first.
 train-eval: $(VENV)/.installed
+	@if [ ! -d '$(OUTPUT)/shards' ]; then \
+	  if [ '$(OUTPUT)' = out/filter ]; then $(MAKE) filter; \
+	  else echo "no shards in $(OUTPUT)/shards: run make filter OUTPUT=$(OUTPUT) first" >&2; exit 2; fi; fi
 	$(PY) -m model_training.train_eval --shards '$(OUTPUT)/shards' --labels '$(LABELS)' --run '$(RUN)' $(TRAIN_ARGS)
 
 ablate: $(VENV)/.installed
