@@ -26,10 +26,10 @@ from tests.conftest import COCO_MINI, LAION_SAMPLE, ROOT
 SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")
 
 
-def submit_cmd(inp, out, *extra):
+def submit_cmd(inp, out, *extra, job="cat_filter.py"):
     return [SPARK_SUBMIT, "--master", "local[2]", "--conf", "spark.ui.enabled=false",
             "--driver-java-options", f"-Dlog4j2.configurationFile={ROOT}/conf/log4j2.properties",
-            str(ROOT / "jobs" / "cat_filter.py"), "--input", str(inp), "--output", str(out), *extra]
+            str(ROOT / "jobs" / job), "--input", str(inp), "--output", str(out), *extra]
 
 
 def snapshot(out) -> dict:
@@ -105,9 +105,7 @@ def test_distill_sigkill_then_resume_matches_uninterrupted(spark, tmp_path):
     reference = tmp_path / "reference"
     distill_labels(str(filtered), str(reference), spark=spark, min_count=2)
     out = tmp_path / "killed"
-    cmd = [SPARK_SUBMIT, "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-           "--driver-java-options", f"-Dlog4j2.configurationFile={ROOT}/conf/log4j2.properties",
-           str(ROOT / "jobs" / "distill_labels.py"), "--input", str(filtered), "--output", str(out), "--min-count", "2"]
+    cmd = submit_cmd(filtered, out, "--min-count", "2", job="distill_labels.py")
     done = kill_when(cmd, out, "embed", 1)
     assert len(done) < 4, "the kill must land before every shard was embedded"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
