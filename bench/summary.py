@@ -22,10 +22,12 @@ def rows() -> list[tuple[str, str, str]]:
     out = []
     r = _load("captions")
     if r:
-        for name in ("laion_test_1000", "web_like"):
+        for name in ("laion_test_1000", "flickr8k", "web_like"):
             s = r.get(name, {})
+            if not s:
+                continue
             out.append((f"caption parser, {name} ({s.get('rows')} rows)",
-                        f"{_get(s, 'fast', 'captions_per_cpu_s')} captions/s per core vs reference "
+                        f"{_get(s, 'fast', 'captions_per_cpu_s')} captions/s per core vs batched nlp.pipe "
                         f"{_get(s, 'reference', 'captions_per_cpu_s')}",
                         f"{s.get('speedup_cpu')}x, verdict agreement {s.get('verdict_agreement')}"))
     r = _load("filter")
@@ -44,14 +46,20 @@ def rows() -> list[tuple[str, str, str]]:
                         f"{m['job_s']} s job time, no OOM"))
     r = _load("textspot")
     if r:
-        sub, full = _get(r, "cpu", "subset"), _get(r, "cpu", "full_set_textspotter")
-        out.append((f"text spotting, CPU, {_get(sub, 'textspotter', 'n_images')}-image timed subset",
-                    f"{_get(sub, 'textspotter', 'cpu_seconds_per_image'):.2f} CPU s/image vs naive readtext "
-                    f"{_get(sub, 'naive_readtext', 'cpu_seconds_per_image'):.2f}",
-                    f"{_get(sub, 'speedup_cpu'):.1f}x; recall {_get(sub, 'textspotter', 'recall')} vs "
-                    f"{_get(sub, 'naive_readtext', 'recall')}"))
-        out.append((f"text-spot drop verdict, {_get(full, 'n_images')} labelled pairs, gate 0.8",
-                    f"precision {_get(full, 'precision')}, recall {_get(full, 'recall')}", ""))
+        for key, m in r.get("cpu", {}).items():
+            best = m.get("best_reference")
+            if not best:
+                continue
+            ours, ref = m["textspotter"], m[best]
+            out.append((f"text spotting, CPU, Flickr8k {key.replace('_', ', ')} ({ours['n_images']} images, "
+                        f"{ref['n_images']} for {best})",
+                        f"{ours['cpu_s_per_image']} CPU s/image (P {ours['precision']}, R {ours['recall']}) vs "
+                        f"{best} {ref['cpu_s_per_image']} (P {ref['precision']}, R {ref['recall']})",
+                        f"{ours['speedup_cpu_vs_best_reference']}x"))
+        web = r.get("web_size_set_textspotter")
+        if web:
+            out.append((f"text-spot drop verdict, {web['n_images']} web-size labelled pairs, gate 0.8",
+                        f"precision {web['precision']}, recall {web['recall']}", ""))
         if _get(r, "gpu", default=None):
             out.append(("text spotting, GPU", json.dumps(r["gpu"])[:200], ""))
     r = _load("distill")

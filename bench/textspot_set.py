@@ -1,8 +1,10 @@
-"""Labelled image set for the text-spot stage: which image-caption pairs must the CAT filter drop?
+"""Labelled image sets for the text-spot stage: which image-caption pairs must the CAT filter drop?
 
-    from bench.textspot_set import build_set
+    from bench.textspot_set import build_set, build_flickr_set
     items = build_set()          # 60 LabelledPair(name, image (H x W x 3 uint8), caption, drop, kind, text)
-    PYTHONPATH=. .venv/bin/python -m bench.textspot_set --out bench/work/textspot_set   # writes PNGs + labels.json to look at
+    items = build_flickr_set(size=256)   # the operating point: 80 real Flickr8k photos as the download
+                                         # stage stores them (img2dataset: 256 px, border, JPEG q95)
+    PYTHONPATH=. .venv/bin/python -m bench.textspot_set --out bench/work/textspot_set [--flickr 256]
 
 Deterministic (seeded). Real photos from ../shared/data/coco-mini (with their COCO captions) and
 skimage.data, at varied sizes. Kinds and labels:
@@ -13,6 +15,11 @@ skimage.data, at varied sizes. Kinds and labels:
   other_text    keep  text that shares < 5 characters with the caption (watermarks, sale tags, dates)
   natural       both  real photos of text: skimage's book page (caption quoting its heading -> drop,
                       caption not quoting it -> keep), handwriting, COCO photos of signs and buses
+build_flickr_set: Flickr8k dev photos (224 px, ../shared/data/flickr8k) with their first caption; text
+is rendered on the 224-px photo (as it would be on the web image), then the picture goes through what
+img2dataset does with its defaults (resize to fit `size` x `size`, black border, JPEG quality 95).
+Kinds caption_text / clean / other_text as above (clean photos may show real text - signs, shirts -
+that their caption does not quote: keep).
 The generator checks its own labels: a keep item's visible text shares no 5-character window
 with the caption (same normalisation as pipeline.textspot.caption_match).
 """
@@ -31,6 +38,7 @@ from pipeline.textspot import caption_match
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco-mini"
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 FONT_DIR = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf"
 FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
          "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf")
@@ -194,15 +202,68 @@ def build_set(n_caption_text: int = 24, n_clean: int = 18, n_other_text: int = 1
     return items
 
 
+def img2dataset_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """img2dataset's default resize_mode="border": fit into size x size (cv2 INTER_LANCZOS4 up,
+    INTER_AREA down), centre on black, then its JPEG encoding (quality 95), decoded back."""
+    import cv2
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LANCZOS4 if scale > 1 else cv2.INTER_AREA)
+    canvas = np.zeros((size, size, 3), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    canvas[top:top + nh, left:left + nw] = resized
+    ok, jpg = cv2.imencode(".jpg", canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return np.ascontiguousarray(cv2.imdecode(jpg, cv2.IMREAD_COLOR)[:, :, ::-1])
+
+
+def _flickr_photos(n: int, rng: random.Random) -> list[tuple[str, Image.Image, str]]:
+    import io
+    import pyarrow.parquet as pq
+    images = pq.read_table(FLICKR / "images.parquet", filters=[("split", "=", "dev")], columns=["image", "jpg"])
+    captions = pq.read_table(FLICKR / "captions.parquet", filters=[("n", "=", 0)]).to_pydict()
+    first_caption = dict(zip(captions["image"], captions["caption"]))
+    names = images.column("image").to_pylist()
+    chosen = sorted(rng.sample(range(len(names)), n))
+    jpgs = images.column("jpg")
+    return [(names[i], Image.open(io.BytesIO(jpgs[i].as_py())).convert("RGB"), first_caption[names[i]].strip())
+            for i in chosen]
+
+
+def build_flickr_set(size: int = 256, n_caption_text: int = 30, n_clean: int = 35, n_other_text: int = 15,
+                     seed: int = 0) -> list[LabelledPair]:
+    """The operating point (default 80 pairs, 30 to drop): distinct real photos per kind, stored as the
+    download stage stores them at `size` px. The same seed gives the same photos and texts at every size."""
+    rng = random.Random(seed)
+    photos = _flickr_photos(n_caption_text + n_clean + n_other_text, rng)
+    rng.shuffle(photos)
+    items: list[LabelledPair] = []
+    for k, (name, photo, caption) in enumerate(photos):
+        if k < n_caption_text:
+            kind, text, drop = "caption_text", _caption_phrase(caption, rng), True
+        elif k < n_caption_text + n_clean:
+            kind, text, drop = "clean", "", False
+        else:
+            kind, text, drop = "other_text", rng.choice([t for t in OTHER_TEXTS if not _shares_caption_text(t, caption)]), False
+        if text:
+            photo = render_text(photo, text, rng)
+        items.append(LabelledPair(f"flickr_{kind}_{name}", img2dataset_resize(np.asarray(photo), size), caption,
+                                  drop, kind, text))
+    for item in items:
+        assert item.drop == (item.kind == "caption_text" and _shares_caption_text(item.text, item.caption)), item.name
+    return items
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/work/textspot_set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flickr", type=int, default=0, help="write the Flickr8k set at this size instead")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = []
-    for item in build_set(seed=args.seed):
+    for item in build_flickr_set(args.flickr, seed=args.seed) if args.flickr else build_set(seed=args.seed):
         Image.fromarray(item.image).save(out / f"{item.name}.png")
         labels.append({"name": item.name, "caption": item.caption, "drop": item.drop, "kind": item.kind,
                        "text": item.text, "height": item.image.shape[0], "width": item.image.shape[1]})

@@ -28,36 +28,70 @@ from pipeline import captions as cap  # noqa: E402
 from pipeline import partitions as P  # noqa: E402
 from pipeline.caption_stage import run_caption_part, write_part_keys  # noqa: E402
 from pipeline.download import DownloadParams, run_download  # noqa: E402
+from pipeline.locks import LockHeld, LockLost, folder_lock  # noqa: E402
 from pipeline.image_stage import (ImageStageParams, rows_from_chunk, rows_from_download_shard,  # noqa: E402
                                   run_image_part, thumbnails_from_input)
 from pipeline.textspot import TextSpotParams  # noqa: E402
+from pipeline.redecide import evidence_summary  # noqa: E402
 
 STAGE_KEYS = "keys"
 
 
 def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_col: str | None = None,
-               key_col: str | None = None, image_col: str | None = None, stages: str = "auto",
-               rows_per_part: int = 20_000, caption: cap.CaptionParams | None = None,
+               key_col: str | None = None, image_col: str | None = None, input_format: str = "auto",
+               stages: str = "auto", rows_per_part: int = 20_000, caption: cap.CaptionParams | None = None,
                image: ImageStageParams | None = None, download: DownloadParams | None = None,
                skip_bad_files: bool = False, examples_per_reason: int = 8, spark=None) -> dict:
-    """Run (or resume) the filter; returns the stats dict also written to OUTPUT/stats.json."""
+    """Run (or resume) the filter; returns the stats dict also written to OUTPUT/stats.json.
+    One run per OUTPUT at a time (locks.LockHeld names the holder); a full disk stops the job with
+    one P.StorageError line, its temporaries removed, and the same call resumes."""
+    output = os.path.abspath(output)
+    P.list_input_files(input, input_format)  # a wrong --input fails before OUTPUT is created
+    created = not os.path.isdir(output)
+    try:
+        with folder_lock(output, "cat_filter") as lock:
+            return _locked(input, output, lock, caption_col=caption_col, url_col=url_col,
+                           key_col=key_col, image_col=image_col, input_format=input_format,
+                           stages=stages, rows_per_part=rows_per_part, caption=caption, image=image,
+                           download=download, skip_bad_files=skip_bad_files,
+                           examples_per_reason=examples_per_reason, spark=spark)
+    finally:
+        if created and os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)  # refused before any work (bad columns, ...): leave no empty OUTPUT behind
+
+
+def _locked(input, output, lock, **kw) -> dict:
+    """The run, holding OUTPUT's lock; storage errors become one line and leave no temporaries."""
+    try:
+        return _cat_filter_locked(input, output, lock, **kw)
+    except Exception as e:
+        storage = P.as_storage_error(e, output)
+        if storage is None:
+            raise
+        P.remove_stale_temporaries(output)  # still ours: we hold the lock
+        raise storage from None
+
+
+def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, image_col, input_format, stages,
+                       rows_per_part, caption, image, download, skip_bad_files, examples_per_reason, spark) -> dict:
     caption, image, download = caption or cap.CaptionParams(), image or ImageStageParams(), download or DownloadParams()
     t0 = time.time()
-    output = os.path.abspath(output)
-    plan = P.plan_input(input, rows_per_part, skip_bad_files, caption_col=caption_col, url_col=url_col,
-                        key_col=key_col, image_col=image_col)
+    plan = P.plan_input(input, rows_per_part, skip_bad_files, work_dir=output, input_format=input_format,
+                        caption_col=caption_col, url_col=url_col, key_col=key_col, image_col=image_col)
     route = _routes(plan, stages)  # per input file: images | download | caption
     kinds = set(route.values())
     identity = {"input": {"path": os.path.abspath(input), "fingerprint": plan.fingerprint, "n_rows": plan.n_rows},
                 "stages": stages, "rows_per_part": rows_per_part, "caption": asdict(caption),
                 "image": image.to_dict() if kinds - {"caption"} else None,
                 "download": download.to_dict() if "download" in kinds else None}
+    if input_format != "auto":  # only when set, so outputs of earlier versions still resume
+        identity["input"]["format"] = input_format
     P.check_resume(output, identity)
-    os.makedirs(output, exist_ok=True)
-    P.remove_stale_temporaries(output)
+    P.remove_stale_temporaries(output)  # under the lock: no other run's temporaries can be in flight
     manifest = {"job": "cat_filter", "resume_identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "argv": sys.argv, "versions": _versions(), "bad_files": plan.bad_files,
-                "columns": {f: asdict(c) for f, c in plan.columns.items()}}
+                "columns": {f: asdict(c) for f, c in plan.columns.items()},
+                "evidence": evidence_summary(caption, image if kinds - {"caption"} else None)}  # what redecide may change
     P.atomic_write_json(manifest, os.path.join(output, "manifest.json"))
 
     if spark is None:
@@ -69,6 +103,7 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
     phase_seconds: dict[str, float] = {}
 
     def run_parts(stage, items, fn, label):
+        lock.check()  # another run took OUTPUT over (we were judged stale): stop writing
         t = time.time()
         done = P.done_parts(output, stage)
         todo = [it for it in items if it[0] not in done]
@@ -258,7 +293,9 @@ def _write_report(spark, output, ledger, stats, n, columns):
 def print_funnel(stats: dict, output: str) -> None:
     print("\n== CAT filter funnel ==")
     print(f"input rows: {stats['n_input']:,}")
-    for stage, st in stats["by_stage"].items():
+    from pipeline.report import funnel_stages   # the same stages as report.html (no download row without downloads)
+    for stage in funnel_stages(stats):
+        st = stats["by_stage"][stage]
         print(f"  {stage:<9} in {st['in']:>10,}")
         for status in ("dropped", "failed"):
             for reason, c in sorted(st[status].items(), key=lambda kv: -kv[1]):
@@ -283,51 +320,88 @@ def _versions() -> dict:
     return out
 
 
-def main(argv=None) -> int:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default, except where the help already says what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.required or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
     d_cap, d_ts, d_img, d_dl = cap.CaptionParams(), TextSpotParams(), ImageStageParams(), DownloadParams()
-    ap = argparse.ArgumentParser(prog="cat_filter.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", required=True, help="Parquet file or folder (LAION metadata or img2dataset output)")
-    ap.add_argument("--output", required=True, help="output folder (resumed if it exists with the same parameters)")
-    g = ap.add_argument_group("input columns (default: TEXT/caption, URL/url, key, jpg)")
-    for name in ("caption", "url", "key", "image"):
-        g.add_argument(f"--{name}-col", default=None)
+    ap = argparse.ArgumentParser(prog="cat_filter.py", description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument("--input", required=True,
+                    help="URL list or img2dataset output: a file, folder or glob of Parquet, CSV, TSV, JSON or "
+                         "JSON-lines files (optionally .gz)")
+    ap.add_argument("--output", required=True, help="output folder (resumed if it exists with the same parameters; "
+                                                    "one run at a time)")
+    ap.add_argument("--input-format", default="auto", choices=["auto", *P.INPUT_FORMATS],
+                    help="img2dataset's input_format; auto: by file extension (a folder: its Parquet files, "
+                         "else its CSV/TSV/JSON files)")
+    g = ap.add_argument_group("input columns (img2dataset's url_col / caption_col; found by name when not given)")
+    for name, looked_for in (("caption", P.CAPTION_COLUMNS), ("url", P.URL_COLUMNS), ("key", P.KEY_COLUMNS),
+                             ("image", P.IMAGE_COLUMNS)):
+        g.add_argument(f"--{name}-col", default=None,
+                       help=f"{name} column (default: the first of {', '.join(looked_for)} present)")
     ap.add_argument("--stages", choices=["auto", "caption", "all"], default="auto",
-                    help="auto: every stage the input allows; caption: caption rules only")
+                    help="auto: every stage the input allows; caption: caption rules only; all: fail unless "
+                         "images can be fetched or read")
     ap.add_argument("--rows-per-part", type=int, default=20_000, help="rows per Spark task / resume unit")
-    ap.add_argument("--skip-bad-files", action="store_true", help="skip unreadable Parquet files (listed in stats.json)")
+    ap.add_argument("--skip-bad-files", action="store_true",
+                    help="skip unreadable input files (listed in stats.json) instead of stopping")
     g = ap.add_argument_group("caption rules (DiHT defaults)")
-    g.add_argument("--min-complexity", type=int, default=d_cap.min_complexity)
-    g.add_argument("--no-require-action", action="store_true", help="keep captions without an action")
-    g.add_argument("--max-caption-chars", type=int, default=d_cap.max_caption_chars)
+    g.add_argument("--min-complexity", type=int, default=d_cap.min_complexity,
+                   help="keep captions whose most-described object has at least this many relations")
+    g.add_argument("--no-require-action", action="store_true",
+                   help="keep captions without an action (default: they are dropped)")
+    g.add_argument("--max-caption-chars", type=int, default=d_cap.max_caption_chars,
+                   help="longer captions are dropped before parsing")
     g = ap.add_argument_group("text spotting (DiHT defaults)")
-    g.add_argument("--min-conf", type=float, default=d_ts.min_conf)
-    g.add_argument("--min-chars", type=int, default=d_ts.min_chars)
-    g.add_argument("--shard-rows", type=int, default=d_img.shard_rows)
-    g.add_argument("--max-pixels", type=int, default=d_img.max_pixels)
+    g.add_argument("--min-conf", type=float, default=d_ts.min_conf, help="OCR confidence a detection needs to count")
+    g.add_argument("--min-chars", type=int, default=d_ts.min_chars,
+                   help="consecutive characters shared with the caption that drop the pair")
+    g.add_argument("--shard-rows", type=int, default=d_img.shard_rows, help="kept pairs per output shard file")
+    g.add_argument("--max-pixels", type=int, default=d_img.max_pixels,
+                   help="larger images are refused before decoding (decompression bombs)")
     g = ap.add_argument_group("download (img2dataset defaults)")
-    g.add_argument("--image-size", type=int, default=d_dl.image_size)
-    g.add_argument("--resize-mode", default=d_dl.resize_mode, choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
-    g.add_argument("--timeout", type=int, default=d_dl.timeout)
-    g.add_argument("--retries", type=int, default=d_dl.retries)
-    g.add_argument("--processes", type=int, default=d_dl.processes_count)
-    g.add_argument("--threads", type=int, default=d_dl.thread_count)
-    g.add_argument("--ignore-opt-out", action="store_true", help="do not honour X-Robots-Tag noai/noindex headers")
-    a = ap.parse_args(argv)
+    g.add_argument("--image-size", type=int, default=d_dl.image_size, help="side of the resized image, in pixels")
+    g.add_argument("--resize-mode", default=d_dl.resize_mode, help="img2dataset's resize mode",
+                   choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
+    g.add_argument("--timeout", type=int, default=d_dl.timeout, help="seconds per request")
+    g.add_argument("--retries", type=int, default=d_dl.retries, help="retries per failed URL")
+    g.add_argument("--processes", type=int, default=d_dl.processes_count, help="download processes")
+    g.add_argument("--threads", type=int, default=d_dl.thread_count, help="download threads per process")
+    g.add_argument("--ignore-opt-out", action="store_true",
+                   help="do not honour X-Robots-Tag noai/noindex headers (default: honoured)")
+    g.add_argument("--allow-private-addresses", action="store_true",
+                   help="also fetch from loopback, private (RFC 1918, fc00::/7) and CGNAT addresses, for in-house "
+                        "mirrors; link-local / cloud-metadata, multicast and reserved addresses stay blocked "
+                        "(default: only public addresses are fetched)")
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     from dataclasses import replace
+    d_cap, d_ts, d_dl = cap.CaptionParams(), TextSpotParams(), DownloadParams()
     caption = replace(d_cap, min_complexity=a.min_complexity, require_action=not a.no_require_action,
                       max_caption_chars=a.max_caption_chars)
     image = ImageStageParams(textspot=replace(d_ts, min_conf=a.min_conf, min_chars=a.min_chars),
-                             shard_rows=a.shard_rows, max_pixels=a.max_pixels)
+                             shard_rows=a.shard_rows, max_pixels=a.max_pixels,
+                             read_min_chars=min(ImageStageParams.read_min_chars, a.min_chars))  # read what it needs
     download = replace(d_dl, image_size=a.image_size, resize_mode=a.resize_mode, timeout=a.timeout,
                        retries=a.retries, processes_count=a.processes, thread_count=a.threads,
-                       disallowed_header_directives=[] if a.ignore_opt_out else d_dl.disallowed_header_directives)
+                       disallowed_header_directives=[] if a.ignore_opt_out else d_dl.disallowed_header_directives,
+                       allow_private_addresses=a.allow_private_addresses)
     try:
         cat_filter(a.input, a.output, caption_col=a.caption_col, url_col=a.url_col, key_col=a.key_col,
-                   image_col=a.image_col, stages=a.stages, rows_per_part=a.rows_per_part, caption=caption,
-                   image=image, download=download, skip_bad_files=a.skip_bad_files)
-    except (P.InputError, P.ParamsChanged) as e:
-        print(f"cat_filter: error: {e}", file=sys.stderr)
+                   image_col=a.image_col, input_format=a.input_format, stages=a.stages,
+                   rows_per_part=a.rows_per_part, caption=caption, image=image, download=download,
+                   skip_bad_files=a.skip_bad_files)
+    except (P.InputError, P.ParamsChanged, LockHeld, LockLost, P.StorageError) as e:
+        print(f"cat_filter: error: {e.strerror if isinstance(e, P.StorageError) else e}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,6 +15,11 @@ and LABELS/teacher.json (teacher spec, preprocessing, held-out accuracy vs frequ
 label storage) and LABELS/manifest.json (parameters, versions, input fingerprint).
 Finished shards carry markers in LABELS/_done/<step>/; a rerun skips them, so an interrupted job
 resumes and a repeated one rewrites nothing and yields identical labels.
+
+When the filter kept no pairs with images (0 kept, or --stages caption) the job says "0 kept pairs:
+nothing to label (...)", writes nothing and exits with status 0. Refusals (other parameters or input,
+LABELS in use by another run, a full disk, unusable input) print as one line and exit with status 2;
+after a full disk the temporaries are removed and the same command resumes.
 """
 from __future__ import annotations
 
@@ -29,11 +34,15 @@ from importlib import metadata
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs this file
 
+import pyarrow.parquet as pq  # noqa: E402
+
 from pipeline.concepts import VocabConfig  # noqa: E402
 from pipeline.distill import (EMBED_STAGE, LABEL_STAGE, DistillConfig, embed_shard, label_bytes,  # noqa: E402
                               label_shard, train_classifiers)
-from pipeline.partitions import (atomic_write_json, check_resume, list_parquet_files,  # noqa: E402
-                                 remove_stale_temporaries)
+from pipeline.locks import LockHeld, LockLost, folder_lock  # noqa: E402
+from pipeline.partitions import (InputError, ParamsChanged, StorageError, as_storage_error,  # noqa: E402
+                                 atomic_write_json, check_resume, list_parquet_files, remove_stale_temporaries)
+from pipeline.report import no_pairs_reason  # noqa: E402
 from pipeline.teacher import DEFAULT_TEACHER  # noqa: E402
 
 PACKAGES = ("torch", "numpy", "pyarrow", "pyspark", "pillow", "safetensors", "spacy", "open_clip_torch",
@@ -45,10 +54,30 @@ def _session():
     return get_spark("distill_labels")
 
 
+def is_filter_output(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name))
+                                       for name in ("stats.json", "captions", "ledger"))
+
+
 def input_shards(path: str) -> list[str]:
-    """FILTERED/shards/*.parquet (the filter's output folder), or a folder/file of shards itself."""
+    """FILTERED/shards/*.parquet of the filter's output folder (none when it kept nothing: its captions/
+    and ledger/ are other tables, never read as shards), or a folder/file of shards itself."""
     shards_dir = os.path.join(path, "shards")
-    return list_parquet_files(shards_dir if os.path.isdir(shards_dir) else path)
+    if os.path.isdir(shards_dir):
+        return list_parquet_files(shards_dir) if any(f.endswith(".parquet") for f in os.listdir(shards_dir)) else []
+    return [] if is_filter_output(path) else list_parquet_files(path)
+
+
+def nothing_to_label(input: str, shards: list[str]) -> str | None:
+    """The one-line reason when INPUT holds no rows to label; None when it has some."""
+    if sum(pq.ParquetFile(p).metadata.num_rows for p in shards):
+        return None
+    if is_filter_output(input) and not os.path.exists(os.path.join(input, "stats.json")):
+        raise InputError(f"{input} has no kept pairs yet and no stats.json: the filter has not finished; "
+                         f"rerun it to the end first")
+    headline, detail = no_pairs_reason(input) or ("0 kept pairs", f"the {len(shards)} shard file(s) of "
+                                                                   f"{input} hold no rows")
+    return f"{headline}: nothing to label ({detail})"
 
 
 def input_fingerprint(paths: list[str]) -> str:
@@ -77,12 +106,32 @@ def distill_labels(input: str, output: str, teacher: str = DEFAULT_TEACHER, k: i
                    spark=None) -> dict:
     """Write sparse top-k concept labels for every row of INPUT's shards into OUTPUT (see module doc).
 
-    Returns a summary dict (also in OUTPUT/manifest.json). `device` None = CUDA when present."""
+    Returns a summary dict (also in OUTPUT/manifest.json). `device` None = CUDA when present. With nothing
+    to label (the filter kept no pairs with images) nothing is written and the summary says why
+    ("nothing_to_label"). One run per OUTPUT at a time (locks.LockHeld names the holder); a full disk
+    raises one StorageError with the temporaries removed, and the same call resumes."""
     shards = input_shards(input)
+    reason = nothing_to_label(input, shards)
+    if reason is not None:
+        return {"input": os.path.abspath(input), "output": os.path.abspath(output), "n_shards": len(shards),
+                "n_rows": 0, "n_labelled": 0, "nothing_to_label": reason}
     vocab_config = VocabConfig(min_count=min_count, max_objects=max_objects, max_attributes=max_attributes)
     config = DistillConfig(k=k, heldout_fraction=heldout_fraction, seed=seed, epochs=epochs)
+    with folder_lock(output, "distill_labels"):
+        try:
+            return _distill_locked(input, output, shards, teacher, k, vocab_config, config, teacher_batch_size,
+                                   device, spark)
+        except Exception as e:
+            storage = as_storage_error(e, os.path.abspath(output))
+            if storage is None:
+                raise
+            remove_stale_temporaries(output)   # ours: we hold the lock
+            raise storage from None
+
+
+def _distill_locked(input, output, shards, teacher, k, vocab_config, config, teacher_batch_size, device,
+                    spark) -> dict:
     fingerprint = input_fingerprint(shards)
-    os.makedirs(output, exist_ok=True)
     # embeddings depend on the input and the teacher only: anything else may change on a rerun
     # (labels are then recomputed from the kept embeddings); other input or teacher -> new OUTPUT
     resume_identity = {"input_fingerprint": fingerprint, "teacher": teacher}
@@ -158,10 +207,18 @@ def main(argv=None) -> None:
     ap.add_argument("--teacher-batch-size", type=int, default=64, help="images per teacher forward pass")
     ap.add_argument("--device", default=None, help="torch device for the teacher (default: cuda when present)")
     a = ap.parse_args(argv)
-    summary = distill_labels(a.input, a.output, a.teacher, a.k, a.min_count, a.max_objects, a.max_attributes,
-                             a.heldout_fraction, a.seed, a.epochs, a.teacher_batch_size, a.device)
+    try:
+        summary = distill_labels(a.input, a.output, a.teacher, a.k, a.min_count, a.max_objects, a.max_attributes,
+                                 a.heldout_fraction, a.seed, a.epochs, a.teacher_batch_size, a.device)
+    except (ValueError, ParamsChanged, LockHeld, LockLost, StorageError) as e:   # InputError is a ValueError
+        print(f"distill_labels: error: {e.strerror if isinstance(e, StorageError) else e}", file=sys.stderr)
+        return 2
+    if "nothing_to_label" in summary:
+        print(f"distill_labels: {summary['nothing_to_label']}")
+        return 0
     print(json.dumps(summary, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,8 @@
 
 Every run gets the same trainer flags (defaults below, sized so all seven presets take a few minutes
 on a laptop CPU at catclip-micro size; any model_training.train flag can be appended and applies to
-all runs; explicit flags beat preset values). Evaluation:
+all runs; explicit flags beat preset values). Momentum queues keep ConLIP's ratio to the batch
+(3x, i.e. 96 keys at batch 32) unless --queue-size is given. Evaluation:
 - default: held-out pairs (--holdout-fraction of keys by hash, never trained on), 1 caption per image;
 - --eval-coco-json/--eval-images: a COCO-format caption set (5-caption protocol), optionally only
   caption --eval-caption-index of each image (e.g. the one left out of the training shards).
@@ -35,16 +36,14 @@ from model_training.data import ImageTransform, ShardStream, list_shards, read_v
 from model_training.evaluate import KS, chance_recall, embed_images, embed_texts, retrieval_metrics
 from model_training.losses import STAT_PREFIX, build_objective
 from model_training.models import build_model, get_tokenizer
-from model_training.presets import list_presets, load_preset
+from model_training.presets import CONLIP_QUEUE_TO_BATCH, list_presets, load_preset
 from model_training.train import Trainee, TrainConfig, parse_args, train
 from model_training.train_eval import holdout_retrieval
 
 DEFAULT_PRESETS = ("clip", "diht", "cl", "conlip", "conlip-vanilla", "denoise", "masked")
 DEFAULTS = {"model": "catclip-micro", "batch_size": 32, "max_steps": 120, "warmup_steps": 12, "lr": 1e-3,
             "holdout_fraction": 0.1, "log_every": 20, "checkpoint_every": 100000, "keep_checkpoints": 1,
-            "shuffle_buffer": 512,
-            # the paper's 4096-entry queue would hold stale copies of every positive on a toy set
-            "queue_size": 256}
+            "shuffle_buffer": 512}
 METRICS = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
 
 
@@ -123,6 +122,9 @@ def run_one(preset: str, fraction: float, a, passthrough: list[str], eval_set) -
     argv = defaults + ["--shards", a.shards, "--run-dir", str(run_dir), "--preset", preset,
                        f"--train-fraction={fraction}"] + passthrough
     cfg = parse_args(argv)
+    if "queue_size" not in given:
+        # the paper's ratio, not its size: 12,288 keys would hold stale copies of every toy training pair
+        cfg.loss.queue_size = CONLIP_QUEUE_TO_BATCH * cfg.batch_size
     cfg.num_workers = min(cfg.num_workers, len(list_shards(cfg.shards)))
     notes = []
     labels_ok = bool(a.labels) and (Path(a.labels) / "shards").is_dir() and (Path(a.labels) / "vocab.json").is_file()

@@ -44,6 +44,7 @@ assert {KEY, CAPTION, JPG} <= set(SHARD.columns), "schemas.SHARD changed: update
 READ_COLUMNS = [KEY, CAPTION, JPG]
 LABEL_COLUMNS = [c for c in LABELS.columns if c != KEY]
 SKIP_DECODE, SKIP_CAPTION, SKIP_KEY = "image_decode_error", "empty_caption", "missing_key"
+SKIP_FEATURES = "missing_image_features"
 MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 
 
@@ -163,13 +164,14 @@ class ShardStream(IterableDataset):
                  labels_dir: str | Path | None = None, seed: int = 0, shuffle_buffer: int = 2048,
                  split: str = "train", holdout_fraction: float = 0.0, rank: int = 0, world_size: int = 1,
                  infinite: bool = True, train_fraction: float = 1.0, start_positions: dict[int, tuple[int, int]] | None = None,
-                 worker_offset: int = 0, draft_decode: bool = True):
+                 worker_offset: int = 0, draft_decode: bool = True, image_features=None):
         if split not in ("train", "holdout", "all"):
             raise ValueError(f"split must be train | holdout | all, got {split!r}")
         self.shards, self.tokenizer, self.batch_size = list(shards), tokenizer, batch_size
         self.transform = ImageTransform(image_size, train)
         self.draft_size = image_size if draft_decode else None
         self.labels = _Labels(labels_dir) if labels_dir else None
+        self.features = image_features   # a model_training.features.FeatureCache: images -> frozen features
         self.seed, self.shuffle_buffer, self.split, self.holdout_fraction = seed, shuffle_buffer, split, holdout_fraction
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
@@ -227,6 +229,9 @@ class ShardStream(IterableDataset):
             return SKIP_KEY
         if not isinstance(caption, str) or not caption.strip():
             return SKIP_CAPTION
+        if self.features is not None:
+            vec = self.features.get(jpg)
+            return SKIP_FEATURES if vec is None else (key, caption, torch.from_numpy(vec.astype("float32")), labels)
         try:
             im = decode_image(jpg, self.draft_size)
             rng = random.Random(f"aug-{self.seed}-{epoch}-{key}") if self.transform.train else None

@@ -5,6 +5,9 @@
     python -m model_training.evaluate --model ViT-B-16 --checkpoint ... \
         --karpathy-json dataset_flickr30k.json --images flickr30k-images/ --out RUN/eval_f30k   # Flickr 1k
     python -m model_training.evaluate --model catclip-tiny --checkpoint ... --coco-json captions.json --images DIR
+    python -m model_training.evaluate --model catclip-tiny --checkpoint ... --flickr8k ../shared/data/flickr8k \
+        --split dev --out RUN/eval_f8k_dev      # Flickr8k: distributed, dataset_flickr8k.json or Parquet layout
+    python -m model_training.evaluate --model ViT-B-32 --pretrained laion2b_s34b_b79k ...   # needs a model hub
     python -m model_training.evaluate ... --imagefolder imagenet/val --out RUN/eval_zeroshot
 
 `retrieval_metrics(image_emb, text_emb, text_to_image)` is the one function behind every retrieval
@@ -24,18 +27,33 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from model_training.caption_sets import CaptionSet, load_coco, load_karpathy
+from model_training.caption_sets import CaptionSet, load_coco, load_flickr8k, load_karpathy, open_image
 from model_training.data import ImageTransform
 
 KS = (1, 5, 10)
 
 
-@torch.no_grad()
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, chunk_size: int = 1024) -> dict:
     """image_emb [N,D], text_emb [M,D], text_to_image [M] (image index of each caption) ->
     {i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10} in percent, and rsum (their sum)."""
+    return recall_from_ranks(*retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size))
+
+
+def recall_from_ranks(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor) -> dict:
+    out = {}
+    for name, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+        for k in KS:
+            out[f"{name}_r{k}"] = 100.0 * int((ranks < k).sum()) / len(ranks)   # exact: counts, not float means
+    out["rsum"] = sum(out[f"{n}_r{k}"] for n in ("i2t", "t2i") for k in KS)
+    return out
+
+
+@torch.no_grad()
+def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, chunk_size: int = 1024
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query ranks (0 = correct first): i2t [N] and t2i [M], as defined in the module docstring.
+    Kept per query so that two models can be compared query by query (paired tests)."""
     image_emb, text_emb = image_emb.float(), text_emb.float()
     t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=text_emb.device)
     n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
@@ -61,13 +79,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
         positive = t2i[None, :] == rows[:, None]
         best_pos = scores.masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
         i2t_rank[s:s + chunk_size] = ((scores >= best_pos) & ~positive).sum(1).cpu()
-
-    out = {}
-    for name, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank)):
-        for k in KS:
-            out[f"{name}_r{k}"] = 100.0 * int((ranks < k).sum()) / len(ranks)   # exact: counts, not float means
-    out["rsum"] = sum(out[f"{n}_r{k}"] for n in ("i2t", "t2i") for k in KS)
-    return out
+    return i2t_rank, t2i_rank
 
 
 def chance_recall(n_images: int, captions_per_image: int = 1) -> dict:
@@ -86,16 +98,13 @@ def chance_recall(n_images: int, captions_per_image: int = 1) -> dict:
 # ------------------------------------------------------------------ embedding with a model
 @torch.no_grad()
 def embed_images(model, images, image_size: int, batch_size: int = 128, device="cpu") -> torch.Tensor:
-    """`images`: paths or PIL images; open_clip's eval preprocessing (resize shorter side, center crop)."""
+    """`images`: paths, encoded image bytes or PIL images; open_clip's eval preprocessing (resize shorter side, center crop)."""
     tf = ImageTransform(image_size, train=False)
     out = []
     for s in range(0, len(images), batch_size):
         batch = []
         for im in images[s:s + batch_size]:
-            if not isinstance(im, Image.Image):
-                with Image.open(im) as f:
-                    im = f.convert("RGB")
-            batch.append(tf(im.convert("RGB")))
+            batch.append(tf(open_image(im)))
         out.append(model.encode_image(torch.stack(batch).to(device)).float().cpu())
     return torch.cat(out)
 
@@ -178,19 +187,31 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="preset / open_clip model name / JSON config path")
     ap.add_argument("--checkpoint", default="", help="open_clip state dict (e.g. RUN/export/open_clip_model.pt)")
+    ap.add_argument("--pretrained", default="", help="open_clip pretrained tag (downloads from the hub: unset "
+                                                   "HF_HUB_OFFLINE and have network), instead of --checkpoint")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--coco-json", help="COCO captions json (all its images)")
     src.add_argument("--karpathy-json", help="Karpathy split json (dataset_coco.json / dataset_flickr30k.json)")
+    src.add_argument("--flickr8k", help="Flickr8k folder (Flickr8k.token.txt + split lists + images, "
+                                        "dataset_flickr8k.json, or images.parquet + captions.parquet)")
     src.add_argument("--imagefolder", help="zero-shot classification on root/<class>/<images>")
     ap.add_argument("--images", help="image folder for --coco-json / --karpathy-json")
-    ap.add_argument("--split", default="test", help="Karpathy split (test: COCO 5k / Flickr 1k)")
+    ap.add_argument("--split", default="test", help="Karpathy split (test: COCO 5k / Flickr 1k); Flickr8k: dev | test")
     ap.add_argument("--out", required=True, help="folder for metrics.json (+ recall.png)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
-    model = build_model(a.model, a.checkpoint or None).to(a.device)
+    if a.pretrained:
+        import open_clip
+        from model_training.models import DualEncoder
+        model = DualEncoder(a.model, open_clip.create_model(a.model, pretrained=a.pretrained)).to(a.device)
+    else:
+        model = build_model(a.model, a.checkpoint or None).to(a.device)
     tok = get_tokenizer(model.name)
     if a.imagefolder:
         result = zero_shot_classify(model, tok, a.imagefolder, a.out, device=a.device)
+    elif a.flickr8k:
+        result = evaluate_retrieval(model, tok, load_flickr8k(a.flickr8k, a.split), a.out,
+                                    name=f"flickr8k_{a.split}", device=a.device)
     else:
         if not a.images:
             ap.error("--images is required with --coco-json / --karpathy-json")

@@ -14,9 +14,15 @@ not in DualEncoder, so they are dropped from the exported open_clip checkpoint b
 Image-side key/value sequences are [CLS, patch tokens]; the "CLS" given to a head is the joint
 (L2-normalised) embedding the contrastive loss aligns, i.e. the instance representation (ConLIP).
 Text-side sequences are [CLS, token states]; the text CLS is the EOT-pooled joint text embedding.
+
+EMA targets (representation denoising / masked representation modeling, multimodal image denoising,
+MAMO's feature MIM) share ONE frozen EMA copy of the dual encoder (`EmaEncoder`, in the objective's
+`shared`), whose clean pass runs once per step under no_grad (`Views.ema_complete`); a term that
+also needs an EMA copy of its own head (the fusion module, the denoising head) keeps that copy itself.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +52,11 @@ def sample_exact(candidates: torch.Tensor, ratio: float, generator=None) -> torc
     k = torch.where(n > 0, (ratio * n.float()).round().long().clamp(min=1), torch.zeros_like(n))
     ranks = scores.argsort(dim=1).argsort(dim=1)
     return (ranks < k[:, None]) & candidates
+
+
+def patch_size(model) -> int:
+    patch = model.clip.visual.patch_size
+    return patch[0] if isinstance(patch, tuple) else patch
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -154,12 +165,46 @@ class Corruptor(nn.Module):
         return images + noise, noise
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy that never receives gradients (the EMA side of a target)."""
+    return copy.deepcopy(module).requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, online: nn.Module, momentum: float):
+    """ema <- momentum * ema + (1 - momentum) * online, parameter by parameter."""
+    for p_ema, p in zip(ema.parameters(), online.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - momentum)
+
+
+class EmaEncoder(nn.Module):
+    """Frozen EMA copy of the dual encoder: the target network of every EMA-target term (MAMO uses
+    0.995, slower than MoCo's 0.99, because the targets are dense features, not keys in a queue)."""
+
+    def __init__(self, model: nn.Module, momentum: float):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"repr_momentum (EMA target factor) must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.model = frozen_copy(model)
+
+    def update(self, online: nn.Module):
+        ema_update_(self.model, online, self.momentum)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        img_emb, img_tok = self.model.encode_image(images, return_tokens=True)
+        txt_emb, txt_tok = self.model.encode_text(texts, return_tokens=True)
+        return {"image_emb": img_emb, "image_tokens": img_tok, "text_emb": txt_emb, "text_tokens": txt_tok,
+                "text_valid": text_valid(texts)}
+
+
 class Views:
     """One step's encoder passes, computed on first use and cached. `out` is the objective's input
     dict (Trainee fills model, images, texts and the complete pass's embeddings and tokens)."""
 
-    def __init__(self, out: dict, corruptor: Corruptor | None):
-        self.out, self.corruptor, self._cache = out, corruptor, {}
+    def __init__(self, out: dict, corruptor: Corruptor | None, ema: EmaEncoder | None = None):
+        self.out, self.corruptor, self.ema, self._cache = out, corruptor, ema, {}
         self.model = out["model"]
 
     def complete(self) -> dict:
@@ -167,6 +212,12 @@ class Views:
         return {"image_emb": o["image_emb_local"], "image_tokens": o["image_tokens"],
                 "text_emb": o["text_emb_local"], "text_tokens": o["text_tokens"], "texts": o["texts"],
                 "images": o["images"], "text_valid": text_valid(o["texts"])}
+
+    def ema_complete(self) -> dict:
+        """The EMA encoder's pass over the clean (image, text): targets, never differentiated."""
+        if "ema" not in self._cache:
+            self._cache["ema"] = self.ema.encode(self.out["images"], self.out["texts"])
+        return self._cache["ema"]
 
     def masked_text(self) -> dict:
         if "masked_text" not in self._cache:

@@ -9,11 +9,12 @@ blocks of self-attention (joint + text) and cross-attention to the image's [CLS,
 joint token's output is the pair's joint embedding. It is light (one or two blocks) because the
 dual encoder is what gets exported; the fusion module is dropped after pre-training.
 
-ITM: for each image one negative text, and for each text one negative image, are drawn from the
-in-batch similarity distribution softmax(s / T) with the positive excluded (ALBEF), so negatives
-are hard but not always the hardest (which are often false negatives). Three-way cross-entropy:
-0 = matched pair, 1 = the image is the wrong one, 2 = the text is the wrong one. Negatives are
-drawn within the local micro-batch (tokens are not gathered across ranks).
+ITM (ALBEF, MAMO): for each image one negative text, and for each text one negative image, are drawn
+from the in-batch similarity distribution softmax(s / T) with the positive excluded, so negatives
+are hard but not always the hardest (which are often false negatives). A binary classifier on the
+joint embedding, cross-entropy over the B positive and 2B negative pairs (label 1 = matched,
+0 = not matched): a wrong image and a wrong text are the same event, "this pair does not match".
+Negatives are drawn within the local micro-batch (tokens are not gathered across ranks).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from model_training.heads import CrossModalHead
 
-MATCH, WRONG_IMAGE, WRONG_TEXT = 0, 1, 2
+NO_MATCH, MATCH = 0, 1
 
 
 class FusionEncoder(nn.Module):
@@ -60,7 +61,7 @@ class ImageTextMatching(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.classifier = nn.Linear(model.clip.transformer.width, 3)
+        self.classifier = nn.Linear(model.clip.transformer.width, 2)   # ALBEF's itm_head
 
     def forward(self, out: dict) -> dict:
         full, fusion = out["views"].complete(), out["fusion"]
@@ -75,7 +76,7 @@ class ImageTextMatching(nn.Module):
                        torch.cat([img_tok, img_tok[neg_image_of_text], img_tok]),
                        torch.cat([txt_tok, txt_tok, txt_tok[neg_text_of_image]]),
                        torch.cat([txt_valid, txt_valid, txt_valid[neg_text_of_image]]))
-        labels = torch.tensor([MATCH, WRONG_IMAGE, WRONG_TEXT], device=joint.device).repeat_interleave(b)
+        labels = torch.tensor([MATCH, NO_MATCH, NO_MATCH], device=joint.device).repeat_interleave(b)
         logits = self.classifier(joint).float()
         return {"itm": F.cross_entropy(logits, labels),
                 "stat_itm_accuracy": (logits.argmax(1) == labels).float().mean().detach()}

@@ -124,18 +124,22 @@ class ContrastiveLoss(nn.Module):
 
 
 class MomentumQueueContrastive(nn.Module):
-    """ConLIP's instance-level loss: DCL of the online embeddings against a MoCo-style momentum
-    encoder's keys of the current (global) batch plus image and text queues of past keys.
-    The queue size is independent of the batch (a ring buffer); unfilled slots are not used, so no
-    random vectors act as negatives at the start. Temperature is fixed (paper: 0.05), as in MoCo."""
+    """ConLIP's instance-level loss: DCL (or InfoNCE, ConLIP's comparison) of the online embeddings
+    against a MoCo-style momentum encoder's keys of the current (global) batch plus image and text
+    queues of past keys. The queue size is independent of the batch (a ring buffer; ConLIP: 12,288 =
+    3x its batch of 4,096); unfilled slots are not used, so no random vectors act as negatives at the
+    start. Temperature is fixed (paper: 0.05), as in MoCo. `kind` "dcl" leaves the positive out of the
+    denominator, "infonce" keeps it in."""
 
-    def __init__(self, model: nn.Module, embed_dim: int, queue_size: int = 4096,
-                 momentum: float = 0.99, temperature: float = 0.05):
+    def __init__(self, model: nn.Module, embed_dim: int, queue_size: int = 12288,
+                 momentum: float = 0.99, temperature: float = 0.05, kind: str = "dcl"):
         super().__init__()
         if queue_size < 1 or not 0.0 <= momentum < 1.0 or temperature <= 0:
             raise ValueError(f"need queue_size >= 1, 0 <= momentum < 1, temperature > 0; got "
                              f"{queue_size}, {momentum}, {temperature}")
-        self.momentum, self.temperature = momentum, temperature
+        if kind not in ("dcl", "infonce"):
+            raise ValueError(f"queue_loss must be dcl | infonce, got {kind!r}")
+        self.momentum, self.temperature, self.kind = momentum, temperature, kind
         self.ema = copy.deepcopy(model)
         self.ema.requires_grad_(False)
         self.register_buffer("image_queue", torch.zeros(queue_size, embed_dim))
@@ -159,13 +163,15 @@ class MomentumQueueContrastive(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + keys_i.shape[0]) % q)
         self.queue_filled.copy_(torch.clamp(self.queue_filled + keys_i.shape[0], max=q))
 
-    @staticmethod
-    def _dcl_against(query: torch.Tensor, batch_keys: torch.Tensor, queue: torch.Tensor, t: float):
+    def _against(self, query: torch.Tensor, batch_keys: torch.Tensor, queue: torch.Tensor):
         # positives are the diagonal of the batch block; the queue block holds only negatives
+        t = self.temperature
         s_batch = query @ batch_keys.T / t
-        eye = torch.eye(s_batch.shape[0], dtype=torch.bool, device=s_batch.device)
-        negatives = torch.cat([s_batch.masked_fill(eye, float("-inf")), query @ queue.T / t], dim=1)
-        return (torch.logsumexp(negatives, dim=1) - s_batch.diagonal()).mean()
+        if self.kind == "dcl":
+            eye = torch.eye(s_batch.shape[0], dtype=torch.bool, device=s_batch.device)
+            s_batch = s_batch.masked_fill(eye, float("-inf"))
+        denominator = torch.cat([s_batch, query @ queue.T / t], dim=1)
+        return (torch.logsumexp(denominator, dim=1) - (query * batch_keys).sum(-1) / t).mean()
 
     def forward(self, out: dict) -> dict:
         with torch.no_grad():
@@ -174,11 +180,11 @@ class MomentumQueueContrastive(nn.Module):
         n = int(self.queue_filled)
         img, txt = _up(out["image_emb"]), _up(out["text_emb"])
         # clones: backward needs the queues as they were, and _enqueue below overwrites them in place
-        loss = (self._dcl_against(img, k_txt, self.text_queue[:n].clone(), self.temperature)
-                + self._dcl_against(txt, k_img, self.image_queue[:n].clone(), self.temperature))
+        loss = (self._against(img, k_txt, self.text_queue[:n].clone())
+                + self._against(txt, k_img, self.image_queue[:n].clone()))
         if self.training:
             self._enqueue(k_img, k_txt)
-        return {"momentum_dcl": loss}
+        return {f"momentum_{self.kind}": loss}
 
 
 class ConceptDistillation(nn.Module):
@@ -218,27 +224,31 @@ class LossConfig:
     hn_beta: float = 0.5             # HN-NCE hardness; 0 = uniform negatives (DiHT tunes ~0.5)
     contrastive_weight: float = 1.0
     momentum_weight: float = 0.0     # > 0 adds ConLIP's momentum-queue DCL term
-    queue_size: int = 4096           # independent of the batch size (ring buffer)
+    queue_size: int = 12288          # ConLIP: 12,288 = 3x its batch of 4,096; independent of the batch (ring buffer)
+    queue_loss: str = "dcl"          # dcl (ConLIP) | infonce (positive kept in the denominator; ConLIP's comparison)
     momentum: float = 0.99           # EMA factor of the momentum encoder (ConLIP / MoCo)
     queue_temperature: float = 0.05  # fixed temperature of the queue term (ConLIP)
     concept_weight: float = 0.0      # > 0 adds DiHT concept distillation (needs label shards)
     # token-level objectives (model_training/masked.py, denoise.py, itm.py); heads are dropped at export
     mlm_weight: float = 0.0          # > 0 adds masked language modeling
     mim_weight: float = 0.0          # > 0 adds masked image modeling
+    mim_target: str = "pixels"       # pixels (SimMIM / ConLIP's L1) | ema_features (MAMO: EMA encoder's clean visual tokens)
     masked_heads: str = "conditioned"  # conditioned (ConLIP's ConMLM/ConMIM) | vanilla (complete other modality)
     text_mask_ratio: float = 0.15    # BERT / ConLIP
     image_mask_ratio: float = 0.5    # ConLIP
     head_heads: int = 2              # attention heads of every head / fusion block (light by design)
-    itm_weight: float = 0.0          # > 0 adds 3-way image-text matching with in-batch hard negatives
+    itm_weight: float = 0.0          # > 0 adds binary image-text matching with in-batch hard negatives (ALBEF)
     fusion_layers: int = 2           # cross-attention blocks of the fusion module (ITM, representation terms)
     text_denoise_weight: float = 0.0   # > 0 adds text denoising (detect + restore replaced tokens)
     text_noise_ratio: float = 0.15   # fraction of caption tokens replaced by random corpus tokens
     image_denoise_weight: float = 0.0  # > 0 adds image denoising
     image_noise_std: float = 0.5     # Gaussian noise std in normalised-pixel units
-    image_denoise_target: str = "clean"  # clean (L1 to clean pixels) | noise (MSE to the added noise)
+    image_denoise_target: str = "ema"  # ema (noisy image attends to clean text; L1 to the EMA model's clean/clean
+                                       # reconstruction: the proposal) | clean / noise (unimodal linear pixel head)
     repr_weight: float = 0.0         # > 0 matches corrupted-pair joint embeddings to an EMA target's clean pair
     repr_corruption: str = "noise"   # noise (representation denoising) | mask (masked representation modeling)
-    repr_momentum: float = 0.995     # EMA factor of the representation target (MAMO-style, slower than MoCo's)
+    repr_momentum: float = 0.995     # EMA factor of the shared EMA target model (representation, image-denoising
+                                     # and feature-MIM targets; MAMO-style, slower than MoCo's)
 
 
 STAT_PREFIX = "stat_"   # terms named stat_* are logged (e.g. ConLIP's attention statistic), never optimised
@@ -247,7 +257,7 @@ STAT_PREFIX = "stat_"   # terms named stat_* are logged (e.g. ConLIP's attention
 class Objective(nn.Module):
     """Weighted sum of the enabled terms. Returns every raw term plus "loss" (the weighted sum).
     `shared` holds modules several terms use (the Corruptor with the mask embeddings, the fusion
-    module); token-level terms get a per-step heads.Views cache in their input as out["views"]."""
+    module, the EMA target encoder); token-level terms get a per-step heads.Views cache in their input as out["views"]."""
 
     def __init__(self, parts: dict[str, nn.Module], weights: dict[str, float], shared: dict[str, nn.Module] | None = None):
         super().__init__()
@@ -260,8 +270,9 @@ class Objective(nn.Module):
     def forward(self, out: dict) -> dict:
         if "model" in out:
             from model_training.heads import Views
-            out = {**out, "views": Views(out, self.shared["corruptor"] if "corruptor" in self.shared else None),
-                   "fusion": self.shared["fusion"] if "fusion" in self.shared else None}
+            shared = dict(self.shared.items())
+            out = {**out, "views": Views(out, shared.get("corruptor"), shared.get("ema")),
+                   "fusion": shared.get("fusion")}
         terms, total = {}, 0.0
         for name, part in self.parts.items():
             for term, value in part(out).items():
@@ -276,8 +287,11 @@ class Objective(nn.Module):
         """EMA updates of every momentum copy; the trainer calls this after each optimizer step."""
         if self.momentum is not None:
             self.momentum.momentum_update(model)
-        if "representation" in self.parts:
-            self.parts["representation"].momentum_update(model, self.shared["fusion"])
+        if "ema" in self.shared:
+            self.shared["ema"].update(model)
+        for part in self.parts.values():   # EMA copies of the terms' own heads (fusion, denoising head)
+            if hasattr(part, "update_ema_heads"):
+                part.update_ema_heads(self.shared)
 
     @property
     def momentum(self) -> MomentumQueueContrastive | None:
@@ -291,7 +305,7 @@ def build_objective(cfg: LossConfig, model: nn.Module, n_objects: int = 0, n_att
         weights["contrastive"] = cfg.contrastive_weight
     if cfg.momentum_weight > 0:
         parts["momentum"] = MomentumQueueContrastive(model, model.embed_dim, cfg.queue_size, cfg.momentum,
-                                                     cfg.queue_temperature)
+                                                     cfg.queue_temperature, cfg.queue_loss)
         weights["momentum"] = cfg.momentum_weight
     if cfg.concept_weight > 0:
         if not (n_objects and n_attributes):
@@ -305,7 +319,7 @@ def build_objective(cfg: LossConfig, model: nn.Module, n_objects: int = 0, n_att
 def _build_token_objectives(cfg: LossConfig, model: nn.Module, parts: dict, weights: dict) -> dict:
     """Adds the enabled token-level terms to parts/weights; returns the modules they share."""
     from model_training.denoise import ImageDenoising, RepresentationTarget, TextDenoising
-    from model_training.heads import CorruptionConfig, Corruptor
+    from model_training.heads import CorruptionConfig, Corruptor, EmaEncoder
     from model_training.itm import FusionEncoder, ImageTextMatching
     from model_training.masked import MaskedImageModeling, MaskedLanguageModeling
 
@@ -314,12 +328,17 @@ def _build_token_objectives(cfg: LossConfig, model: nn.Module, parts: dict, weig
     conditioned = cfg.masked_heads == "conditioned"
     token_terms = {
         "mlm": (cfg.mlm_weight, lambda: MaskedLanguageModeling(model, cfg.head_heads, conditioned)),
-        "mim": (cfg.mim_weight, lambda: MaskedImageModeling(model, cfg.head_heads, conditioned)),
+        "mim": (cfg.mim_weight, lambda: MaskedImageModeling(model, cfg.head_heads, conditioned, cfg.mim_target)),
         "itm": (cfg.itm_weight, lambda: ImageTextMatching(model)),
         "text_denoise": (cfg.text_denoise_weight, lambda: TextDenoising(model, cfg.head_heads)),
-        "image_denoise": (cfg.image_denoise_weight, lambda: ImageDenoising(model, cfg.image_denoise_target)),
+        "image_denoise": (cfg.image_denoise_weight, lambda: ImageDenoising(model, cfg.head_heads, cfg.image_denoise_target,
+                                                                           cfg.repr_momentum)),
     }
     shared = {}
+    needs_ema = (cfg.repr_weight > 0 or (cfg.image_denoise_weight > 0 and cfg.image_denoise_target == "ema")
+                 or (cfg.mim_weight > 0 and cfg.mim_target == "ema_features"))
+    if needs_ema:   # one EMA encoder for every EMA-target term
+        shared["ema"] = EmaEncoder(model, cfg.repr_momentum)
     if any(w > 0 for w, _ in token_terms.values()) or cfg.repr_weight > 0:
         repr_masked = cfg.repr_weight > 0 and cfg.repr_corruption == "mask"
         shared["corruptor"] = Corruptor(model.clip.transformer.width, model.clip.visual.transformer.width,
@@ -333,6 +352,6 @@ def _build_token_objectives(cfg: LossConfig, model: nn.Module, parts: dict, weig
         if weight > 0:
             parts[name], weights[name] = make(), weight
     if cfg.repr_weight > 0:
-        parts["representation"] = RepresentationTarget(model, shared["fusion"], cfg.repr_momentum, cfg.repr_corruption)
+        parts["representation"] = RepresentationTarget(shared["fusion"], cfg.repr_momentum, cfg.repr_corruption)
         weights["representation"] = cfg.repr_weight
     return shared

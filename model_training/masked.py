@@ -13,8 +13,12 @@ Both read the step's passes from out["views"] (model_training/heads.py):
   Output: tokens predicted through the tied token embedding; CE on masked positions only.
 - MIM queries: patch states of the MASKED image (50% of patches replaced by a learned mask token).
   Keys/values: text [CLS, tokens], complete (vanilla) or CLS complete + tokens masked (conditioned).
-  Output: a SimMIM-style linear layer to the patch's pixels; L1 on the normalised input pixels of
-  masked patches only (the encoder's input is normalised by the dataset mean/std).
+  Output, by `target`:
+    pixels:       a SimMIM-style linear layer to the patch's pixels; L1 on the normalised input pixels
+                  of masked patches only (ConLIP's ConMIM; the input is normalised by the data mean/std).
+    ema_features: a linear layer to the vision width; L1 on masked patches to the EMA encoder's
+                  visual tokens of the CLEAN image (MAMO: predict high-level features, not pixels;
+                  the target gets no gradient).
 Each returns the ConLIP attention statistic (attention from queries to the other modality's CLS).
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_training.heads import CrossModalHead, TiedVocabDecoder, attention_stats, l1_on, patchify
+from model_training.heads import CrossModalHead, TiedVocabDecoder, attention_stats, l1_on, patch_size, patchify
 
 
 def _widths(model) -> tuple[int, int]:
@@ -51,15 +55,17 @@ class MaskedLanguageModeling(nn.Module):
 
 
 class MaskedImageModeling(nn.Module):
-    def __init__(self, model, heads: int, conditioned: bool):
+    def __init__(self, model, heads: int, conditioned: bool, target: str = "pixels"):
         super().__init__()
+        if target not in ("pixels", "ema_features"):
+            raise ValueError(f"mim_target must be pixels | ema_features, got {target!r}")
         text_w, vision_w = _widths(model)
-        self.conditioned = conditioned
+        self.conditioned, self.target = conditioned, target
         self.name = "conmim" if conditioned else "mim"
-        visual = model.clip.visual
-        self.patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+        self.patch = patch_size(model)
         self.head = CrossModalHead(vision_w, text_w, model.embed_dim, heads)
-        self.pixels = nn.Linear(vision_w, self.patch * self.patch * 3)   # SimMIM's light linear decoder
+        # both decoders are one linear layer (SimMIM / MAMO keep the decoder light)
+        self.decoder = nn.Linear(vision_w, self.patch * self.patch * 3 if target == "pixels" else vision_w)
 
     def forward(self, out: dict) -> dict:
         views = out["views"]
@@ -68,5 +74,7 @@ class MaskedImageModeling(nn.Module):
         patches = masked["image_tokens"]
         valid = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
         hidden, attn_cls = self.head(patches, valid, full["text_emb"], text_tokens, full["text_valid"])
-        loss = l1_on(self.pixels(hidden), patchify(full["images"], self.patch), masked["patch_mask"])
+        goal = (patchify(full["images"], self.patch) if self.target == "pixels"
+                else views.ema_complete()["image_tokens"])
+        loss = l1_on(self.decoder(hidden), goal, masked["patch_mask"])
         return {self.name: loss, **attention_stats(self.name, attn_cls, valid)}

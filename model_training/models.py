@@ -123,9 +123,32 @@ class DualEncoder(nn.Module):
         return self.encode_image(images), self.encode_text(text), self.logit_scale.exp()
 
 
-def build_model(name: str, init_checkpoint: str | None = None, device: str | torch.device = "cpu") -> DualEncoder:
+class LockedImageDualEncoder(DualEncoder):
+    """LiT: images arrive as cached features of a frozen teacher (model_training.features); only a
+    FeatureHead maps them to the joint space. The config's own vision tower is kept, frozen and
+    unused, so the text side stays an open_clip CLIP that exports and loads as usual."""
+
+    def __init__(self, name: str, clip: open_clip.CLIP, feature_dim: int):
+        from model_training.features import FeatureHead
+        super().__init__(name, clip)
+        self.feature_head = FeatureHead(feature_dim, self.embed_dim)
+        self.clip.visual.requires_grad_(False)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, return_tokens: bool = False,
+                     patch_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None):
+        if patch_mask is not None or images.dim() != 2:
+            raise ValueError("a locked image tower takes [B, feature_dim] features: objectives that mask or "
+                             "noise pixels (MIM, image denoising) need the full image tower")
+        emb = self.feature_head(images)
+        emb = F.normalize(emb, dim=-1) if normalize else emb
+        return (emb, None) if return_tokens else emb
+
+
+def build_model(name: str, init_checkpoint: str | None = None, device: str | torch.device = "cpu",
+                image_feature_dim: int = 0) -> DualEncoder:
     """Build a preset (or open_clip model name, or JSON config path) with random weights, or
-    initialise from a local open_clip checkpoint (a state dict, or a dict with 'state_dict')."""
+    initialise from a local open_clip checkpoint (a state dict, or a dict with 'state_dict').
+    image_feature_dim > 0 builds the LiT variant over cached frozen image features."""
     name = register_config(name)
     clip = open_clip.create_model(name, pretrained=None, device=device)
     if init_checkpoint:
@@ -133,6 +156,8 @@ def build_model(name: str, init_checkpoint: str | None = None, device: str | tor
             raise FileNotFoundError(f"init checkpoint {init_checkpoint} does not exist (a local path is required: "
                                     "nothing is downloaded at run time)")
         open_clip.load_checkpoint(clip, str(init_checkpoint), weights_only=True)
+    if image_feature_dim:
+        return LockedImageDualEncoder(name, clip, image_feature_dim).to(device)
     return DualEncoder(name, clip)
 
 
@@ -154,6 +179,9 @@ def export_open_clip(model: DualEncoder, out_dir: str | Path) -> Path:
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+    if isinstance(model, LockedImageDualEncoder):   # images go through the teacher's features + this head
+        head = {k: v.detach().float().cpu().clone() for k, v in model.feature_head.state_dict().items()}
+        torch.save(head, out_dir / "feature_head.pt")
     src = CONFIG_DIR / f"{model.name}.json"
     cfg_path = out_dir / f"{model.name}.json"
     if src.is_file():

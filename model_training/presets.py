@@ -8,6 +8,11 @@ A preset file holds {"description", "loss": {...}, optional "train": {...}, opti
 Keys are checked against LossConfig / TrainConfig so a typo fails loudly instead of silently
 training a different objective. Presets set objective values only; the model size comes from
 --model, so every preset composes with every model config. Flags given explicitly override a preset.
+
+Preset values are the papers': ConLIP's queues hold 12,288 keys, 3x its batch of 4,096
+(CONLIP_QUEUE_TO_BATCH); at another global batch keep the ratio (--queue-size 3 x batch), as
+`make ablate` does at toy size. MAMO (`masked`) predicts the EMA encoder's clean visual tokens, ConLIP
+predicts pixels; `denoise` denoises the image through the multimodal head against the EMA model.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 from pathlib import Path
 
 OBJECTIVE_DIR = Path(__file__).resolve().parent / "configs" / "objectives"
+CONLIP_QUEUE_TO_BATCH = 3    # ConLIP: queue 12,288 / batch 4,096
 
 
 def list_presets() -> list[str]:

@@ -1,89 +1,156 @@
-"""DiHT's few-shot linear probe with projected gradient descent (PGD), against a probe from scratch.
+"""DiHT's few-shot linear probe: projected gradient descent (PGD) from the zero-shot classifier.
 
     python -m model_training.probe --model catclip-tiny --checkpoint RUN/export/open_clip_model.pt \
-        --imagefolder data/fewshot --out RUN/probe [--ks 1,2,4,8,16] [--radius 0.3] [--seeds 5]
+        --imagefolder data/fewshot --out RUN/probe [--ks 1,2,4,8] [--seeds 5]
     from model_training.probe import few_shot_comparison
-    rows = few_shot_comparison(feats, labels, text_weights, ks=(1, 2, 4, 8, 16))
+    rows = few_shot_comparison(feats, labels, text_weights, ks=(1, 2, 4, 8))
 
-The classifier W [C, D] (logits = scale * f @ W.T + b on L2-normalised image features f) starts at
-the zero-shot classifier: the class-prompt text embeddings. Each gradient step on the k-shot
-cross-entropy is followed by a projection of every row back into the ball of radius `radius`
-around its initial value, so with one or two shots per class the probe can only correct the text
-prompts a little instead of overfitting the shots (Radenovic et al. 2023, Sec. few-shot). The
-scratch probe is the same classifier started at zero with weight decay and no projection.
-For each k and seed, k training images per class are drawn; all remaining images are the test set;
-accuracies are means over seeds. ImageFolder layout: root/<class name>/<images> ('_' -> ' ').
+The classifier is logits = scale * f @ W.T + b on L2-normalised image features f. DiHT (Radenovic et
+al. 2023) initialises W at the zero-shot classifier W0 (the class-prompt text embeddings, b0 = 0) and
+solves the constrained problem
+
+    min_{W,b} CE(W, b)   s.t.   ||W - W0||_F <= r_W,   ||b - b0||_2 <= r_b
+
+by projected gradient descent: a plain (full-batch) gradient step on the k-shot cross-entropy, then
+W and b are each projected onto their ball. Both radii come from a grid search on HELD-OUT shots: for
+each seed, k training and k validation images per class are drawn and every remaining image is a test
+image; the (r_W, r_b) with the best validation accuracy is used on the test set. Radii are given per
+class (r_W = rW * sqrt(C), r_b = rb * sqrt(C): rW is the RMS distance of a row from its prompt), so a
+grid serves any number of classes. Reported on the same shots and test images:
+    zero_shot      W0, b0 (no training)
+    pgd            the constrained probe above
+    unconstrained  the same steps from W0 without projection (what the balls buy)
+    scratch        the same steps from W = 0, b = 0 with weight decay on W, decay grid-searched the same way
+Accuracies are means over seeds. ImageFolder layout: root/<class name>/<images> ('_' -> ' ').
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 
-def project_rows(weights: torch.Tensor, center: torch.Tensor, radius: float) -> torch.Tensor:
-    """Closest point (row by row, L2) within `radius` of `center`."""
-    delta = weights - center
-    norm = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return center + delta * torch.clamp(radius / norm, max=1.0)
+@dataclass
+class ProbeConfig:
+    steps: int = 200                 # full-batch gradient steps (shots are few: the whole set is one batch)
+    lr: float = 0.05                 # plain gradient step; PGD is defined with it (no Adam, no momentum)
+    scale: float = 20.0              # logit scale on cosine similarities (a CLIP-like temperature of 0.05)
+    weight_radii: tuple = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)   # rW per class; the ball is ||W - W0||_F <= rW sqrt(C)
+    bias_radii: tuple = (0.0, 0.25, 1.0, 4.0)           # rb per class; ||b||_2 <= rb sqrt(C), in logit units
+    weight_decays: tuple = (0.0, 1e-3, 1e-2, 1e-1)      # scratch baseline's L2 penalty on W
 
 
-def train_probe(feats, labels, n_classes: int, init: torch.Tensor | None, radius: float | None,
-                steps: int = 100, lr: float = 0.01, weight_decay: float = 0.0, scale: float = 20.0):
-    """Full-batch Adam on CE; `init` None = zeros (scratch). With `radius`, PGD around `init`."""
-    center = init.clone() if init is not None else torch.zeros(n_classes, feats.shape[1])
-    w = center.clone().requires_grad_(True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.AdamW([w, b], lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(scale * feats @ w.T + b, labels).backward()
-        opt.step()
-        if radius is not None:
-            with torch.no_grad():
-                w.copy_(project_rows(w, center, radius))
-    return w.detach(), b.detach()
+def project_ball(x: torch.Tensor, center: torch.Tensor, radius) -> torch.Tensor:
+    """Closest point to x within `radius` of `center`, L2 over all entries of each item (Frobenius for
+    a matrix). Batched: x, center [G, ...] with radius [G] projects G problems at once (inf = no ball)."""
+    radius = torch.as_tensor(radius, dtype=x.dtype)
+    delta = x - center
+    norm = delta.flatten(start_dim=delta.dim() - (center.dim() - radius.dim())).norm(dim=-1).clamp(min=1e-12)
+    shrink = torch.clamp(radius / norm, max=1.0)
+    return center + delta * shrink.reshape(shrink.shape + (1,) * (delta.dim() - shrink.dim()))
 
 
-def accuracy(feats, labels, w, b=None, scale: float = 20.0) -> float:
-    logits = scale * feats @ w.T + (0 if b is None else b)
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+def train_probe(feats, labels, init_w: torch.Tensor, cfg: ProbeConfig, weight_radius=float("inf"),
+                bias_radius=float("inf"), weight_decay=0.0):
+    """Gradient descent on CE + weight_decay/2 ||W||^2 from (init_w, 0), then W projected onto
+    ||W - init_w||_F <= weight_radius and b onto ||b||_2 <= bias_radius after every step (absolute radii).
+    Radii and decay may be tensors [G]: G probes (a grid) are trained at once -> W [G,C,D], b [G,C].
+    The CE gradient is written out (dCE/dlogits = softmax - onehot, averaged over the shots): few
+    shots and a full batch make this a tiny problem whose cost is the per-step overhead."""
+    grid = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float32)
+                                     for v in (weight_radius, bias_radius, weight_decay)))
+    r_w, r_b, decay = (v.reshape(-1) for v in grid)
+    g = len(r_w)
+    w0 = init_w.float().expand(g, -1, -1)
+    w, b = w0.clone(), torch.zeros(g, init_w.shape[0])
+    onehot = F.one_hot(labels, init_w.shape[0]).float()
+    for _ in range(cfg.steps):
+        probs = torch.softmax(cfg.scale * torch.einsum("nd,gcd->gnc", feats, w) + b[:, None], dim=-1)
+        err = (probs - onehot) / len(labels)                                     # [G, N, C]
+        grad_w = cfg.scale * torch.einsum("gnc,nd->gcd", err, feats) + decay[:, None, None] * w
+        w = project_ball(w - cfg.lr * grad_w, w0, r_w)
+        b = project_ball(b - cfg.lr * err.sum(1), torch.zeros_like(b), r_b)
+    return (w, b) if grid[0].dim() else (w[0], b[0])
 
 
-def k_shot_split(labels: torch.Tensor, k: int, seed: int):
+def accuracy(feats, labels, w, b=None, scale: float = 20.0):
+    """Top-1 accuracy in %; a float for one probe, a tensor [G] for a batch of probes."""
+    logits = scale * feats @ w.transpose(-1, -2) + (0 if b is None else b[..., None, :])
+    acc = 100.0 * (logits.argmax(-1) == labels).float().mean(-1)
+    return float(acc) if acc.dim() == 0 else acc
+
+
+def k_shot_split(labels: torch.Tensor, k: int, seed: int, held_out: bool = True):
+    """Per class k training shots and (held_out) k validation shots; the rest is the test set."""
     g = torch.Generator().manual_seed(seed)
-    train = []
+    need = 2 * k if held_out else k
+    train, val = [], []
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().squeeze(1)
-        if len(idx) <= k:
-            raise ValueError(f"class {c} has {len(idx)} images; k={k} shots need at least {k + 1} (one to test)")
-        train.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    train = torch.cat(train)
+        if len(idx) <= need:
+            raise ValueError(f"class {c} has {len(idx)} images; k={k} shots (+{k} held out) need at least "
+                             f"{need + 1} (one to test)")
+        picked = idx[torch.randperm(len(idx), generator=g)[:need]]
+        train.append(picked[:k])
+        val.append(picked[k:])
+    train, val = torch.cat(train), torch.cat(val)
     test = torch.ones(len(labels), dtype=torch.bool)
     test[train] = False
-    return train, test.nonzero().squeeze(1)
+    test[val] = False
+    return train, val, test.nonzero().squeeze(1)
 
 
-def few_shot_comparison(feats, labels, text_weights, ks=(1, 2, 4, 8, 16), seeds: int = 5, radius: float = 0.3,
-                        steps: int = 100, lr: float = 0.01, scratch_weight_decay: float = 1e-3) -> list[dict]:
-    """feats [N,D] and text_weights [C,D] L2-normalised; labels [N] in [0, C). Mean accuracies over seeds."""
+def grid_search(val_scores: torch.Tensor) -> int:
+    """Index of the grid point with the best held-out score (the first one on ties)."""
+    return int(torch.nonzero(val_scores == val_scores.max())[0])
+
+
+def few_shot_comparison(feats, labels, text_weights, ks=(1, 2, 4, 8), seeds: int = 5,
+                        cfg: ProbeConfig | None = None) -> list[dict]:
+    """feats [N,D] and text_weights [C,D] (normalised here); labels [N] in [0, C). Mean test accuracies
+    over seeds, and per seed the radii (per class) and the scratch weight decay the search chose."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # [G,N,C] problems this small run 10x slower when threads must sync per op
+    try:
+        return _comparison(feats, labels, text_weights, ks, seeds, cfg or ProbeConfig())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _comparison(feats, labels, text_weights, ks, seeds: int, cfg: ProbeConfig) -> list[dict]:
     feats, text_weights = F.normalize(feats.float(), dim=-1), F.normalize(text_weights.float(), dim=-1)
     labels = torch.as_tensor(labels, dtype=torch.long)
-    n_classes = text_weights.shape[0]
+    per_class = text_weights.shape[0] ** 0.5
+    radii = list(itertools.product(cfg.weight_radii, cfg.bias_radii))
+    r_w, r_b = (torch.tensor([r[i] for r in radii]) * per_class for i in (0, 1))
     rows = []
     for k in ks:
-        acc = {"zero_shot": [], "pgd": [], "scratch": []}
+        acc = {"zero_shot": [], "pgd": [], "unconstrained": [], "scratch": []}
+        chosen = {"pgd_radii": [], "scratch_weight_decay": []}
         for seed in range(seeds):
-            tr, te = k_shot_split(labels, k, seed)
-            acc["zero_shot"].append(accuracy(feats[te], labels[te], text_weights))
-            w, b = train_probe(feats[tr], labels[tr], n_classes, text_weights, radius, steps, lr)
-            acc["pgd"].append(accuracy(feats[te], labels[te], w, b))
-            w, b = train_probe(feats[tr], labels[tr], n_classes, None, None, steps, lr, scratch_weight_decay)
-            acc["scratch"].append(accuracy(feats[te], labels[te], w, b))
-        rows.append({"k": k, **{name: round(sum(v) / len(v), 2) for name, v in acc.items()}, "seeds": seeds})
+            tr, va, te = k_shot_split(labels, k, seed)
+            w, b = train_probe(feats[tr], labels[tr], text_weights, cfg, r_w, r_b)
+            best = grid_search(accuracy(feats[va], labels[va], w, b, cfg.scale))
+            chosen["pgd_radii"].append(list(radii[best]))
+            w_s, b_s = train_probe(feats[tr], labels[tr], torch.zeros_like(text_weights), cfg,
+                                   weight_decay=torch.tensor(cfg.weight_decays))
+            best_s = grid_search(accuracy(feats[va], labels[va], w_s, b_s, cfg.scale))
+            chosen["scratch_weight_decay"].append(cfg.weight_decays[best_s])
+            w_u, b_u = train_probe(feats[tr], labels[tr], text_weights, cfg)
+
+            def test(weights, bias):
+                return accuracy(feats[te], labels[te], weights, bias, cfg.scale)
+            acc["zero_shot"].append(test(text_weights, None))
+            acc["pgd"].append(test(w[best], b[best]))
+            acc["unconstrained"].append(test(w_u, b_u))
+            acc["scratch"].append(test(w_s[best_s], b_s[best_s]))
+        rows.append({"k": k, **{name: round(sum(v) / len(v), 2) for name, v in acc.items()}, "seeds": seeds,
+                     **chosen})
     return rows
 
 
@@ -93,7 +160,7 @@ def plot_probe(rows: list[dict], out_png: Path, title: str):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ks = [r["k"] for r in rows]
-    for name, style in (("pgd", "o-"), ("scratch", "s-"), ("zero_shot", "k:")):
+    for name, style in (("pgd", "o-"), ("unconstrained", "^-"), ("scratch", "s-"), ("zero_shot", "k:")):
         ax.plot(ks, [r[name] for r in rows], style, label=name)
     ax.set_xscale("log", base=2), ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("shots per class"), ax.set_ylabel("top-1 accuracy (%)"), ax.legend(), ax.grid(alpha=0.3)
@@ -111,9 +178,10 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default="", help="open_clip state dict (RUN/export/open_clip_model.pt)")
     ap.add_argument("--imagefolder", required=True, help="root/<class name>/<images>")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--ks", default="1,2,4,8,16")
+    ap.add_argument("--ks", default="1,2,4,8", help="shots per class (each class needs 2k + 1 images: k held out)")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--radius", type=float, default=0.3, help="PGD ball radius around each class's prompt embedding")
+    ap.add_argument("--steps", type=int, default=ProbeConfig.steps, help="gradient steps per probe")
+    ap.add_argument("--lr", type=float, default=ProbeConfig.lr, help="gradient step size")
     ap.add_argument("--template", default="a photo of a {}.")
     a = ap.parse_args(argv)
     model = build_model(a.model, a.checkpoint or None).eval()
@@ -129,13 +197,14 @@ def main(argv=None):
     text = embed_texts(model, get_tokenizer(model.name), [a.template.format(c.replace("_", " ")) for c in classes])
     ks = [int(k) for k in a.ks.split(",")]
     smallest = min(labels.count(c) for c in range(len(classes)))
-    usable = [k for k in ks if k < smallest]
+    usable = [k for k in ks if 2 * k < smallest]
     if usable != ks:
         print(f"[probe] skipping k={sorted(set(ks) - set(usable))}: the smallest class has {smallest} images")
-    rows = few_shot_comparison(feats, torch.tensor(labels), text, usable, a.seeds, a.radius)
+    cfg = ProbeConfig(steps=a.steps, lr=a.lr)
+    rows = few_shot_comparison(feats, torch.tensor(labels), text, usable, a.seeds, cfg)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps({"classes": classes, "n_images": len(paths), "radius": a.radius,
+    (out / "probe.json").write_text(json.dumps({"classes": classes, "n_images": len(paths), "probe": asdict(cfg),
                                                 "rows": rows}, indent=2))
     plot_probe(rows, out / "probe.png", f"few-shot probe ({len(classes)} classes)")
     print(json.dumps(rows, indent=2))

@@ -12,6 +12,13 @@ DDP: under torchrun each rank reads its own shard files; image and text embeddin
 all-gathered WITH gradient so the contrastive losses see the global batch (gloo on CPU, nccl on GPU).
 Outputs in RUN/: checkpoints/step_NNNNNNN.pt (+ .json meta), log.csv (+ TensorBoard events when
 tensorboard is installed), loss_curve.png, export/open_clip_model.pt (+ config json), train_summary.json.
+
+A RUN folder holds one run (the filter's rule for OUTPUT): RUN/run.json records its identity (the
+settings that shape the trajectory + a fingerprint of the shard and label files). The same command
+again resumes from the newest checkpoint; another configuration or other data is refused with the
+differences named (--overwrite clears RUN and starts over); --resume checks the checkpoint's stored
+config. One process holds RUN at a time (pipeline.locks). A full disk stops with one line naming the
+file and the space needed / free, temporaries removed; the same command then resumes.
 """
 from __future__ import annotations
 
@@ -19,10 +26,15 @@ import argparse
 import csv
 import dataclasses
 import json
+import errno
+import hashlib
 import math
 import os
+import re
+import shutil
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +47,8 @@ from model_training.data import ShardStream, check_sharding, list_shards, make_l
 from model_training.losses import STAT_PREFIX, LossConfig, build_objective, gather_with_grad
 from model_training.presets import load_preset
 from model_training.models import build_model, export_open_clip, get_tokenizer
+from pipeline.locks import LockHeld, LockLost, folder_lock
+from pipeline.partitions import StorageError, _diff, as_storage_error, atomic_write_json, writing
 
 
 def _f(default, help_text):
@@ -48,6 +62,8 @@ def _f(default, help_text):
 class TrainConfig:
     shards: str = _f("", "folder / glob / file of Parquet shards with key, caption, jpg")
     labels: str = _f("", "LABELS dir (shards/*.parquet + vocab.json) for concept distillation; '' = none")
+    image_features: str = _f("", "feature cache of a frozen image teacher (model_training.features): a locked "
+                                 "image tower (LiT), only a head on the features trains; '' = full image tower")
     run_dir: str = _f("runs/default", "where checkpoints, logs, plots and the export go")
     model: str = _f("catclip-tiny", "preset in model_training/configs, open_clip model name, or JSON config path")
     init_checkpoint: str = _f("", "local open_clip checkpoint to start from ('' = random init)")
@@ -76,7 +92,10 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = _f(3, "newest checkpoints kept; 0 = keep all")
     log_every: int = _f(10, "steps between CSV/TensorBoard rows")
-    resume: str = _f("", "'latest' (newest checkpoint in RUN/checkpoints) or a checkpoint path")
+    resume: str = _f("", "'latest' (newest checkpoint in RUN/checkpoints) or a checkpoint path; the same "
+                         "command in the same RUN resumes by itself")
+    overwrite: bool = _f(False, "clear RUN (checkpoints, logs, export, metrics) and start over, e.g. when it "
+                                "holds another run")
     stop_after: int = _f(0, "stop after this step as if preempted, schedule still spans max_steps (0 = off)")
     device: str = _f("auto", "auto | cpu | cuda")
     loss: LossConfig = field(default_factory=LossConfig)
@@ -122,26 +141,183 @@ def make_optimizer(trainee: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                              fused=True)   # one kernel over all params: ~10x faster than the loop on CPU
 
 
+# ------------------------------------------------------------------ the run folder: identity, checkpoints, storage
+RUN_MANIFEST = "run.json"
+# settings that do not change what is trained: they may differ between a run and its resume. The data
+# enters the identity as a fingerprint of its files, not as paths (a moved folder holds the same data).
+NOT_IDENTITY = ("shards", "labels", "run_dir", "resume", "overwrite", "stop_after", "log_every",
+                "checkpoint_every", "keep_checkpoints", "compile", "device")
+# what train and train_eval write into RUN: --overwrite removes these and nothing else (RUN may be ".")
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "export", "log.csv", "loss_curve.png", "train_summary.json",
+               "metrics.json", "recall.png", RUN_MANIFEST)
+
+
+class RunFolderError(ValueError):
+    """RUN holds another run, or a checkpoint was written with another configuration."""
+
+
+def _files_fingerprint(paths) -> str:
+    """Names and sizes: stat only (no data read, fine for 100k shards) and enough to tell re-filtered data apart."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        h.update(f"{p.name}|{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg: TrainConfig, shards: list[Path]) -> dict:
+    """What makes two runs the same run: the settings that shape the trajectory + the data's fingerprint."""
+    labels = "none"
+    if cfg.labels:
+        files = [*(Path(cfg.labels) / "shards").glob("*.parquet"), Path(cfg.labels) / "vocab.json"]
+        labels = _files_fingerprint(p for p in files if p.is_file())
+    identity = {"config": {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY},
+                "data": {"shards": _files_fingerprint(shards), "n_shards": len(shards), "labels": labels}}
+    return json.loads(json.dumps(identity, default=str))   # as it reads back from JSON
+
+
+def identity_differences(recorded: dict, now: dict) -> list[str]:
+    """'setting: old -> new' per difference. A setting the recorded run did not have (added to TrainConfig
+    since) is not a difference."""
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in _diff(recorded, now) if a is not None]
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, .pt path) of the complete checkpoints (the .json meta is written after the .pt), oldest first,
+    ordered by the step in the meta (else in the name), never by name: step_10000000 sorts before step_9999999."""
+    found = []
+    for meta in (run_dir / "checkpoints").glob("step_*.json"):
+        try:
+            step = int(json.loads(meta.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            digits = re.fullmatch(r"step_(\d+)", meta.stem)
+            if digits is None:
+                continue
+            step = int(digits.group(1))
+        found.append((step, meta.with_suffix(".pt")))
+    return sorted(found)
+
+
 def find_checkpoint(run_dir: Path, spec: str) -> Path | None:
-    """'latest' -> newest step with its .json meta (written after the .pt, so it marks completeness)."""
+    """'latest' -> the checkpoint with the highest step; anything else is a path."""
     if spec != "latest":
         return Path(spec)
-    metas = sorted((run_dir / "checkpoints").glob("step_*.json"))
-    return metas[-1].with_suffix(".pt") if metas else None
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _delete_checkpoint(pt: Path):
+    pt.with_suffix(".json").unlink(missing_ok=True)   # first: without its meta the .pt already counts as incomplete
+    pt.unlink(missing_ok=True)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested state: about what its checkpoint needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+@contextmanager
+def torch_writing(path: Path, tmp: Path, needed_bytes: int):
+    """pipeline.partitions.writing for torch.save: torch reports a failed write as an opaque RuntimeError
+    ("unexpected pos", "basic_ios::clear"); when the disk then lacks the bytes needed, it was a full disk."""
+    with writing(str(path), str(tmp), needed_bytes):
+        try:
+            yield
+        except RuntimeError as e:
+            tmp.unlink(missing_ok=True)
+            if shutil.disk_usage(path.parent).free >= needed_bytes:
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
 
 
 def save_checkpoint(run_dir: Path, state: dict, meta: dict, keep: int) -> Path:
+    """step_NNNNNNN.pt via a temporary, then its .json meta; keeps the `keep` highest steps (0 = all).
+    A full disk raises pipeline.partitions.StorageError with the temporary removed."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{state['step']:07d}.pt"
-    torch.save(state, path.with_suffix(".pt.tmp"))
-    path.with_suffix(".pt.tmp").replace(path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    tmp = path.with_suffix(".pt.tmp")
+    with torch_writing(path, tmp, _tensor_bytes(state)):
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())   # the meta says "complete": the bytes must be on disk before it exists
+        tmp.replace(path)
+    try:
+        atomic_write_json(meta, str(path.with_suffix(".json")))
+    except BaseException:
+        path.unlink(missing_ok=True)   # never loaded without its meta: do not leave it taking the space
+        raise
     if keep > 0:
-        for old in sorted(ckpt_dir.glob("step_*.json"))[:-keep]:
-            old.unlink()
-            old.with_suffix(".pt").unlink(missing_ok=True)
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            _delete_checkpoint(old)
     return path
+
+
+def remove_run_temporaries(run_dir: Path) -> int:
+    """What a killed or failed run leaves: *.tmp files, and checkpoints without their meta (never loaded)."""
+    stale = [*run_dir.glob("*.tmp"), *run_dir.glob("*/*.tmp"),
+             *(p for p in run_dir.glob("checkpoints/step_*.pt") if not p.with_suffix(".json").is_file())]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def prepare_run_dir(run_dir: Path, identity: dict, cfg: TrainConfig, rank: int) -> str:
+    """The run folder rule, applied before anything is built. Returns the checkpoint spec to resume from
+    ('' = start fresh). Every rank checks (read only) so all refuse alike; rank 0 alone clears."""
+    if cfg.overwrite and cfg.resume:
+        raise RunFolderError("--overwrite starts over and --resume continues: pass one of them")
+    manifest = run_dir / RUN_MANIFEST
+    if cfg.overwrite:
+        if rank == 0:
+            removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+            for name in removed:
+                shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+            if removed:
+                print(f"[train] --overwrite: removed {', '.join(removed)} from {run_dir}")
+        return ""
+    if manifest.is_file():
+        diffs = identity_differences(json.loads(manifest.read_text())["identity"], identity)
+        if diffs:
+            raise RunFolderError(f"{run_dir} holds another run; refusing to mix them (its checkpoints, log and "
+                                 f"metrics would describe two runs). Differences: {'; '.join(diffs)}. Use another "
+                                 f"--run, or --overwrite to clear it.")
+        if not cfg.resume and list_checkpoints(run_dir):
+            if rank == 0:
+                print(f"[train] {run_dir} holds this same run: resuming it (--overwrite starts over)")
+            return "latest"
+    elif not cfg.resume and list_checkpoints(run_dir):
+        raise RunFolderError(f"{run_dir} holds checkpoints of a run whose identity was not recorded: --resume "
+                             f"latest continues it (its stored config is checked), --overwrite clears it, or use "
+                             f"another --run")
+    return cfg.resume
+
+
+def check_checkpoint_config(ckpt: Path, state: dict, identity: dict):
+    """Refuse to resume from a checkpoint written with other settings (or other data, when it recorded them)."""
+    stored = {"config": {k: v for k, v in state.get("config", {}).items() if k not in NOT_IDENTITY}}
+    now = {"config": identity["config"]}
+    if "data" in state:
+        stored["data"], now["data"] = state["data"], identity["data"]
+    diffs = identity_differences(json.loads(json.dumps(stored, default=str)), now)
+    if diffs:
+        raise RunFolderError(f"{ckpt} was written with another configuration; refusing to resume from it. "
+                             f"Differences: {'; '.join(diffs)}. Resume with its settings, or start a new run "
+                             f"(another --run, or --overwrite).")
+
+
+def export_checked(model, out_dir: Path) -> Path:
+    """export_open_clip, with a full disk reported as one StorageError."""
+    path = out_dir / "open_clip_model.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch_writing(path, path.with_suffix(".pt.tmp"), _tensor_bytes(model.state_dict())):
+        return export_open_clip(model, out_dir)
 
 
 class RunLog:
@@ -165,11 +341,12 @@ class RunLog:
         self.rows.append(row)
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
         tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(self.rows)
-        tmp.replace(self.path)
+        with writing(str(self.path), str(tmp)):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(self.rows)
+            tmp.replace(self.path)
         if self.tb:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -221,25 +398,57 @@ def _to(batch: dict, device):
 
 # ------------------------------------------------------------------ the loop
 def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) the run in cfg.run_dir; returns the summary also written to RUN/train_summary.json.
+    Rank 0 holds RUN's lock throughout; a full disk raises one StorageError with the temporaries removed."""
     rank, world, device = _setup_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
+    created = not run_dir.exists()
+    try:
+        with folder_lock(str(run_dir), "train") if rank == 0 else nullcontext():
+            try:
+                return _train(cfg, rank, world, device, run_dir)
+            except Exception as e:
+                storage = as_storage_error(e, str(run_dir))
+                if storage is None:
+                    raise
+                if rank == 0:
+                    remove_run_temporaries(run_dir)
+                raise storage from None
+    finally:
+        if created and rank == 0 and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()   # refused before any work (no shards, ...): leave no empty RUN behind
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     shards = list_shards(cfg.shards)
     check_sharding(len(shards), cfg.num_workers, world)   # fail here, not in a worker or a hung rank
+    identity = run_identity(cfg, shards)
+    resume = prepare_run_dir(run_dir, identity, cfg, rank)
+    if rank == 0:
+        remove_run_temporaries(run_dir)
+    if dist.is_initialized():
+        dist.barrier()   # rank 0 may have cleared RUN (--overwrite)
     n_obj, n_att = read_vocab(cfg.labels) if cfg.labels else (0, 0)
 
-    model = build_model(cfg.model, cfg.init_checkpoint or None).to(device)
+    features = None
+    if cfg.image_features:
+        from model_training.features import FeatureCache
+        features = FeatureCache(cfg.image_features)
+    model = build_model(cfg.model, cfg.init_checkpoint or None, image_feature_dim=features.dim if features else 0
+                        ).to(device)
     objective = build_objective(cfg.loss, model, n_obj, n_att).to(device)
     trainee = Trainee(model, objective)
     optimizer = make_optimizer(trainee, cfg)
 
     start_step, positions, samples_seen, skipped = 0, {}, 0, {}
-    ckpt = find_checkpoint(run_dir, cfg.resume) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print(f"[train] --resume {cfg.resume}: no checkpoint in {run_dir / 'checkpoints'}; starting fresh")
+    ckpt = find_checkpoint(run_dir, resume) if resume else None
+    if resume and ckpt is None:
+        print(f"[train] --resume {resume}: no checkpoint in {run_dir / 'checkpoints'}; starting fresh")
     if ckpt is not None:
         state = torch.load(ckpt, map_location=device, weights_only=True)
+        check_checkpoint_config(ckpt, state, identity)
         trainee.load_state_dict(state["trainee"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, samples_seen, skipped = state["step"], state["samples_seen"], dict(state["skipped"])
@@ -249,6 +458,12 @@ def train(cfg: TrainConfig) -> dict:
         positions = {int(k): tuple(v) for k, v in state["data_positions"][rank].items()}
         if rank == 0:
             print(f"[train] resumed from {ckpt} at step {start_step}")
+            for step, later in list_checkpoints(run_dir):   # their trajectory is being replaced (as log rows are)
+                if step > start_step:
+                    _delete_checkpoint(later)
+    if rank == 0 and not (run_dir / RUN_MANIFEST).is_file():
+        atomic_write_json({"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                          str(run_dir / RUN_MANIFEST))
 
     if cfg.compile:
         model.encode_image = torch.compile(model.encode_image)
@@ -260,6 +475,7 @@ def train(cfg: TrainConfig) -> dict:
     batches_done = start_step * cfg.accum_steps
     n_workers = max(cfg.num_workers, 1)
     stream = ShardStream(shards, get_tokenizer(model.name), model.image_size, cfg.batch_size, train=True,
+                         image_features=features,
                          labels_dir=cfg.labels or None, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                          split="train", holdout_fraction=cfg.holdout_fraction, rank=rank, world_size=world,
                          train_fraction=cfg.train_fraction,
@@ -332,6 +548,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(run_dir, {"step": done, "trainee": trainee.state_dict(),
                                           "optimizer": optimizer.state_dict(), "data_positions": all_pos,
                                           "samples_seen": samples_seen, "skipped": skipped, "config": asdict(cfg),
+                                          "data": identity["data"],
                                           "rng": {"cpu": torch.get_rng_state(),
                                                   "cuda": torch.cuda.get_rng_state(device)
                                                   if device.type == "cuda" else None}},
@@ -348,14 +565,19 @@ def train(cfg: TrainConfig) -> dict:
         if (run_dir / "log.csv").is_file():
             plot_losses(run_dir / "log.csv", run_dir / "loss_curve.png")
         if summary["finished"]:
-            summary["export"] = str(export_open_clip(model, run_dir / "export"))
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            summary["export"] = str(export_checked(model, run_dir / "export"))
+        atomic_write_json(summary, str(run_dir / "train_summary.json"))
     if dist.is_initialized():
         dist.barrier()
     return summary
 
 
 # ------------------------------------------------------------------ CLI
+def _help(text: str) -> str:
+    """Help text + the default argparse will really use (after set_defaults: a caller's or a preset's)."""
+    return text.replace("%", "%%") + " (default: %(default)r)"
+
+
 def _add_dataclass_args(ap: argparse.ArgumentParser, cls, title: str):
     group = ap.add_argument_group(title)
     for f in dataclasses.fields(cls):
@@ -363,7 +585,7 @@ def _add_dataclass_args(ap: argparse.ArgumentParser, cls, title: str):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_text = f.metadata.get("help", "") + f" (default: {default!r})"
+        help_text = _help(f.metadata.get("help", ""))
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -380,23 +602,27 @@ _LOSS_HELP = {
     "masked_heads": "conditioned (ConMLM/ConMIM: other modality's CLS complete, tokens masked) | vanilla",
     "text_mask_ratio": "fraction of caption tokens masked", "image_mask_ratio": "fraction of patches masked",
     "head_heads": "attention heads of the light heads and fusion blocks",
-    "itm_weight": "> 0 adds 3-way ITM with in-batch hard negatives", "fusion_layers": "fusion module depth",
+    "itm_weight": "> 0 adds binary ITM with in-batch hard negatives", "fusion_layers": "fusion module depth",
     "text_denoise_weight": "> 0 adds text denoising", "text_noise_ratio": "fraction of caption tokens replaced",
     "image_denoise_weight": "> 0 adds image denoising", "image_noise_std": "noise std (normalised pixels)",
-    "image_denoise_target": "clean | noise: what the image-denoising head predicts",
+    "image_denoise_target": "ema (multimodal head, EMA target) | clean | noise (unimodal pixel head)",
     "repr_weight": "> 0 adds representation matching to an EMA target",
     "repr_corruption": "noise (representation denoising) | mask (masked representation modeling)",
-    "repr_momentum": "EMA factor of the representation target"}
+    "repr_momentum": "EMA factor of the EMA target model",
+    "queue_loss": "dcl | infonce: the queue term", "mim_target": "pixels | ema_features: what MIM predicts"}
 
 
-def parse_args(argv=None) -> TrainConfig:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, defaults: dict | None = None, description: str = __doc__) -> TrainConfig:
+    """argv -> TrainConfig. `defaults` replaces TrainConfig's defaults (a preset's values still win over
+    them, explicit flags over both), and --help shows them."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", dest="run_dir", default=argparse.SUPPRESS, help="alias of --run-dir")
     _add_dataclass_args(ap, TrainConfig, "training")
     lg = ap.add_argument_group("objective")
     for f in dataclasses.fields(LossConfig):
         lg.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        help=f"{_LOSS_HELP.get(f.name, '')} (default: {f.default!r})")
+                        help=_help(_LOSS_HELP.get(f.name, "")))
+    ap.set_defaults(**(defaults or {}))
     known, _ = ap.parse_known_args(argv)
     if known.preset:   # the preset's values become defaults, so flags given explicitly still win
         preset = load_preset(known.preset)
@@ -408,9 +634,31 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**a, loss=loss)
 
 
+# errors a user can act on: RUN refusals, a full disk, a held lock, missing or unusable data
+USER_ERRORS = (RunFolderError, StorageError, LockHeld, LockLost, FileNotFoundError, ValueError)
+
+
+@contextmanager
+def one_line_errors(prog: str):
+    """USER_ERRORS print as one line on stderr (no traceback) and exit with status 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        lines = [line.strip() for line in (e.strerror if isinstance(e, StorageError) else str(e)).splitlines()]
+        lines = [line for line in lines if line]
+        # raised in a DataLoader worker, it arrives wrapped in the worker's traceback: the last line says it
+        text = lines[-1] if len(lines) > 1 and "DataLoader worker" in lines[0] else " ".join(lines)
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):   # a bar the error left open would prefix the line
+            bar.close()
+        print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def main(argv=None):
     cfg = parse_args(argv)
-    summary = train(cfg)
+    with one_line_errors("train"):
+        summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     if dist.is_initialized():

@@ -4,12 +4,16 @@
     python -m model_training.train_eval --shards ... --run ... --max-steps 1000 --model catclip-small
 
 Defaults are sized for a laptop CPU (a few minutes): preset catclip-tiny (64 px ViT, 3+3 layers),
-batch 64, 300 steps; 10% of keys (by hash, stable across runs) are held out. Concept distillation
+batch 64, 150 steps; 10% of keys (by hash, stable across runs) are held out (--help shows them all). Concept distillation
 is switched on when LABELS/shards exists (from `make distill`). Any other training flag of
 model_training.train can be appended. Writes RUN/metrics.json (training summary + held-out
 retrieval with chance levels), RUN/recall.png, RUN/loss_curve.png, RUN/log.csv, RUN/checkpoints/,
 RUN/export/ (open_clip checkpoint + config). The held-out pairs have one caption per image, so
 chance R@k is k / n_holdout both ways.
+
+RUN follows model_training.train's rule: the same command resumes, another configuration or other
+data is refused (--overwrite starts over). A filter that kept nothing is said as such, and tiny data
+gets fewer DataLoader workers (or a clear error) instead of a crash inside a worker.
 """
 from __future__ import annotations
 
@@ -17,12 +21,15 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
-from model_training.data import ShardStream, list_shards
+from model_training.data import KEY, ShardStream, in_subset, is_holdout, list_shards
 from model_training.evaluate import chance_recall, plot_recalls, retrieval_metrics
 from model_training.models import build_model, get_tokenizer
-from model_training.train import TrainConfig, parse_args, train
+from model_training.train import TrainConfig, one_line_errors, parse_args, train
+from pipeline.partitions import atomic_write_json
+from pipeline.report import no_pairs_reason
 
 DEFAULTS = {"model": "catclip-tiny", "batch_size": 64, "max_steps": 150, "warmup_steps": 15,  # ~3 min on 2 cores
             "holdout_fraction": 0.1, "checkpoint_every": 50, "log_every": 10}
@@ -50,19 +57,57 @@ def holdout_retrieval(cfg: TrainConfig, model) -> dict:
     return {**metrics, "n_pairs": n, "chance": chance_recall(n, 1)}
 
 
+def find_shards(cfg: TrainConfig) -> list[Path]:
+    """The shard files; when the filter ran and kept no pairs with images, say that (not 'run the filter')."""
+    shards = Path(cfg.shards)
+    reason = no_pairs_reason(shards.parent if shards.name == "shards" else shards)
+    if reason is not None:
+        raise ValueError(f"{reason[0]}: nothing to train on ({reason[1]})")
+    return list_shards(cfg.shards)
+
+
+def fit_workers(cfg: TrainConfig, shards: list[Path]) -> int:
+    """The most DataLoader workers (<= --num-workers) whose files all hold training rows: a worker without
+    any would crash inside the DataLoader. Tiny data that cannot train or evaluate fails here, clearly."""
+    train_rows, held_out = [], 0
+    for path in shards:
+        keys = pq.read_table(path, columns=[KEY]).column(KEY).to_pylist()
+        held = [k is not None and is_holdout(k, cfg.holdout_fraction) for k in keys]
+        held_out += sum(held)
+        train_rows.append(sum(not h and (k is None or in_subset(k, cfg.train_fraction)) for k, h in zip(keys, held)))
+    if sum(train_rows) == 0:
+        raise ValueError(f"no training pairs: the {held_out} pair(s) in {len(shards)} shard(s) are all held out "
+                         f"(--holdout-fraction {cfg.holdout_fraction}); add data or lower it")
+    if held_out < 2:
+        raise ValueError(f"{held_out} held-out pair(s) in {len(shards)} shard(s): evaluation needs at least 2; "
+                         f"raise --holdout-fraction (now {cfg.holdout_fraction}) or add data")
+    for workers in range(min(cfg.num_workers, len(shards)), 0, -1):
+        if all(sum(train_rows[w::workers]) for w in range(workers)):
+            return workers
+    return 0   # --num-workers 0: read in the main process
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    defaults = [f"--{k.replace('_', '-')}={v}" for k, v in DEFAULTS.items() if k not in given]
-    cfg = parse_args(defaults + argv)
+    cfg = parse_args(argv, defaults=DEFAULTS, description=__doc__)
+    with one_line_errors("train-eval"):
+        train_eval(cfg, given={a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")})
+
+
+def train_eval(cfg: TrainConfig, given: set[str]):
+    """Train on cfg.shards, evaluate on the held-out keys, write RUN/metrics.json; `given` = flags set explicitly."""
+    shards = find_shards(cfg)
     if cfg.labels and not (Path(cfg.labels) / "shards").is_dir():
         print(f"[train-eval] {cfg.labels}/shards not found: training without concept labels "
               f"(run `make distill` to add them)")
         cfg.labels = ""
     if cfg.labels and "concept_weight" not in given:
         cfg.loss.concept_weight = 1.0
-    n_shards = len(list_shards(cfg.shards))
-    cfg.num_workers = min(cfg.num_workers, n_shards)
+    workers = fit_workers(cfg, shards)
+    if workers < cfg.num_workers:
+        print(f"[train-eval] {workers} DataLoader worker(s) instead of {cfg.num_workers}: every worker needs "
+              f"shard files with training rows ({len(shards)} shard file(s))")
+        cfg.num_workers = workers
 
     summary = train(cfg)
     run = Path(cfg.run_dir)
@@ -71,7 +116,7 @@ def main(argv=None):
     plot_recalls(result, run / "recall.png", f"held-out retrieval ({result['n_pairs']} pairs)", result["chance"])
     metrics = {"holdout_retrieval": result, "train": summary, "labels_used": bool(cfg.labels),
                "config": {k: v for k, v in vars(cfg).items() if k != "loss"}, "loss": vars(cfg.loss)}
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    atomic_write_json(metrics, str(run / "metrics.json"))
     print(json.dumps({k: result[k] for k in ("i2t_r1", "t2i_r1", "rsum", "n_pairs")}, indent=2))
     print(f"[train-eval] wrote {run / 'metrics.json'}, {run / 'recall.png'}, {run / 'loss_curve.png'}")
 

@@ -53,7 +53,7 @@ def write_part_keys(chunk: Chunk, cols: Columns, out: str) -> int:
 
 
 def unreadable_key(chunk: Chunk, i: int) -> str:
-    return content_key(None, f"{os.path.basename(chunk.path)}:{chunk.file_row_offset + i}")
+    return content_key(None, f"{os.path.basename(chunk.source_file)}:{chunk.file_row_offset + i}")
 
 
 def read_duplicates(out: str, part: str) -> dict[int, tuple[int, bool]]:
@@ -76,7 +76,7 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
     rows = []   # CAPTIONS rows
     to_parse = []
     for i in range(n):
-        row = {"key": keys[i], "url": urls[i], "caption": texts[i], "source_file": chunk.path,
+        row = {"key": keys[i], "url": urls[i], "caption": texts[i], "source_file": chunk.source_file,
                "source_row": chunk.file_row_offset + i, "passed": False, "reason": None}
         key_occ, repeated = dups.get(row["source_row"], (1, False))
         if i in unreadable:

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from pipeline.concepts import (ATTRIBUTES, HEADS, OBJECTS, VocabConfig, build_vocabularies, count_concepts,
                                dense_soft_targets, row_concepts, targets_csr, write_vocab_json)
-from pipeline.partitions import atomic_write_parquet, marker_path, write_marker
+from pipeline.partitions import atomic_write_parquet, marker_path, write_marker, writing
 from pipeline.teacher import cached_teacher
 from schemas import FAILED, LABELS, LEDGER, R_EMBED_FAILED, STAGE_DISTILL, Table
 
@@ -347,9 +347,10 @@ def train_classifiers(out: str, shard_paths: list[str], vocab_config: VocabConfi
         tensors[f"{name}.weight"] = torch.from_numpy(head.weight)
         tensors[f"{name}.bias"] = torch.from_numpy(head.bias)
     write_vocab_json(vocabs, os.path.join(out, "vocab.json"), vocab_config)
-    tmp = os.path.join(out, f".tmp-{uuid.uuid4().hex}-{CLASSIFIERS_FILE}")
-    save_file(tensors, tmp, metadata={"feature_power": repr(features.power)})
-    os.replace(tmp, os.path.join(out, CLASSIFIERS_FILE))
+    path, tmp = os.path.join(out, CLASSIFIERS_FILE), os.path.join(out, f".tmp-{uuid.uuid4().hex}-{CLASSIFIERS_FILE}")
+    with writing(path, tmp, sum(t.nelement() * t.element_size() for t in tensors.values())):   # disk full: one line
+        save_file(tensors, tmp, metadata={"feature_power": repr(features.power)})
+        os.replace(tmp, path)
     report["heldout"] = {"fraction": config.heldout_fraction, "seed": config.seed,
                          "split_by": "sha256 of the image bytes (rows sharing an image stay together)",
                          "n_rows": int(len(heldout_rows)), "n_images": len(set(np.array(split_ids)[held])),

@@ -7,16 +7,29 @@ caption stage for its passed rows only (on LAION most rows fail the caption rule
 bandwidth is saved). Output is img2dataset's own Parquet layout in OUTPUT/_work/images/, whose
 cat_key / cat_part columns lead each image back to its caption parse. img2dataset's incremental mode
 makes a rerun fetch only the shards it has not finished.
+
+URL lists are untrusted, so the child process fetches through a guard (install_fetch_guard): every
+host name is resolved, each address checked (blocked_category), and only checked addresses are
+returned to img2dataset's HTTP client and connected to - redirects included, since each hop resolves
+again. Loopback, link-local (cloud metadata at 169.254.169.254), private (RFC 1918, fc00::/7), CGNAT,
+multicast, unspecified and reserved addresses are refused; the row gets the ledger reason
+url_blocked_address. allow_private_addresses opens loopback / private / CGNAT for in-house mirrors.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+
+import schemas as S
+
+GUARD_ENV = "CATCURATE_FETCH_GUARD"   # set in the download child only: "public" | "private"
 
 # img2dataset's defaults unless a comment says why not
 @dataclass(frozen=True)
@@ -35,9 +48,82 @@ class DownloadParams:
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     user_agent_token: str | None = "catcurate"
+    # ours, not img2dataset's: fetch from loopback / private / CGNAT too (in-house mirrors, tests)
+    allow_private_addresses: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def img2dataset_kwargs(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "allow_private_addresses"}
+
+
+# ---------------------------------------------------------------- safe fetching
+
+# what allow_private_addresses opens: in-house networks, never link-local / metadata or reserved ranges
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def blocked_category(address: str, allow_private: bool = False) -> str | None:
+    """Why a connection to this IP address is refused ('loopback', 'link-local', ...), or None."""
+    ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone id
+    if ip.version == 6:  # IPv4 carried inside IPv6 is judged as that IPv4 address
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None) or (
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None)
+        if embedded is not None:
+            return blocked_category(str(embedded), allow_private)
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_link_local:
+        return "link-local (cloud metadata)"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_loopback or any(ip in n for n in PRIVATE_NETWORKS):
+        return None if allow_private else "loopback" if ip.is_loopback else "private"
+    if not ip.is_global:
+        return "reserved"
+    return None
+
+
+class BlockedAddress(OSError):
+    """Raised instead of connecting; img2dataset records str() as the row's error message."""
+
+
+def install_fetch_guard(allow_private: bool) -> None:
+    """Resolve, check, then connect only to checked addresses, in this process (img2dataset's)."""
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def checked_getaddrinfo(host, port, *args, **kwargs):
+        results = real_getaddrinfo(host, port, *args, **kwargs)
+        allowed = [r for r in results if r[0] not in (socket.AF_INET, socket.AF_INET6)
+                   or blocked_category(r[4][0], allow_private) is None]
+        if not allowed and results:
+            address = results[0][4][0]
+            raise BlockedAddress(f"{S.R_BLOCKED_ADDRESS}: {host} resolves to {address}, a "
+                                 f"{blocked_category(address, allow_private)} address; not fetched")
+        return allowed
+
+    def checked_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                ipaddress.ip_address(address[0].split("%")[0])
+            except ValueError:  # a host name: resolve and check it here, connect to the checked address
+                address = (checked_getaddrinfo(address[0], address[1], sock.family, sock.type)[0][4][0],
+                           *address[1:])
+            why = blocked_category(address[0], allow_private)
+            if why:
+                raise BlockedAddress(f"{S.R_BLOCKED_ADDRESS}: {address[0]} is a {why} address; not connected")
+        return real_connect(sock, address)
+
+    socket.getaddrinfo = checked_getaddrinfo
+    socket.socket.connect = checked_connect
+
+
+def failure_reason(error_message: str | None) -> str:
+    """Ledger reason of a row img2dataset could not fetch."""
+    return S.R_BLOCKED_ADDRESS if S.R_BLOCKED_ADDRESS in (error_message or "") else S.R_DOWNLOAD_FAILED
 
 
 def run_download(out: str, params: DownloadParams, distributor: str, rows_per_shard: int) -> list[str]:
@@ -48,12 +134,15 @@ def run_download(out: str, params: DownloadParams, distributor: str, rows_per_sh
     if distributor == "multiprocessing":
         cmd = [sys.executable, "-m", "pipeline.download", "--out", out, "--rows-per-shard", str(rows_per_shard),
                "--params", json.dumps(params.to_dict())]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        env = {**os.environ, GUARD_ENV: "private" if params.allow_private_addresses else "public",
+               "PYTHONPATH": os.pathsep.join(
             p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")) if p)}
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"img2dataset failed (exit {proc.returncode}); rerun to resume: {' '.join(cmd)}")
-    else:
+    else:  # img2dataset's pyspark distributor fetches in the executors, where the guard is not installed
+        print("[download] WARNING: on a cluster the address guard is not installed in the executors; "
+              "only the cluster's own network policy keeps private addresses out of reach", flush=True)
         _download(out, params, distributor, rows_per_shard)
     return downloaded_shards(out)
 
@@ -67,13 +156,16 @@ def _download(out: str, params: DownloadParams, distributor: str, rows_per_shard
         caption_col="caption", save_additional_columns=["cat_key", "cat_part"],
         output_folder=os.path.join(out, "_work", "images"), output_format="parquet",
         number_sample_per_shard=rows_per_shard, distributor=distributor, incremental_mode="incremental",
-        enable_wandb=False, **params.to_dict(),
+        enable_wandb=False, **params.img2dataset_kwargs(),
     )
 
 
 def downloaded_shards(out: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out, "_work", "images", "*.parquet")))
 
+
+if os.environ.get(GUARD_ENV):  # the child and img2dataset's spawned workers (which import us as __mp_main__)
+    install_fetch_guard(allow_private=os.environ[GUARD_ENV] == "private")
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="img2dataset over OUT/_work/download_input (called by the filter)")

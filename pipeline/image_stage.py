@@ -3,19 +3,28 @@
     rows = rows_from_chunk(chunk, columns, out)          # images came with the input
     rows = rows_from_download_shard(shard_path, out)     # images fetched by img2dataset
     counts = run_image_part(part, rows, out, params)
+    counts = run_image_part(part, rows, out, params, stored=read_evidence(src, part))  # jobs/redecide.py
 
 Each row is decoded safely (pipeline.images), spotted for text (pipeline.textspot, batched) and
 matched against its caption by the DiHT rule. Kept pairs go to OUTPUT/shards/<part>.parquet with
 their caption parse; every row gets its ledger row in OUTPUT/ledger/textspot/<part>.parquet (or
 stage download when the image never arrived), a few thumbnails per reason go to the report's table.
+
+Every detection of every decoded image is stored in OUTPUT/ocr/<part>.parquet (schemas.OCR), not
+only the one that decided, and the spotter runs with recording settings (read_min_chars,
+reread_below) instead of the decision thresholds and without caption-guided shortcuts, so what was
+read does not depend on --min-conf / --min-chars: given `stored`, run_image_part skips the spotter
+and applies the rule to the stored detections, which is what a fresh run with those thresholds
+decides (jobs/redecide.py).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,6 +34,7 @@ import schemas as S
 from pipeline import images as img
 from pipeline import textspot as ts
 from pipeline.caption_stage import _count, ledger_row
+from pipeline.download import failure_reason
 from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
 
 _PARSE = [f.name for f in S.PARSE_FIELDS]
@@ -38,9 +48,41 @@ class ImageStageParams:
     shard_rows: int = 10_000                   # kept pairs per output shard file
     thumbs_per_reason: int = 8                 # report examples kept per reason and part
     thumb_size: int = 160
+    # recording settings: what the spotter reads, independent of the decision thresholds in `textspot`,
+    # so the stored detections serve any --min-conf and any --min-chars >= read_min_chars (redecide)
+    read_min_chars: int = 3       # boxes too narrow for this many characters are not read (the spotter's
+                                  #   min_chars box filter): 3 lets re-decisions go down to --min-chars 3
+    reread_below: float = 0.8     # boxes read below this are read again from wider crops (DiHT's 0.8); fixed
+                                  #   rather than following --min-conf, else readings would depend on it
+    invariant_reading: bool = True  # on CPU, one crop per recogniser call: easyocr's int8 recogniser quantises
+                                  #   a batch's activations with one scale, so a batched reading depends on the
+                                  #   other crops in the batch ("shirt" 0.62 in one part, 0.87 in another: the
+                                  #   verdict flips at 0.8), i.e. on which images share the part. ~5% more spot CPU
+
+    def __post_init__(self):
+        if self.textspot.min_chars < self.read_min_chars:
+            raise ValueError(f"min_chars {self.textspot.min_chars} < read_min_chars {self.read_min_chars}: boxes "
+                             f"that narrow are not read; lower read_min_chars too")
+
+    def spotting(self) -> ts.TextSpotParams:
+        """The spotter's settings: the recording settings in place of the decision thresholds."""
+        spot = replace(self.textspot, min_conf=self.reread_below, min_chars=self.read_min_chars)
+        if self.invariant_reading:
+            import torch
+            if not torch.cuda.is_available():  # GPU: fp32, not quantised, batches read as crops alone do
+                spot = replace(spot, recog_batch_size=1)
+        return spot
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageStageParams":
+        """Inverse of to_dict (a manifest's record); fields unknown to this version are ignored."""
+        known = {f.name for f in fields(ts.TextSpotParams)}
+        spot = {k: tuple(v) if isinstance(v, list) else v for k, v in d["textspot"].items() if k in known}
+        own = {f.name for f in fields(cls)} - {"textspot"}
+        return cls(textspot=ts.TextSpotParams(**spot), **{k: v for k, v in d.items() if k in own})
 
 
 def _passed_captions(out: str, part: str, keys: set | None = None) -> dict[str, dict]:
@@ -97,16 +139,20 @@ def rows_from_download_shard(shard_path: str, out: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["source_file"], r["source_row"]))
 
 
-def run_image_part(part: str, rows: list[dict], out: str, params: ImageStageParams) -> dict:
-    import torch
-    # one Spark task per core: torch's own thread pool on top would oversubscribe the cores
-    torch.set_num_threads(int(os.environ.get("CATCURATE_TASK_THREADS", "1")))
+def run_image_part(part: str, rows: list[dict], out: str, params: ImageStageParams,
+                   stored: dict[str, list[tuple[str, float]]] | None = None) -> dict:
+    """Decide one part of images. With `stored` (key -> stored detections, read_evidence) nothing is
+    spotted: the rule is applied to the detections an earlier run stored (jobs/redecide.py)."""
+    if stored is None:
+        import torch
+        # one Spark task per core: torch's own thread pool on top would oversubscribe the cores
+        torch.set_num_threads(int(os.environ.get("CATCURATE_TASK_THREADS", "1")))
     ledger, shard, thumbs = [], [], defaultdict(list)
     decoded = []  # (row, DecodedImage) awaiting text spotting
     for r in rows:
         evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
         if r["status"] != "success" or r["jpg"] is None:
-            ledger.append(ledger_row(r["key"], S.FAILED, S.STAGE_DOWNLOAD, S.R_DOWNLOAD_FAILED, **evidence,
+            ledger.append(ledger_row(r["key"], S.FAILED, S.STAGE_DOWNLOAD, failure_reason(r.get("error_message")), **evidence,
                                      error_message=(r.get("error_message") or f"status {r['status']}")[:500]))
             continue
         try:
@@ -115,10 +161,21 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
             ledger.append(ledger_row(r["key"], S.FAILED, S.STAGE_TEXTSPOT, S.R_DECODE_ERROR, **evidence,
                                      error_message=str(e)[:500]))
 
-    results = ts.spot_and_match([d.array() for _, d in decoded], [r["caption"] for r, _ in decoded],
-                                params.textspot) if decoded else []
-    for (r, d), res in zip(decoded, results):
+    if stored is None:
+        found = _spot_unique_images(decoded, params) if decoded else []
+    else:
+        missing = [r["key"] for r, _ in decoded if r["key"] not in stored]
+        if missing:
+            raise RuntimeError(f"part {part}: no stored OCR detections for {len(missing)} images "
+                               f"(e.g. key {missing[0]!r}); this output cannot be re-decided")
+        found = [stored[r["key"]] for r, _ in decoded]
+    atomic_write_parquet(S.OCR.from_rows([{"key": r["key"], "detections": [{"text": t, "conf": c} for t, c in dets]}
+                                          for (r, _), dets in zip(decoded, found)]),
+                         os.path.join(out, "ocr", f"{part}.parquet"))
+    rule = params.textspot
+    for (r, d), detections in zip(decoded, found):
         evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
+        res = ts.TextSpotResult(detections, ts.caption_match(detections, r["caption"], rule.min_conf, rule.min_chars))
         best = max(res.detections, key=lambda t: t[1], default=None)
         if res.match is not None:
             ledger.append(ledger_row(r["key"], S.DROPPED, S.STAGE_TEXTSPOT, S.R_TEXT_SPOTTED, **evidence,
@@ -144,6 +201,33 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
     counts = _count(ledger, len(rows), len(shard))
     write_marker(out, S.STAGE_TEXTSPOT, part, counts)
     return counts
+
+
+def _spot_unique_images(decoded: list, params: ImageStageParams) -> list[list[tuple[str, float]]]:
+    """Per row, every detection in its image. Each distinct image is spotted once (web data repeats
+    images under several captions: reposts, multilingual alt-texts, datasets with 5 captions per
+    photo), with the recording settings and without caption-guided shortcuts (every weak box re-read),
+    so its detections serve every caption it comes with and every decision threshold."""
+    first: dict[bytes, int] = {}
+    images, slot = [], []
+    for r, d in decoded:
+        digest = hashlib.blake2b(r["jpg"], digest_size=16).digest()
+        if digest not in first:
+            first[digest] = len(images)
+            images.append(d.array())
+        slot.append(first[digest])
+    spotted = ts.get_spotter(params.spotting()).spot(images)
+    return [spotted[j] for j in slot]
+
+
+def read_evidence(out: str, part: str) -> dict[str, list[tuple[str, float]]]:
+    """The stored detections of one image part (OUTPUT/ocr/<part>.parquet): key -> [(text, conf)]."""
+    path = os.path.join(out, "ocr", f"{part}.parquet")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: {out} stores no OCR detections for part {part} "
+                                f"(written before detections were stored?); run the filter again")
+    t = pq.read_table(path, schema=S.OCR.arrow).to_pydict()
+    return {k: [(d["text"], d["conf"]) for d in dets or []] for k, dets in zip(t["key"], t["detections"])}
 
 
 def _add_thumb(thumbs, key, reason, image: Image.Image, params: ImageStageParams) -> None:

@@ -1,6 +1,10 @@
 """Input planning, atomic part writes, completion markers and the resume check.
 
-A job's input is cut into parts (runs of Parquet row groups of ~rows_per_part rows) on the driver
+    plan = plan_input("laion/*.csv.gz", 20_000, work_dir=OUTPUT)   # file, folder or glob
+
+Inputs are Parquet (LAION metadata, img2dataset output) or img2dataset's other URL-list formats
+(CSV, TSV, JSON, JSON lines, optionally gzipped), which are converted once to Parquet in the
+output's work area. A job's input is cut into parts (runs of Parquet row groups of ~rows_per_part rows) on the driver
 from the files' footers alone; each part is then one Spark task that reads its rows with pyarrow,
 writes its outputs under hidden temporary names, renames them into place and finally writes a
 marker. A rerun submits only the parts without a marker, so a killed job resumes without redoing
@@ -9,12 +13,18 @@ both ignore names starting with '.' or '_').
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
+import io
+import itertools
 import json
 import os
+import re
+import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +34,12 @@ CAPTION_COLUMNS = ("TEXT", "caption", "text")
 URL_COLUMNS = ("URL", "url")
 KEY_COLUMNS = ("key",)
 IMAGE_COLUMNS = ("jpg", "image", "webp", "png")
+
+# img2dataset's input formats that carry captions (txt has URLs only); any may end in .gz
+INPUT_FORMATS = ("parquet", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz")
+EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+              ".json": "json"}
+FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "tsv": "TSV", "json": "JSON", "jsonl": "JSON lines"}
 
 
 class InputError(ValueError):
@@ -57,6 +73,11 @@ class Chunk:
     stop: int
     file_row_offset: int             # index of the first row of this chunk within its file
     tar: str | None = None           # webdataset tar holding the images (img2dataset output)
+    source: str | None = None        # the CSV / JSON file `path` was converted from, if any
+
+    @property
+    def source_file(self) -> str:
+        return self.source or self.path
 
     @property
     def num_rows(self) -> int:
@@ -71,18 +92,75 @@ class Chunk:
 
 
 def list_parquet_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [os.path.abspath(path)]
-    if not os.path.isdir(path):
+    """Parquet files of a file, folder or glob (img2dataset output, filter shards)."""
+    return [f for f, _ in list_input_files(path, "parquet")]
+
+
+def format_of(path: str, input_format: str = "auto") -> str | None:
+    """'parquet' | 'csv' | 'tsv' | 'json' | 'jsonl' (a .gz suffix is read transparently)."""
+    if input_format != "auto":
+        return input_format.removesuffix(".gz")
+    name = path.lower().removesuffix(".gz")
+    return next((fmt for ext, fmt in EXTENSIONS.items() if name.endswith(ext)), None)
+
+
+def list_input_files(path: str, input_format: str = "auto") -> list[tuple[str, str]]:
+    """(file, format) of the input: a file, a folder (searched recursively) or a glob. A folder in
+    auto mode gives its Parquet files when it has any (img2dataset output keeps *_stats.json beside
+    them), else its CSV / TSV / JSON / JSONL files. Names starting with '.' or '_' are skipped."""
+    if input_format not in ("auto", *INPUT_FORMATS):
+        raise InputError(f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}")
+    if glob.has_magic(path):
+        matches = sorted(glob.glob(path, recursive=True))
+        if not matches:
+            raise InputError(f"no file matches the pattern {path!r}")
+    elif os.path.exists(path):
+        matches = [path]
+    else:
         raise InputError(f"input {path!r} does not exist")
-    files = sorted(
-        f for f in glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
-        if not any(p.startswith((".", "_")) for p in os.path.relpath(f, path).split(os.sep))
-    )
-    if not files:
-        raise InputError(f"input folder {path!r} holds no .parquet files "
-                         f"(found: {sorted(os.listdir(path))[:10]})")
-    return [os.path.abspath(f) for f in files]
+    found = []
+    for m in matches:
+        if os.path.isfile(m):
+            fmt = format_of(m, input_format)
+            if fmt is None and not glob.has_magic(path):
+                hint = " (plain URL lists hold no captions, which the CAT filter needs)" if m.endswith(
+                    (".txt", ".txt.gz")) else ""
+                raise InputError(f"cannot tell the format of {m} from its name{hint}; name it *.parquet, *.csv, "
+                                 f"*.tsv, *.json or *.jsonl (optionally .gz), or pass --input-format")
+            if fmt is not None:
+                found.append((os.path.abspath(m), fmt))
+        elif os.path.isdir(m):
+            found.extend(_folder_files(m, input_format))
+    if not found:
+        where = f"folder {path!r}" if os.path.isdir(path) else f"pattern {path!r}"
+        listing = f" (found: {sorted(os.listdir(path))[:10]})" if os.path.isdir(path) else ""
+        raise InputError(f"input {where} holds no .parquet, .csv, .tsv, .json or .jsonl files{listing}")
+    return found
+
+
+def _folder_files(folder: str, input_format: str) -> list[tuple[str, str]]:
+    files = [f for f in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True))
+             if os.path.isfile(f) and not any(p.startswith((".", "_"))
+                                              for p in os.path.relpath(f, folder).split(os.sep))]
+    typed = [(os.path.abspath(f), fmt) for f in files if (fmt := format_of(f)) is not None]
+    if input_format != "auto":
+        wanted = input_format.removesuffix(".gz")
+        return [(f, fmt) for f, fmt in typed if fmt == wanted]
+    parquet = [(f, fmt) for f, fmt in typed if fmt == "parquet"]
+    return parquet or typed
+
+
+def input_base(path: str) -> str:
+    """The folder file names are taken relative to in the fingerprint: the input folder, or a
+    glob's fixed prefix."""
+    if glob.has_magic(path):
+        fixed = []
+        for p in path.split(os.sep):
+            if glob.has_magic(p):
+                break
+            fixed.append(p)
+        return os.sep.join(fixed) or "."
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
 def resolve_columns(names: list[str], path: str, caption_col: str | None = None,
@@ -112,43 +190,172 @@ def resolve_columns(names: list[str], path: str, caption_col: str | None = None,
 @dataclass
 class Plan:
     chunks: list[Chunk]
-    columns: dict[str, Columns]        # per file: files may differ in optional columns
+    columns: dict[str, Columns]        # per readable Parquet file: files may differ in optional columns
     bad_files: list[dict]              # unreadable files skipped with --skip-bad-files
     fingerprint: str
     n_rows: int
 
 
-def plan_input(path: str, rows_per_part: int, skip_bad_files: bool = False, **column_names) -> Plan:
-    """Cut the input into parts from the Parquet footers (no data pages are read)."""
+def plan_input(path: str, rows_per_part: int, skip_bad_files: bool = False, work_dir: str | None = None,
+               input_format: str = "auto", **column_names) -> Plan:
+    """Cut the input into parts from Parquet footers (no data pages are read). CSV / TSV / JSON(L)
+    files are first converted once, streaming, to Parquet under work_dir/_work/input/ (reused by a
+    rerun while the source is unchanged), so parts, resume and the ledger work as for Parquet."""
     chunks, columns, bad, finger = [], {}, [], hashlib.sha256()
-    for file_idx, f in enumerate(list_parquet_files(path)):
+    base = input_base(path)
+    for file_idx, (f, fmt) in enumerate(list_input_files(path, input_format)):
         try:
-            meta = pq.ParquetFile(f).metadata
-            names = pq.ParquetFile(f).schema_arrow.names
-        except Exception as e:  # noqa: BLE001 - any footer failure means the file is unreadable
+            if fmt == "parquet":
+                readable, cols = f, None
+            else:
+                if work_dir is None:
+                    raise InputError(f"{f}: {FORMAT_NAMES[fmt]} input needs a work folder to convert it in")
+                readable, cols = convert_to_parquet(f, fmt, work_dir, file_idx, rows_per_part, column_names)
+            pf = pq.ParquetFile(readable)
+            meta, names = pf.metadata, pf.schema_arrow.names
+        except (InputError, StorageError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means the file is unreadable
+            error = f"cannot read {f} as {FORMAT_NAMES[fmt]}: {type(e).__name__}: {e}"
             if not skip_bad_files:
-                raise InputError(f"cannot read Parquet file {f}: {e} (pass --skip-bad-files to skip it "
-                                 f"and record it in stats.json)") from e
-            bad.append({"file": f, "error": f"{type(e).__name__}: {e}"})
+                raise InputError(f"{error} (pass --skip-bad-files to skip it and record it in stats.json)") from e
+            bad.append({"file": f, "format": fmt, "error": f"{type(e).__name__}: {e}"[:1000]})
             continue
-        columns[f] = resolve_columns(names, f, **column_names)
-        tar = f[: -len(".parquet")] + ".tar"
-        tar = tar if os.path.exists(tar) and columns[f].image is None else None
-        finger.update(f"{os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f)}"
-                      f"|{os.path.getsize(f)}|{meta.num_rows}|{tar is not None}\n".encode())
-        chunks.extend(_chunk_file(f, meta, file_idx, rows_per_part, tar))
-    if not chunks and not bad:
+        columns[readable] = cols or resolve_columns(names, f, **column_names)
+        tar = f[: -len(".parquet")] + ".tar" if fmt == "parquet" else ""
+        tar = tar if tar and os.path.exists(tar) and columns[readable].image is None else None
+        finger.update(f"{os.path.relpath(f, base)}|{os.path.getsize(f)}|{meta.num_rows}|{tar is not None}\n".encode())
+        chunks.extend(_chunk_file(readable, meta, file_idx, rows_per_part, tar, None if fmt == "parquet" else f))
+    if not chunks:
+        if bad:
+            listed = "; ".join(f"{os.path.basename(b['file'])}: {b['error'][:120]}" for b in bad[:3])
+            raise InputError(f"nothing readable in {path!r}: all {len(bad)} input file(s) failed to read "
+                             f"({listed}{'; ...' if len(bad) > 3 else ''}){' and the others hold no rows' if columns else ''}")
         raise InputError(f"input {path!r} holds no rows")
     return Plan(chunks, columns, bad, finger.hexdigest()[:16], sum(c.num_rows for c in chunks))
 
 
-def _chunk_file(f, meta, file_idx, rows_per_part, tar) -> list[Chunk]:
+# ---------------------------------------------------------------- CSV / TSV / JSON(L) -> Parquet
+
+def convert_to_parquet(src: str, fmt: str, work_dir: str, file_idx: int, rows_per_part: int,
+                       column_names: dict) -> tuple[str, Columns]:
+    """Stream a URL list into OUTPUT/_work/input/<n>-<name>.parquet with the columns the filter uses.
+    Caption and url are stored as bytes so a bad byte sequence fails its row (caption_invalid_utf8),
+    not the file."""
+    st = os.stat(src)
+    group = max(1, min(rows_per_part, 65_536))
+    stamp = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": fmt, "row_group": group,
+                        "columns": {k: v for k, v in sorted(column_names.items()) if v}})
+    dst = os.path.join(work_dir, "_work", "input", f"{file_idx:05d}-{os.path.basename(src)}.parquet")
+    if os.path.exists(dst):
+        meta = pq.read_schema(dst).metadata or {}
+        if meta.get(b"catcurate_source") == stamp.encode():
+            return dst, Columns(**json.loads(meta[b"catcurate_columns"]))
+    batches = _csv_batches(src, fmt, group) if fmt in ("csv", "tsv") else _json_batches(src, group)
+    names = next(batches)
+    cols = replace(resolve_columns(names, src, **column_names), image=None)  # no image bytes in text formats
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = _tmp_name(dst)
+    schema = _typed_table({}, cols).schema.with_metadata(
+        {"catcurate_source": stamp, "catcurate_columns": json.dumps(asdict(cols))})
+    with writing(dst, tmp, os.path.getsize(src)), pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for records in batches:  # a header-only file gives an empty Parquet file with the right columns
+            writer.write_table(_typed_table(records, cols).replace_schema_metadata(schema.metadata),
+                               row_group_size=group)
+        writer.close()
+        os.replace(tmp, dst)
+    return dst, cols
+
+
+def _typed_table(records: dict[str, list], cols: Columns) -> pa.Table:
+    """One fixed schema for every batch: caption and url as bytes (checked per row downstream),
+    other columns as text; a JSON value that is not a string is stored as its JSON text."""
+    def text(v):
+        if v is None or isinstance(v, str):
+            return v
+        return json.dumps(v)
+
+    arrays = {}
+    for name in cols.present():
+        values = [text(v) for v in records.get(name, [])]
+        if name in (cols.caption, cols.url):
+            arrays[name] = pa.array([None if v is None else v.encode("utf-8", "surrogateescape") for v in values],
+                                    pa.binary())
+        else:
+            arrays[name] = pa.array([None if v is None else v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                                     for v in values], pa.string())
+    return pa.table(arrays)
+
+
+def _csv_batches(src: str, fmt: str, rows: int):
+    """Yields the header names, then {column: values} batches; every column read as text."""
+    import csv
+
+    import pyarrow.csv as pacsv
+    delimiter = "\t" if fmt == "tsv" else ","
+    with pa.input_stream(src, compression="detect") as stream:
+        first = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="").readline()
+    if not first.strip():
+        raise InputError(f"{src} is empty: a {FORMAT_NAMES[fmt]} URL list needs a header line")
+    names = next(csv.reader([first], delimiter=delimiter))
+    yield names
+    reader = pacsv.open_csv(pa.input_stream(src, compression="detect"),
+                            read_options=pacsv.ReadOptions(block_size=1 << 22),
+                            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
+                                                                 strings_can_be_null=False))
+    for batch in reader:
+        records = {n: batch.column(n).to_pylist() for n in batch.schema.names}
+        for n in records:  # text columns back to str, bad bytes kept for the caption check
+            records[n] = [v.decode("utf-8", "surrogateescape") if v is not None else None for v in records[n]]
+        for i in range(0, batch.num_rows, rows):
+            yield {n: v[i:i + rows] for n, v in records.items()}
+
+
+def _json_batches(src: str, rows: int):
+    """A JSON array of records (read whole, as img2dataset does) or JSON lines (streamed)."""
+    with pa.input_stream(src, compression="detect") as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
+        head = text.read(1)
+        while head.isspace():
+            head = text.read(1)
+        if head == "[":
+            records = json.loads(head + text.read())
+            lines = None
+        else:
+            records, lines = None, _json_lines(head, text, src)
+            first = list(itertools.islice(lines, rows))
+            records = first
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError("expected JSON objects, one per line, or an array of objects")
+        names = list(dict.fromkeys(k for r in records[:1000] for k in r))
+        yield names
+        while records:
+            for i in range(0, len(records), rows):
+                piece = records[i:i + rows]
+                yield {n: [r.get(n) for r in piece] for n in names}
+            records = list(itertools.islice(lines, rows)) if lines is not None else []
+
+
+def _json_lines(head: str, text, src: str):
+    for n, line in enumerate(itertools.chain([head + text.readline()], text), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"line {n}: {e}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"line {n}: expected a JSON object")
+            yield record
+
+
+def _chunk_file(f, meta, file_idx, rows_per_part, tar, source) -> list[Chunk]:
     out, groups, acc, file_row = [], [], 0, 0
 
     def flush():
         nonlocal groups, acc, file_row
         if groups:
-            out.append(Chunk(f"f{file_idx:05d}-c{len(out):04d}", f, tuple(groups), 0, acc, file_row, tar))
+            out.append(Chunk(f"f{file_idx:05d}-c{len(out):04d}", f, tuple(groups), 0, acc, file_row, tar, source))
             file_row += acc
         groups, acc = [], 0
 
@@ -160,7 +367,7 @@ def _chunk_file(f, meta, file_idx, rows_per_part, tar) -> list[Chunk]:
             flush()
             for start in range(0, n, rows_per_part):
                 stop = min(n, start + rows_per_part)
-                out.append(Chunk(f"f{file_idx:05d}-c{len(out):04d}", f, (g,), start, stop, file_row, tar))
+                out.append(Chunk(f"f{file_idx:05d}-c{len(out):04d}", f, (g,), start, stop, file_row, tar, source))
                 file_row += stop - start
             continue
         if acc + n > rows_per_part:
@@ -208,19 +415,80 @@ def read_chunk_salvaging(chunk: Chunk, columns: list[str], evidence_column: str 
 
 # ---------------------------------------------------------------- atomic outputs and markers
 
+class StorageError(OSError):
+    """Disk full (or quota, read-only, I/O error) while writing an output: one line for people."""
+
+
+# errors of the storage, not of the data: the job stops with one clear line and a rerun resumes
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only filesystem", errno.EIO: "I/O error", errno.EFBIG: "file too large"}
+
+
+def storage_error(path: str, err: OSError, needed_bytes: int | None = None) -> StorageError:
+    folder = os.path.dirname(path) or "."
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs up to {needed_bytes / 1e6:.1f} MB, " if needed_bytes else ""
+    return StorageError(err.errno, f"{STORAGE_ERRNOS.get(err.errno, err.strerror)} writing {path} ({need}{free} "
+                                   f"on that filesystem); temporaries removed - free space and rerun the same "
+                                   f"command to resume")
+
+
+@contextmanager
+def writing(path: str, tmp: str, needed_bytes: int | None = None):
+    """Around a write to `tmp` that is renamed to `path`: the temporary is removed on any failure,
+    and storage errors become StorageError naming the path and the space needed / free."""
+    try:
+        yield
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno in STORAGE_ERRNOS:
+            raise storage_error(path, e, needed_bytes) from e
+        raise
+
+
+def as_storage_error(exc: BaseException, folder: str) -> StorageError | None:
+    """The one-line StorageError behind a job failure, or None when the failure is something else.
+    Errors from Spark tasks arrive as text (the Python traceback inside a Java exception)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return storage_error(getattr(exc, "filename", None) or os.path.join(folder, "?"), exc)
+    text = str(exc)
+    found = re.search(r"StorageError: \[Errno (\d+)\] ([^\n]*)", text)
+    if found:
+        return StorageError(int(found.group(1)), found.group(2))
+    for code, words in STORAGE_ERRNOS.items():
+        if words in text.lower() or f"[errno {code}]" in text.lower():
+            return storage_error(os.path.join(folder, "..."), OSError(code, words))
+    return None
+
+
+def _tmp_name(path: str) -> str:
+    return os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+
+
 def atomic_write_parquet(table: pa.Table, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    with writing(path, tmp, table.nbytes):
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
 
 
 def atomic_write_json(obj, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    tmp = _tmp_name(path)
+    with writing(path, tmp, len(text.encode())):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
 
 
 def marker_path(out: str, stage: str, part: str) -> str:

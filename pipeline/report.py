@@ -11,15 +11,18 @@ The page has a funnel (inline SVG: per stage, the rows in and how they split int
 drop / failure reason), the counts as a table, and per reason a grid of thumbnails (base64 JPEG
 data URIs) with the caption and the evidence; the OCR text that matched is <mark>ed in the caption.
 Nothing is fetched: no external CSS, fonts, scripts or images. Every caption is HTML-escaped.
+The funnel leaves out the download stage when no input needed downloading (stats["routes"]), and
+no_pairs_reason(OUTPUT) says, as one line, why a finished filter run left nothing to label or train on.
 Tests: PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_report.py
 """
 from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
-from schemas import FAILED, KEPT, STAGES
+from schemas import FAILED, KEPT, STAGE_DOWNLOAD, STAGES
 from pipeline.images import ImageDecodeError, decode_image, to_jpeg
 
 MAX_EXAMPLES = 12   # per reason: enough to see a pattern, small enough to keep the page light
@@ -68,14 +71,36 @@ def _e(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _ordered_stages(stats: dict) -> list[str]:
+def funnel_stages(stats: dict) -> list[str]:
+    """The stages to show, in pipeline order. Download only when some input was downloaded: inputs that
+    hold their images pass straight from the caption stage to text spotting."""
     by_stage = stats.get("by_stage", {})
-    return [s for s in STAGES if s in by_stage] + sorted(s for s in by_stage if s not in STAGES)
+    shown = [s for s in STAGES if s in by_stage] + sorted(s for s in by_stage if s not in STAGES)
+    if "routes" in stats and STAGE_DOWNLOAD not in stats["routes"]:
+        shown = [s for s in shown if s != STAGE_DOWNLOAD]
+    return shown
+
+
+def no_pairs_reason(output: str | Path) -> tuple[str, str] | None:
+    """(headline, detail) when a finished filter OUTPUT holds no kept pairs with images (it kept nothing,
+    or it ran --stages caption); None otherwise, also when OUTPUT is not a finished filter output."""
+    path = Path(output) / "stats.json"
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text())
+    if stats.get("routes") == ["caption"]:
+        return ("0 kept pairs with images", f"{output} was filtered with --stages caption: it holds captions "
+                f"and their decisions, no images; run the filter with --stages auto for image-text pairs")
+    if int(stats.get("n_kept", 0)) == 0:
+        return ("0 kept pairs", f"the filter kept none of the {int(stats.get('n_input', 0)):,} input rows of "
+                f"{output}: dropped {int(stats.get('n_dropped', 0)):,}, failed {int(stats.get('n_failed', 0)):,}; "
+                f"the reasons are in {Path(output) / 'report.html'}")
+    return None
 
 
 def _reason_colours(stats: dict) -> dict[tuple[str, str], str]:
     colours, n_drop, n_fail = {}, 0, 0
-    for stage in _ordered_stages(stats):
+    for stage in funnel_stages(stats):
         for status, palette in (("dropped", DROPPED_COLOURS), ("failed", FAILED_COLOURS)):
             for reason in sorted(stats["by_stage"][stage].get(status, {})):
                 if (status, reason) not in colours:
@@ -99,7 +124,7 @@ def _totals(stats: dict) -> str:
 def _funnel_svg(stats: dict, colours: dict) -> str:
     """One horizontal bar per stage, as wide as the rows that entered it (relative to n_input),
     split into kept / dropped-by-reason / failed-by-reason segments."""
-    stages = _ordered_stages(stats)
+    stages = funnel_stages(stats)
     width, label_w, bar_h, gap = 1000, 110, 34, 14
     scale_n = max([int(stats.get("n_input", 0))] + [int(stats["by_stage"][s].get("in", 0)) for s in stages] + [1])
     bar_w = width - label_w - 90  # room for the "in N" label after the longest bar
@@ -138,7 +163,7 @@ def _legend(colours: dict) -> str:
 
 def _counts_table(stats: dict) -> str:
     rows = ["<table><tr><th>stage</th><th>in</th><th>kept</th><th>status</th><th>reason</th><th>rows</th></tr>"]
-    for stage in _ordered_stages(stats):
+    for stage in funnel_stages(stats):
         s = stats["by_stage"][stage]
         reasons = [(st, r, n) for st in ("dropped", "failed") for r, n in sorted(s.get(st, {}).items())] or [("", "", "")]
         for i, (status, reason, n) in enumerate(reasons):

@@ -37,9 +37,10 @@ R_TEXT_SPOTTED = "text_spotted"              # dropped: the image shows the capt
 R_EMBED_FAILED = "embed_failed"              # failed: the teacher could not embed the image
 R_BAD_URL = "url_not_http"                   # failed: URL missing or not http(s); never fetched
 R_UNACCOUNTED = "missing_from_stage_output"  # failed: a stage returned no result for the row (logged)
+R_BLOCKED_ADDRESS = "url_blocked_address"    # failed: host is/resolves to a loopback, private, link-local... address
 REASONS = (R_EMPTY_CAPTION, R_NON_STRING, R_INVALID_UTF8, R_DUPLICATE, R_NO_ACTION, R_LOW_COMPLEXITY,
            R_TOO_LONG, R_READ_ERROR, R_DOWNLOAD_FAILED, R_DECODE_ERROR, R_TEXT_SPOTTED, R_EMBED_FAILED,
-           R_BAD_URL, R_UNACCOUNTED)
+           R_BAD_URL, R_UNACCOUNTED, R_BLOCKED_ADDRESS)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,12 @@ LEDGER = Table("ledger", (
     *SOURCE_FIELDS,
 ))
 
+# every OCR detection of every image the text-spot stage read (OUTPUT/ocr/<part>.parquet), in the
+# spotter's order (largest box first), none left out: the evidence jobs/redecide.py re-decides from.
+# conf is float64, the value the rule compared, so a re-decision compares exactly the same numbers
+DETECTIONS_TYPE = pa.list_(pa.struct([_f("text", pa.string()), _f("conf", pa.float64())]))
+OCR = Table("ocr", (_f("key", pa.string(), False), _f("detections", DETECTIONS_TYPE)))
+
 # training-ready kept pairs (OUTPUT/shards/*.parquet)
 SHARD = Table("shard", (
     _f("key", pa.string(), False), _f("caption", pa.string()), _f("url", pa.string()),
@@ -137,4 +144,4 @@ LABELS = Table("labels", (
     _f("attribute_probs", pa.list_(pa.float32())),
 ))
 
-ALL_TABLES = (CAPTIONS, KEYS, THUMBS, LEDGER, SHARD, LABELS)
+ALL_TABLES = (CAPTIONS, KEYS, THUMBS, LEDGER, OCR, SHARD, LABELS)

@@ -273,3 +273,52 @@ def test_cli_help():
     res = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill_labels.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--teacher" in res.stdout and "open_clip:" in res.stdout
+
+
+def test_refusal_prints_one_line_not_a_traceback(run, filtered, capsys):
+    from jobs.distill_labels import main
+    out, _ = run
+    other = "timm:resnet18:/no/such/checkpoint.safetensors"
+    assert main(["--input", str(filtered), "--output", str(out), "--teacher", other]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distill_labels: error: ")
+    assert f"teacher: 'efficientnet-lite0' -> '{other}'" in err and "Traceback" not in err
+    assert main(["--input", str(filtered / "no_such_folder"), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("distill_labels: error: input ")
+
+
+DISK_FULL_SCRIPT = r'''
+set -u
+mount -t tmpfs -o size=32k tmpfs "$LABELS"   # the lock and the first tables fit, not everything
+distill() { "$PY" jobs/distill_labels.py --input "$INPUT" --output "$LABELS" --min-count 1; }
+distill > "$LOGS/1.out" 2> "$LOGS/1.err"; echo $? > "$LOGS/1.rc"
+ls -aR "$LABELS" > "$LOGS/1.ls"
+mount -o remount,size=64m "$LABELS"
+distill > "$LOGS/2.out" 2> "$LOGS/2.err"; echo $? > "$LOGS/2.rc"
+'''
+
+
+def test_disk_full_stops_with_one_line_no_temporaries_and_the_rerun_resumes(filtered, tmp_path):
+    """A real full disk: LABELS is a 32 KB tmpfs mounted in a user namespace (`unshare -rm`, no root),
+    grown after the failure. Skipped where the kernel forbids user namespaces."""
+    labels, logs, inp = tmp_path / "labels", tmp_path / "logs", tmp_path / "input"
+    for d in (labels, logs, inp):
+        d.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=32k tmpfs "$0"', str(labels)],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user namespaces here: cannot mount a small tmpfs without root")
+    pq.write_table(pq.read_table(filtered / "shards" / "00000.parquet").slice(0, 16), inp / "00000.parquet")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PY": sys.executable, "INPUT": str(inp), "LABELS": str(labels),
+           "LOGS": str(logs), "OMP_NUM_THREADS": "1"}
+    subprocess.run(["unshare", "-rm", "bash", "-c", DISK_FULL_SCRIPT], cwd=ROOT, env=env, timeout=600, check=True)
+    read = lambda name: (logs / name).read_text()  # noqa: E731
+    assert read("1.rc").strip() == "2", read("1.err")[-3000:]
+    errors = [line for line in read("1.err").splitlines() if line.startswith("distill_labels: error:")]
+    assert len(errors) == 1 and "Traceback" not in read("1.err").split("distill_labels: error:")[-1]
+    # which file meets the full disk first depends on sizes (measured: vocab.json, after the embeddings)
+    assert f"no space left on device writing {labels}/" in errors[0] and "MB free" in errors[0], errors[0]
+    assert ".tmp-" not in read("1.ls")
+    assert read("2.rc").strip() == "0", read("2.err")[-3000:]
+    summary = json.loads(read("2.out"))
+    assert summary["n_labelled"] == 16 and summary["shards_embed_skipped"] == ["00000"]   # resumed

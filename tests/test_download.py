@@ -21,6 +21,9 @@ from pipeline.download import DownloadParams
 from tests.conftest import COCO_MINI
 
 
+REQUESTS = []  # paths the loopback server was asked for: proves a blocked URL was never fetched
+
+
 @pytest.fixture(scope="module")
 def server(shared_data):
     files = {}
@@ -38,9 +41,15 @@ def server(shared_data):
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            REQUESTS.append(self.path)
+            if self.path.startswith("/to-metadata"):  # a redirect into the cloud-metadata range
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
             if self.path.startswith("/slow"):
                 time.sleep(4)
-            body = files.get(self.path)
+            body = files.get(self.path.split("?")[0])  # a query marks which test asked
             if body is None:
                 self.send_response(404)
                 self.end_headers()
@@ -77,7 +86,8 @@ def test_metadata_input_downloads_only_passed_rows(spark, server, tmp_path):
     pq.write_table(pa.table({"URL": [u for u, _ in rows], "TEXT": [t for _, t in rows]}), inp)
     out = str(tmp_path / "out")
     stats = cat_filter(str(inp.parent), out, spark=spark,
-                       download=DownloadParams(timeout=2, processes_count=1, thread_count=4))
+                       download=DownloadParams(timeout=2, processes_count=1, thread_count=4,
+                                               allow_private_addresses=True))  # the loopback server
     ledger = pd.read_parquet(os.path.join(out, "ledger")).set_index("url")
     assert len(ledger) == len(rows) == stats["n_input"]
     assert stats["n_input"] == stats["n_kept"] + stats["n_dropped"] + stats["n_failed"]
@@ -97,3 +107,33 @@ def test_metadata_input_downloads_only_passed_rows(spark, server, tmp_path):
     shards = pd.read_parquet(os.path.join(out, "shards"))
     assert len(shards) == len(photos) and shards.width.max() <= 256  # img2dataset's default image_size
     assert os.path.exists(os.path.join(out, "report.html"))
+
+
+def test_private_addresses_are_refused_before_connecting(spark, server, tmp_path):
+    """Loopback only: 127.0.0.x by IP and by the name localhost (resolved through /etc/hosts), and a
+    redirect to 169.254.169.254 (refused before any packet is sent, even with the flag)."""
+    base, photos = server
+    port = base.rsplit(":", 1)[1]
+    caption = "A man riding a brown horse on a sandy beach"
+    urls = {"ip": f"{base}/img/{photos[0]}?by-ip", "name": f"http://localhost:{port}/img/{photos[1]}?by-name",
+            "redirect": f"{base}/to-metadata?x"}
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"URL": list(urls.values()), "TEXT": [f"{caption} {k}" for k in urls]}), inp)
+    params = DownloadParams(timeout=2, processes_count=1, thread_count=2)
+
+    REQUESTS.clear()
+    cat_filter(str(inp), str(tmp_path / "default"), spark=spark, download=params)
+    ledger = pd.read_parquet(tmp_path / "default" / "ledger").set_index("url")
+    for url in urls.values():
+        r = ledger.loc[url]
+        assert (r.status, r.stage, r.reason) == (S.FAILED, S.STAGE_DOWNLOAD, S.R_BLOCKED_ADDRESS), r.to_dict()
+        assert "loopback" in r.error_message, r.error_message
+    assert not [p for p in REQUESTS if "?" in p], f"blocked URLs reached the server: {REQUESTS}"
+
+    from dataclasses import replace
+    cat_filter(str(inp), str(tmp_path / "allowed"), spark=spark, download=replace(params, allow_private_addresses=True))
+    ledger = pd.read_parquet(tmp_path / "allowed" / "ledger").set_index("url")
+    assert ledger.loc[urls["ip"]].status == S.KEPT and ledger.loc[urls["name"]].status == S.KEPT
+    r = ledger.loc[urls["redirect"]]
+    assert r.reason == S.R_BLOCKED_ADDRESS and "169.254.169.254" in r.error_message and "link-local" in r.error_message
+    assert "/to-metadata?x" in REQUESTS  # the first hop was fetched, the redirect target was not

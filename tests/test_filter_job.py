@@ -147,7 +147,7 @@ def test_missing_caption_column_names_the_columns(tmp_path):
 
 def test_empty_input_folder_is_an_error(tmp_path):
     (tmp_path / "in").mkdir()
-    with pytest.raises(InputError, match="no .parquet files"):
+    with pytest.raises(InputError, match=r"holds no \.parquet, \.csv, \.tsv, \.json or \.jsonl files"):
         cat_filter(str(tmp_path / "in"), str(tmp_path / "out"))
 
 

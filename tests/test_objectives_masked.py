@@ -134,7 +134,7 @@ def test_mim_loss_is_l1_on_masked_patches_only():
     model, trainee, images, texts = make(LossConfig(contrastive="none", mim_weight=1.0, masked_heads="vanilla"))
     mim = trainee.objective.parts["mim"]
     captured = {}
-    mim.pixels.register_forward_hook(lambda mod, args, out: captured.update(pred=out))
+    mim.decoder.register_forward_hook(lambda mod, args, out: captured.update(pred=out))
     calls = record_encoder_calls(model)
     terms = trainee(images, texts)
     patch_mask = next(k["patch_mask"] for k, _ in calls["image"] if k.get("patch_mask") is not None)
@@ -142,6 +142,43 @@ def test_mim_loss_is_l1_on_masked_patches_only():
     assert captured["pred"].shape == target.shape == (4, 36, 8 * 8 * 3)
     expected = (captured["pred"] - target).abs().mean(-1)[patch_mask].mean()
     assert torch.allclose(terms["mim"], expected, atol=1e-6)
+
+
+def test_mim_feature_target_is_l1_to_the_ema_clean_visual_tokens_per_sample():
+    # MAMO: the (masked image, clean text) representation predicts the EMA encoder's visual tokens of the
+    # CLEAN image at the masked patches, L1. Reference: one image and one masked patch at a time.
+    model, trainee, images, texts = make(LossConfig(contrastive="none", mim_weight=1.0, masked_heads="vanilla",
+                                                    mim_target="ema_features"))
+    mim, ema = trainee.objective.parts["mim"], trainee.objective.shared["ema"].model
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():   # online weights away from the EMA copy: an online target would give another number
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    captured = {}
+    mim.decoder.register_forward_hook(lambda mod, args, out: captured.update(pred=out))
+    calls = record_encoder_calls(model)
+    terms = trainee(images, texts)
+    patch_mask = next(k["patch_mask"] for k, _ in calls["image"] if k.get("patch_mask") is not None)
+    pred = captured["pred"]
+    assert pred.shape == (4, 36, model.clip.visual.transformer.width)
+
+    def reference(encoder):
+        errors = []
+        for i in range(len(images)):
+            _, clean_tokens = encoder.encode_image(images[i][None], return_tokens=True)
+            for p in range(patch_mask.shape[1]):
+                if patch_mask[i, p]:
+                    errors.append((pred[i, p] - clean_tokens[0, p]).abs().mean())
+        return sum(errors) / len(errors)
+
+    with torch.no_grad():
+        assert torch.allclose(terms["mim"], reference(ema), atol=1e-5)
+        assert not torch.allclose(terms["mim"], reference(model), atol=1e-3)
+    terms["mim"].backward()
+    assert all(p.grad is None for p in ema.parameters())
+    assert grad_groups(trainee) == {"image_encoder", "text_encoder", "mim", "image_mask_token"}
+    with pytest.raises(ValueError, match="mim_target"):
+        build_objective(LossConfig(mim_weight=1.0, mim_target="hog"), model)
 
 
 @pytest.mark.parametrize("which,conditioned,expected", [

@@ -46,6 +46,10 @@ def test_all_presets_exist_and_load():
         assert load_preset(p)["description"]
     with pytest.raises(ValueError, match="unknown preset"):
         load_preset("nope")
+    # the papers' targets: MAMO predicts EMA features, ConLIP pixels; the proposal denoises against the EMA model
+    assert load_preset("masked")["loss"]["mim_target"] == "ema_features"
+    assert load_preset("conlip")["loss"]["mim_target"] == "pixels"
+    assert load_preset("denoise")["loss"]["image_denoise_target"] == "ema"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -86,8 +90,7 @@ def test_ablate_runner_writes_table_and_charts(data, tmp_path):
     from model_training.ablate import main
     out = tmp_path / "ablate"
     main(["--shards", str(data / "shards"), "--out", str(out), "--presets", "clip,conlip", "--fractions", "0.5,1.0",
-          "--max-steps", "2", "--batch-size", "8", "--num-workers", "0", "--holdout-fraction", "0.25",
-          "--queue-size", "16"])
+          "--max-steps", "2", "--batch-size", "8", "--num-workers", "0", "--holdout-fraction", "0.25"])
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["preset"], float(r["fraction"])) for r in rows] == [("clip", 0.5), ("conlip", 0.5), ("clip", 1.0),
@@ -99,3 +102,6 @@ def test_ablate_runner_writes_table_and_charts(data, tmp_path):
     for name in ("results.md", "results.json", "ablate_recall.png", "scaling.png"):
         assert (out / name).is_file(), name
     assert "| clip | 0.5 |" in (out / "results.md").read_text()
+    # toy runs keep ConLIP's queue-to-batch ratio (3x), not the paper's 12,288 entries
+    ckpt = torch.load(out / "f1" / "conlip" / "checkpoints" / "step_0000002.pt", weights_only=True)
+    assert ckpt["config"]["loss"]["queue_size"] == 3 * 8

@@ -1,15 +1,16 @@
-"""DiHT's PGD few-shot probe (model_training/probe.py) on a toy feature set with known structure.
+"""DiHT's PGD few-shot probe (model_training/probe.py): the constrained problem against a reference
+written from its definition, the held-out grid search, and a toy feature set with known structure.
 
-Toy set: 10 classes, 64-d. Class centres are random unit vectors; each class's "prompt embedding"
-is its centre plus noise (so zero-shot is imperfect, ~39 % top-1) and image features are the
-centre plus stronger noise (so a single shot is a poor class estimate). Measured (5 seeds,
-radius 0.3, 100 Adam steps): k=1 zero-shot 38.6 %, PGD 40.4 %, scratch 25.0 %;
-k=16 zero-shot 38.0 %, PGD 53.6 %, scratch 61.1 % (the ball limits PGD once shots are plentiful).
+Toy set: 10 classes, 64-d, 30 images each. Class centres are random unit vectors; each class's
+"prompt embedding" is its centre plus noise (so zero-shot is imperfect, ~39 % top-1) and image
+features are the centre plus stronger noise (so a single shot is a poor class estimate).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from model_training.probe import few_shot_comparison, k_shot_split, project_rows
+from model_training.probe import ProbeConfig, few_shot_comparison, grid_search, k_shot_split, project_ball, train_probe
 
 
 def toy(seed=0, n_classes=10, dim=64, per_class=30, text_noise=2.0, image_noise=3.0):
@@ -21,25 +22,78 @@ def toy(seed=0, n_classes=10, dim=64, per_class=30, text_noise=2.0, image_noise=
     return feats, labels, prompts
 
 
-def test_projection_keeps_rows_within_the_radius():
+def reference_pgd(feats, labels, w0, steps, lr, scale, r_w, r_b):
+    """min CE(W, b) s.t. ||W - W0||_F <= r_W, ||b||_2 <= r_b by projected gradient descent, with the
+    softmax cross-entropy gradient written out sample by sample (dL/dz = p - onehot(y))."""
+    w, b = w0.clone().double(), torch.zeros(w0.shape[0], dtype=torch.float64)
+    w0, feats = w0.double(), feats.double()
+    n = len(labels)
+    for _ in range(steps):
+        grad_w, grad_b = torch.zeros_like(w), torch.zeros_like(b)
+        for f, y in zip(feats, labels.tolist()):
+            z = scale * (w @ f) + b
+            p = torch.exp(z - z.max()) / torch.exp(z - z.max()).sum()
+            p[y] -= 1.0
+            grad_w += scale * torch.outer(p, f) / n
+            grad_b += p / n
+        w, b = w - lr * grad_w, b - lr * grad_b
+        dist_w = math.sqrt(float(((w - w0) ** 2).sum()))
+        if dist_w > r_w:
+            w = w0 + (w - w0) * (r_w / dist_w)
+        norm_b = math.sqrt(float((b ** 2).sum()))
+        if norm_b > r_b:
+            b = b * (r_b / norm_b)
+    return w, b
+
+
+def test_pgd_matches_the_constrained_problem_stepped_by_hand():
+    feats, labels, prompts = toy(n_classes=4, dim=8, per_class=3)
+    cfg = ProbeConfig(steps=15, lr=0.1, scale=20.0)
+    for r_w, r_b in ((0.3, 0.5), (5.0, 0.0), (1e9, 1e9)):
+        w, b = train_probe(feats, labels, prompts, cfg, weight_radius=r_w, bias_radius=r_b)
+        ref_w, ref_b = reference_pgd(feats, labels, prompts, 15, 0.1, 20.0, r_w, r_b)
+        assert torch.allclose(w.double(), ref_w, atol=1e-4) and torch.allclose(b.double(), ref_b, atol=1e-4)
+        assert float((w - prompts).norm()) <= r_w + 1e-4 and float(b.norm()) <= r_b + 1e-4
+    # the ball is on the whole W (Frobenius), not per row: one row may move further than r_W / sqrt(C)
+    w, _ = train_probe(feats, labels, prompts, cfg, weight_radius=0.3, bias_radius=0.0)
+    assert abs(float((w - prompts).norm()) - 0.3) < 1e-4
+
+
+def test_projection_is_onto_the_whole_ball():
     center = torch.randn(5, 8)
     w = center + torch.randn(5, 8) * 3
-    p = project_rows(w, center, 0.5)
-    assert torch.allclose((p - center).norm(dim=1), torch.full((5,), 0.5), atol=1e-5)
+    p = project_ball(w, center, 0.5)
+    assert abs(float((p - center).norm()) - 0.5) < 1e-5
+    assert torch.allclose((p - center) / (p - center).norm(), (w - center) / (w - center).norm(), atol=1e-6)
     inside = center + 0.01
-    assert torch.equal(project_rows(inside, center, 0.5), inside)      # points inside the ball do not move
+    assert torch.equal(project_ball(inside, center, 0.5), inside)      # points inside the ball do not move
 
 
-def test_k_shot_split_draws_k_per_class_and_tests_on_the_rest():
+def test_k_shot_split_draws_k_train_and_k_held_out_per_class_and_tests_on_the_rest():
     labels = torch.arange(4).repeat_interleave(6)
-    train, test = k_shot_split(labels, 2, seed=0)
-    assert torch.bincount(labels[train]).tolist() == [2, 2, 2, 2] and len(test) == 16
-    assert not set(train.tolist()) & set(test.tolist())
+    train, val, test = k_shot_split(labels, 2, seed=0)
+    assert torch.bincount(labels[train]).tolist() == [2, 2, 2, 2] and torch.bincount(labels[val]).tolist() == [2] * 4
+    assert len(test) == 8 and len(set(train.tolist()) | set(val.tolist()) | set(test.tolist())) == 24
 
 
-def test_pgd_probe_at_one_shot_beats_scratch_and_matches_or_beats_zero_shot():
+def test_grid_search_picks_the_best_held_out_score_and_batched_probes_equal_single_ones():
+    assert grid_search(torch.tensor([10.0, 30.0, 20.0, 30.0])) == 1            # best; the first one on ties
+    feats, labels, prompts = toy(n_classes=4, dim=8, per_class=3)
+    cfg = ProbeConfig(steps=10)
+    w, b = train_probe(feats, labels, prompts, cfg, torch.tensor([0.2, 1.0]), torch.tensor([0.0, 0.5]))
+    for i, (r_w, r_b) in enumerate(((0.2, 0.0), (1.0, 0.5))):
+        w_one, b_one = train_probe(feats, labels, prompts, cfg, r_w, r_b)
+        assert torch.allclose(w[i], w_one, atol=1e-6) and torch.allclose(b[i], b_one, atol=1e-6)
+
+
+def test_probe_reports_zero_shot_pgd_unconstrained_and_scratch_on_the_same_shots():
     feats, labels, prompts = toy()
-    (row,) = few_shot_comparison(feats, labels, prompts, ks=(1,), seeds=5)
-    assert 30 < row["zero_shot"] < 50, row                # the prompts carry real but partial information
-    assert row["pgd"] >= row["zero_shot"], row
-    assert row["pgd"] > row["scratch"] + 8, row           # one shot from scratch overfits badly
+    rows = few_shot_comparison(feats, labels, prompts, ks=(1, 8), seeds=5)
+    one, eight = rows
+    assert {"zero_shot", "pgd", "unconstrained", "scratch", "pgd_radii", "scratch_weight_decay"} <= set(one)
+    assert 30 < one["zero_shot"] < 50, one                 # the prompts carry real but partial information
+    assert one["pgd"] >= one["zero_shot"] - 1, one         # the ball keeps one shot from undoing the prompts
+    assert one["pgd"] > one["scratch"] + 8, one            # one shot from scratch overfits badly
+    assert eight["pgd"] > eight["zero_shot"], eight        # with more shots the search widens the ball
+    cfg = ProbeConfig()
+    assert all(r in [[a, b] for a in cfg.weight_radii for b in cfg.bias_radii] for r in one["pgd_radii"])

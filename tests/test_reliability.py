@@ -230,7 +230,8 @@ def test_bad_input_matrix_through_filter_and_distill(spark, tmp_path):
     urls = build_bad_input(str(inp))
     out = tmp_path / "out"
     stats = cat_filter(str(inp), str(out), spark=spark, skip_bad_files=True,
-                       download=DownloadParams(timeout=2, processes_count=1, thread_count=2))
+                       download=DownloadParams(timeout=2, processes_count=1, thread_count=2,
+                                               allow_private_addresses=True))  # 127.0.0.1:9 must be tried
     ledger = pd.read_parquet(out / "ledger")
     assert ledger.key.is_unique
     assert len(ledger) == stats["n_input"] == stats["n_kept"] + stats["n_dropped"] + stats["n_failed"]

@@ -69,6 +69,8 @@ def test_params_validation():
         TextSpotParams(canvas_size=300)
     with pytest.raises(ValueError):
         TextSpotParams(batch_size=0)
+    with pytest.raises(ValueError, match="detect_scale"):
+        TextSpotParams(detect_scale=1.5)   # the detector never upscales
 
 
 # ---------------------------------------------------------------- TextSpotter with the real weights
@@ -144,3 +146,19 @@ def test_reread_keeps_the_more_confident_reading(spotter):
     again = spotter.spot([image])[0]
     assert len(once) == len(again) >= 1
     assert all(b >= a - 1e-6 for (_ta, a), (_tb, b) in zip(once, again)), (once, again)
+
+
+def test_operating_point_flickr_set(spotter):
+    """The download stage's images (img2dataset: 256 px, border, JPEG q95) of real Flickr8k photos: the set
+    is labelled by construction, and the spotter (CRAFT at 160 px for 256-px images) drops the pairs
+    showing their caption's words, keeps the clean ones, and reports every detection (not only matches)."""
+    from bench.textspot_set import build_flickr_set
+    items = build_flickr_set(256, n_caption_text=4, n_clean=3, n_other_text=2)
+    assert [i.image.shape for i in items] == [(256, 256, 3)] * 9
+    assert [i.kind for i in items].count("caption_text") == 4 and sum(i.drop for i in items) == 4
+    results = spot_and_match([i.image for i in items], [i.caption for i in items], spotter=spotter)
+    drops = [r.drop for r in results]
+    assert sum(d and i.drop for d, i in zip(drops, items)) >= 3, [(i.text, r.detections) for r, i in zip(results, items)]
+    assert not any(d and not i.drop for d, i in zip(drops, items))
+    other = [r for r, i in zip(results, items) if i.kind == "other_text"]
+    assert any(r.detections and not r.drop for r in other)   # text read, kept, still reported

@@ -106,6 +106,51 @@ def test_momentum_queue_is_independent_of_batch_and_ema_moves():
     assert not any(p.requires_grad for p in mq.ema.parameters())
 
 
+@pytest.mark.parametrize("kind", ["dcl", "infonce"])
+def test_queue_term_matches_the_definition_per_query(kind):
+    # ConLIP: query q_i (online), positive k_i (momentum key of the same pair), negatives: the other keys of
+    # the batch and every queued key; DCL leaves e^{pos} out of the denominator, InfoNCE keeps it in.
+    torch.manual_seed(0)
+    model = build_model("catclip-micro")
+    mq = MomentumQueueContrastive(model, model.embed_dim, queue_size=6, momentum=0.9, temperature=0.05, kind=kind)
+    images, texts = torch.randn(4, 3, 48, 48), torch.randint(1, 1000, (4, 24))
+    texts[:, -1] = 49407
+    with torch.no_grad():
+        for p in model.parameters():   # online != momentum encoder, so queries and keys differ
+            p.add_(0.02 * torch.randn(p.shape))
+    mq.eval()    # no enqueue: fill the queue by hand with unit vectors
+    mq.image_queue.copy_(F.normalize(torch.randn(6, model.embed_dim), dim=-1))
+    mq.text_queue.copy_(F.normalize(torch.randn(6, model.embed_dim), dim=-1))
+    mq.queue_filled.fill_(5)           # the sixth slot is unfilled: it must not act as a negative
+    out = {"images": images, "texts": texts, "image_emb": model.encode_image(images), "text_emb": model.encode_text(texts)}
+    value = mq(out)[f"momentum_{kind}"]
+    with torch.no_grad():
+        keys = {"image": mq.ema.encode_image(images), "text": mq.ema.encode_text(texts)}
+        expected = 0.0
+        for query_side, key_side in (("image", "text"), ("text", "image")):
+            queries, queue = out[f"{query_side}_emb"], getattr(mq, f"{key_side}_queue")[:5]
+            per_query = []
+            for i in range(4):
+                pos = math.exp(float(queries[i] @ keys[key_side][i]) / 0.05)
+                neg = sum(math.exp(float(queries[i] @ keys[key_side][j]) / 0.05) for j in range(4) if j != i)
+                neg += sum(math.exp(float(queries[i] @ q) / 0.05) for q in queue)
+                per_query.append(-math.log(pos / ((pos if kind == "infonce" else 0.0) + neg)))
+            expected += sum(per_query) / 4
+    assert math.isclose(float(value.detach()), expected, rel_tol=1e-4)
+
+
+def test_conlip_presets_use_the_papers_queue_and_both_queue_losses_build():
+    from model_training.presets import CONLIP_QUEUE_TO_BATCH, load_preset
+    for name in ("cl", "conlip", "conlip-vanilla"):
+        loss = load_preset(name)["loss"]
+        assert loss["queue_size"] == 12288 == CONLIP_QUEUE_TO_BATCH * 4096 and loss["queue_loss"] == "dcl"
+    model = build_model("catclip-micro")
+    assert build_objective(LossConfig(contrastive="none", momentum_weight=1.0, queue_loss="infonce"),
+                           model).parts["momentum"].kind == "infonce"
+    with pytest.raises(ValueError, match="queue_loss"):
+        build_objective(LossConfig(contrastive="none", momentum_weight=1.0, queue_loss="nce"), model)
+
+
 def test_objective_composes_weighted_terms():
     model = build_model("catclip-micro")
     obj = build_objective(LossConfig(contrastive="hn_nce", contrastive_weight=0.5, concept_weight=2.0),

@@ -1,0 +1,247 @@
+"""One writer per output folder: a lock file in OUTPUT (and LABELS, RUN) naming who holds it.
+
+    from pipeline.locks import folder_lock, LockHeld
+    with folder_lock(output, job="cat_filter"):
+        ...   # start-up cleanup of temporaries, then the work
+
+A second run on the same folder is refused (LockHeld) with the holder's job, host, pid, start time
+and last heartbeat. The lock is `<folder>/.lock`, created with O_CREAT|O_EXCL (atomic, also on NFS
+v3+), and holds JSON: job, host, pid, started, a random token. While held, a daemon thread touches
+the file every `heartbeat_s` seconds.
+
+A lock left by a run that died is taken over:
+- same machine (same host name, boot id and pid namespace): stale as soon as its pid is gone (or
+  was reused by another process: the process start time is recorded too);
+- another machine: stale when its heartbeat (the file's mtime) is older than `stale_after_s`
+  (default 120 s = 8 missed heartbeats). Ages are measured on the filesystem's clock (the mtime of
+  a probe file we create), so clock skew between hosts does not matter. A fresh lock from another
+  host is never taken.
+
+The storage is behind a small interface (`LockStore`: conditional create, read with age and version,
+refresh-if-version, remove-if-version) that maps onto object stores (PUT If-None-Match: *, conditional
+overwrite / delete by ETag, server Last-Modified as the heartbeat); only the POSIX store exists today.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+LOCK_NAME = ".lock"
+
+
+class LockHeld(RuntimeError):
+    """Another live run holds the folder."""
+
+
+class LockLost(RuntimeError):
+    """Our lock file was removed or replaced while we ran (we were judged stale)."""
+
+
+@dataclass(frozen=True)
+class LockParams:
+    heartbeat_s: float = 15.0       # how often the holder touches the lock file
+    stale_after_s: float = 120.0    # another host's lock with an older heartbeat is stale (8 beats missed)
+
+
+@dataclass(frozen=True)
+class Holder:
+    job: str
+    host: str
+    pid: int
+    started: str                    # ISO time, for people
+    machine: str                    # host + boot id + pid namespace: "is this pid ours to check?"
+    proc_start: str | None          # the pid's start time (Linux), so a reused pid is not mistaken
+    token: str
+
+    def describe(self, age_s: float | None) -> str:
+        beat = f", last heartbeat {age_s:.0f} s ago" if age_s is not None else ""
+        return f"{self.job} (pid {self.pid} on host {self.host}, started {self.started}{beat})"
+
+
+def _read_first(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def machine_id() -> str:
+    pidns = ""
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pass
+    return f"{socket.gethostname()}|{_read_first('/proc/sys/kernel/random/boot_id')}|{pidns}"
+
+
+def process_start(pid: int) -> str | None:
+    stat = _read_first(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[1].split()[19] if ")" in stat else None  # field 22: starttime
+
+
+def pid_alive(pid: int, proc_start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return proc_start is None or process_start(pid) in (None, proc_start)
+
+
+class PosixLockStore:
+    """The lock as a file; version = inode number (a replaced file is a new version)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+
+    def create(self, data: bytes) -> int | None:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+
+    def read(self) -> tuple[bytes, float, int] | None:
+        """(content, heartbeat age in s on the filesystem's clock, version), or None when absent."""
+        try:
+            with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        return data, max(0.0, self._fs_now() - st.st_mtime), st.st_ino
+
+    def refresh(self, version: int) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_ino != version:
+                return False
+            os.utime(fd)  # the inode we just checked, whatever happens to the name meanwhile
+            return True
+        finally:
+            os.close(fd)
+
+    def remove(self, version: int) -> bool:
+        """Delete the lock only if it is still `version`: move it aside (atomic, one winner), check,
+        and put back a lock that turned out to be someone else's."""
+        aside = os.path.join(self.folder, f"{LOCK_NAME}.breaking-{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        if os.stat(aside).st_ino == version:
+            os.remove(aside)
+            return True
+        try:
+            os.link(aside, self.path)  # never overwrites a lock created meanwhile
+        except FileExistsError:
+            pass
+        os.remove(aside)
+        return False
+
+    def _fs_now(self) -> float:
+        probe = os.path.join(self.folder, f"{LOCK_NAME}.clock-{uuid.uuid4().hex}")
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.remove(probe)
+
+
+class FolderLock:
+    def __init__(self, folder: str, job: str, params: LockParams | None = None, store=None):
+        self.folder, self.job, self.params = folder, job, params or LockParams()
+        self.store = store or PosixLockStore(folder)
+        self.version: int | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> "FolderLock":
+        os.makedirs(self.folder, exist_ok=True)
+        me = Holder(self.job, socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    machine_id(), process_start(os.getpid()), uuid.uuid4().hex)
+        data = json.dumps(asdict(me), indent=1).encode()
+        for _ in range(5):  # a lock may vanish or be taken between our steps: try again
+            self.version = self.store.create(data)
+            if self.version is not None:
+                self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.folder}", daemon=True)
+                self._thread.start()
+                return self
+            current = self.store.read()
+            if current is None:
+                continue
+            content, age, version = current
+            holder, why_stale = self._judge(content, age)
+            if why_stale is None:
+                raise LockHeld(f"{self.folder} is in use by {holder.describe(age)}; wait for it to finish "
+                               f"(a lock from this machine is released when its process ends, one from "
+                               f"another host after {self.params.stale_after_s:.0f} s without heartbeat)")
+            if self.store.remove(version):
+                print(f"[lock] took over the stale lock of {self.folder}: {why_stale}", flush=True)
+        raise LockHeld(f"{self.folder}: could not take the lock (other runs keep taking it)")
+
+    def _judge(self, content: bytes, age: float) -> tuple[Holder | None, str | None]:
+        """(the holder, why its lock is stale or None when it is live)."""
+        try:
+            holder = Holder(**json.loads(content))
+        except (ValueError, TypeError):
+            # half-written by a process killed between create and write: only age can tell
+            if age > max(5.0, 2 * self.params.heartbeat_s):
+                return None, f"unreadable lock file, untouched for {age:.0f} s"
+            return Holder("unknown", "?", -1, "?", "?", None, "?"), None
+        if holder.machine == machine_id():
+            if not pid_alive(holder.pid, holder.proc_start):
+                return holder, f"{holder.describe(age)} is no longer running"
+            return holder, None
+        if age > self.params.stale_after_s:
+            return holder, f"{holder.describe(age)}: no heartbeat for over {self.params.stale_after_s:.0f} s"
+        return holder, None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.params.heartbeat_s):
+            if not self.store.refresh(self.version):
+                self.lost = True
+                print(f"[lock] WARNING: the lock of {self.folder} was taken by another run", flush=True)
+                return
+
+    def check(self) -> None:
+        """Call between phases: stop before writing more if another run took the folder over."""
+        if self.lost:
+            raise LockLost(f"{self.folder}: our lock was taken over by another run; stopping")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.version is not None and not self.lost:
+            self.store.remove(self.version)
+        self.version = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire() if self.version is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def folder_lock(folder: str, job: str, params: LockParams | None = None) -> FolderLock:
+    """`with folder_lock(OUTPUT, "cat_filter"):` - refuses (LockHeld) while another live run holds it."""
+    return FolderLock(os.path.abspath(folder), job, params)
