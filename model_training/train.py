@@ -120,6 +120,11 @@ class Trainee(nn.Module):
                                "model": self.model, "images": images, "texts": texts, "concepts": concepts})
 
 
+# objectives that read image tokens or pixels: not available over cached features
+PIXEL_OBJECTIVES = ("mlm_weight", "mim_weight", "itm_weight", "text_denoise_weight", "image_denoise_weight",
+                    "repr_weight")
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -435,6 +440,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
     features = None
     if cfg.image_features:
         from model_training.features import FeatureCache
+        needs_tokens = [n for n in PIXEL_OBJECTIVES if getattr(cfg.loss, n) > 0]
+        if needs_tokens:
+            raise ValueError(f"--image-features (a locked image tower) gives no image tokens or pixels; "
+                             f"{', '.join('--' + n.replace('_', '-') for n in needs_tokens)} need the full tower")
         features = FeatureCache(cfg.image_features)
     model = build_model(cfg.model, cfg.init_checkpoint or None, image_feature_dim=features.dim if features else 0
                         ).to(device)

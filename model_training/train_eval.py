@@ -119,6 +119,21 @@ def train_eval(cfg: TrainConfig, given: set[str]):
     atomic_write_json(metrics, str(run / "metrics.json"))
     print(json.dumps({k: result[k] for k in ("i2t_r1", "t2i_r1", "rsum", "n_pairs")}, indent=2))
     print(f"[train-eval] wrote {run / 'metrics.json'}, {run / 'recall.png'}, {run / 'loss_curve.png'}")
+    print(smoke_note(result["n_pairs"], summary["samples_seen"], result["rsum"], sum(result["chance"].values())))
+
+
+SMOKE_PAIRS = 1000   # fewer held-out pairs than this, or recall near chance: the run only shows the plumbing
+
+
+def smoke_note(n_holdout: int, samples_seen: int, rsum: float, chance_rsum: float) -> str:
+    """Say plainly when a run is a smoke test rather than a measurement."""
+    if n_holdout >= SMOKE_PAIRS and rsum > 2 * chance_rsum:
+        return f"[train-eval] held-out RSUM {rsum:.1f} vs chance {chance_rsum:.1f}"
+    return (f"[train-eval] SMOKE TEST: {n_holdout} held-out pairs, {samples_seen} samples seen, RSUM {rsum:.1f} vs "
+            f"chance {chance_rsum:.1f}. This checks that filter -> train -> eval work end to end; it measures "
+            "nothing. For a run that means something: `make experiment` (Flickr8k, real photos, every arm; "
+            "reads ../shared/data/flickr8k or FLICKR8K=<folder with Flickr8k.token.txt + Flickr_8k.*Images.txt + "
+            "images>, or dataset_flickr8k.json).")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""The Flickr8k evidence experiment, reduced (`--scale smoke`), end to end with the real Spark filter,
+the real distillation job, the LiT feature cache and the trainer; plus the Flickr8k readers."""
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import SHARED_DATA
+
+FLICKR8K = SHARED_DATA / "flickr8k"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, spark, shared_data):
+    from experiments.flickr8k import parse_config, run_experiment
+    cfg, _ = parse_config(["--scale", "smoke"])
+    out = tmp_path_factory.mktemp("experiment")
+    summary = run_experiment(out, cfg, FLICKR8K, spark=spark)
+    return out, cfg, summary
+
+
+def test_noise_model_records_every_corruption(smoke):
+    out, cfg, summary = smoke
+    rows = pq.read_table(out / "work" / "noisy" / "train.parquet").drop(["jpg"]).to_pylist()
+    assert len(rows) == 5 * cfg.noise.photos == summary["noise"]["n_pairs"]
+    assert len({r["key"] for r in rows}) == len(rows)
+    by = {t: [r for r in rows if r["noise"] == t] for t in ("none", "text_shortcut", "misaligned", "low_complexity")}
+    assert sum(map(len, by.values())) == len(rows) and all(by.values())
+    for r in by["none"] + by["text_shortcut"]:
+        assert r["caption"] == r["clean_caption"]
+    for r in by["text_shortcut"]:   # 1-4 consecutive words of its own caption were drawn on the photo
+        assert 1 <= len(r["rendered_text"].split()) <= 4
+        assert r["rendered_text"].lower() in r["clean_caption"].lower()
+    for r in by["misaligned"] + by["low_complexity"]:
+        assert r["caption"] != r["clean_caption"] and not r["rendered_text"]
+    assert all(len(r["caption"].split()) <= 3 for r in by["low_complexity"])
+
+
+def test_every_train_pair_lands_in_exactly_one_ledger_status_per_filter_run(smoke):
+    from experiments.flickr8k import ledger_rows
+    out, cfg, summary = smoke
+    keys = set(pq.read_table(out / "work" / "noisy" / "train.parquet", columns=["key"]).column(0).to_pylist())
+    for name in summary["filter_stats"]:
+        ledger = ledger_rows(out / "work" / "filter" / name)
+        assert sorted(r["key"] for r in ledger) == sorted(keys), name   # each key once, none missing
+        assert {r["status"] for r in ledger} <= {"kept", "dropped", "failed"}
+        stats = summary["filter_stats"][name]
+        assert stats["n_input"] == stats["n_kept"] + stats["n_dropped"] + stats["n_failed"] == len(keys)
+
+
+def test_detector_counts_are_consistent_with_the_ledger_and_the_arms(smoke):
+    out, cfg, summary = smoke
+    full = [r for r in summary["detector"] if r["filter_run"] == "full"]
+    assert sum(r["n"] for r in full) == summary["noise"]["n_pairs"]
+    for r in full:
+        assert r["dropped"] == sum(r["reasons"].values()) <= r["n"]
+    kept = summary["noise"]["n_pairs"] - sum(r["dropped"] for r in full)
+    assert kept == summary["filter_stats"]["full"]["n_kept"] == summary["arms"]["filtered"]["n_pairs"]
+    assert summary["arms"]["random"]["n_pairs"] == summary["arms"]["filtered"]["n_pairs"]
+    assert summary["arms"]["noisy"]["n_pairs"] == summary["arms"]["clean"]["n_pairs"] == summary["noise"]["n_pairs"]
+    # the caption rules drop every bare noun phrase ("A dog": no action)
+    low = next(r for r in full if r["noise"] == "low_complexity")
+    assert low["dropped"] == low["n"]
+
+
+def test_rendered_caption_text_is_dropped_by_the_text_spot_stage(smoke):
+    _, _, summary = smoke
+    ts = summary["textspot_detector"]
+    assert ts["n_rendered"] >= 10
+    assert ts["recall"] >= 0.8, ts
+    assert ts["precision"] >= 0.8, ts
+
+
+def test_arms_train_the_same_budget_and_are_scored_on_clean_dev(smoke):
+    out, cfg, summary = smoke
+    for arm, r in summary["arms"].items():
+        assert len(r["runs"]) == cfg.seeds
+        for run in r["runs"]:
+            assert run["samples_seen"] == cfg.steps * cfg.batch_size, arm
+            assert 0 <= run["rsum"] <= 600
+    assert summary["dev"] == {"n_images": cfg.dev_images, "n_captions": 5 * cfg.dev_images}
+    assert summary["arms"]["clean"]["runs"][0]["rsum"] > 0   # learned something above zero on real photos
+    res = out / "results"
+    for name in ("results.md", "results.csv", "results.json", "recall.png", "detector.md", "detector.csv",
+                 "machine.json", "command.txt"):
+        assert (res / name).is_file() and (res / name).stat().st_size > 0, name
+    assert "filtered - random" in json.loads((res / "results.json").read_text())["comparisons"]
+
+
+def test_paired_bootstrap_is_zero_for_identical_arms_and_signed_for_better_ones():
+    import numpy as np
+    from experiments.flickr8k import paired_bootstrap
+    t2i = [i for i in range(20) for _ in range(5)]
+    good = {"i2t": [np.zeros(20, int)], "t2i": [np.zeros(100, int)]}       # everything at rank 0
+    bad = {"i2t": [np.full(20, 50)], "t2i": [np.full(100, 50)]}
+    assert paired_bootstrap(good, good, t2i)["rsum_diff"] == 0
+    d = paired_bootstrap(good, bad, t2i, n_boot=200)
+    assert d["rsum_diff"] == 600 and d["p_two_sided"] == 0
+
+
+def _write_distributed_layout(root: Path, n: int = 3) -> list[str]:
+    """Flickr8k as the archive ships it, built from the shared Parquet copy."""
+    images = pq.read_table(FLICKR8K / "images.parquet", columns=["image", "split", "jpg"]).to_pylist()
+    dev = [r for r in images if r["split"] == "dev"][:n]
+    caps = pq.read_table(FLICKR8K / "captions.parquet").to_pylist()
+    (root / "Flicker8k_Dataset").mkdir(parents=True)
+    for r in dev:
+        (root / "Flicker8k_Dataset" / r["image"]).write_bytes(r["jpg"])
+    names = {r["image"] for r in dev}
+    lines = [f"{c['image']}#{c['n']}\t{c['caption']}" for c in caps if c["image"] in names]
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(r["image"] for r in dev) + "\n")
+    return sorted(names)
+
+
+def test_flickr8k_reads_the_distributed_the_karpathy_and_the_parquet_layouts(tmp_path, shared_data):
+    from model_training.caption_sets import load_flickr8k
+    names = _write_distributed_layout(tmp_path / "dist")
+    dist = load_flickr8k(tmp_path / "dist", "dev")
+    assert sorted(dist.image_ids) == names and len(dist.captions) == 15
+    karpathy = {"images": [{"filename": n, "split": "val",
+                            "sentences": [{"raw": c} for c, i in zip(dist.captions, dist.text_to_image)
+                                          if dist.image_ids[i] == n]} for n in names]}
+    (tmp_path / "dist" / "dataset_flickr8k.json").write_text(json.dumps(karpathy))
+    kp = load_flickr8k(tmp_path / "dist" / "dataset_flickr8k.json", "dev")   # Karpathy calls dev "val"
+    assert sorted(kp.image_ids) == names and kp.image_bytes(0) == (tmp_path / "dist" / "Flicker8k_Dataset" /
+                                                                    kp.image_ids[0]).read_bytes()
+    parquet = load_flickr8k(FLICKR8K, "dev")
+    assert len(parquet.image_ids) == 1000 and len(parquet.captions) == 5000
+    by_name = dict(zip(parquet.image_ids, range(1000)))
+    i = by_name[dist.image_ids[0]]   # the same photo and captions whichever layout it came from
+    assert parquet.image_bytes(i) == dist.image_bytes(0)
+    assert [c for c, j in zip(parquet.captions, parquet.text_to_image) if j == i] == dist.captions[:5]
+    with pytest.raises(FileNotFoundError, match="no Flickr8k layout"):
+        load_flickr8k(tmp_path, "dev")
+
+
+def test_evaluate_cli_reads_flickr8k(tmp_path, shared_data):
+    from model_training.evaluate import main
+    _write_distributed_layout(tmp_path / "f8k", n=4)
+    main(["--model", "catclip-micro", "--flickr8k", str(tmp_path / "f8k"), "--split", "dev",
+          "--out", str(tmp_path / "eval")])
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["n_images"] == 4 and m["n_captions"] == 20 and m["task"] == "flickr8k_dev"
+    assert 0 <= m["rsum"] <= 600
+
+
+def test_feature_cache_embeds_each_distinct_image_once_and_refuses_pixel_objectives(tmp_path, shared_data):
+    import pyarrow as pa
+    from model_training.features import FeatureCache, cache_features
+    from model_training.losses import LossConfig
+    from model_training.train import TrainConfig, train
+    jpgs = pq.read_table(FLICKR8K / "images.parquet", columns=["jpg"]).slice(0, 3).column(0).to_pylist()
+    rows = {"key": ["a", "b", "c", "d"], "caption": ["a dog runs"] * 4, "jpg": jpgs + [jpgs[0]]}
+    pq.write_table(pa.table(rows), tmp_path / "00000.parquet")
+    first = cache_features(str(tmp_path / "00000.parquet"), tmp_path / "feats")
+    assert first["rows"] == 4 and first["embedded"] == 3          # the repeated photo once
+    again = cache_features(str(tmp_path / "00000.parquet"), tmp_path / "feats")
+    assert again["embedded"] == 0 and again["already_cached"] == 3
+    cache = FeatureCache(tmp_path / "feats")
+    assert len(cache) == 3 and cache.get(jpgs[0]).shape == (1280,) and cache.get(b"not cached") is None
+    with pytest.raises(ValueError, match="mim-weight need the full tower"):
+        train(TrainConfig(shards=str(tmp_path / "00000.parquet"), run_dir=str(tmp_path / "run"), model="catclip-micro",
+                          image_features=str(tmp_path / "feats"), num_workers=0, loss=LossConfig(mim_weight=0.5)))
