@@ -33,7 +33,6 @@ full image towers from scratch at 224 px (catclip-small), where reading rendered
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -198,7 +197,8 @@ def evaluate_run(cfg: ExperimentConfig, run_dir: Path, dev, features: Path):
     from model_training.evaluate import embed_images, embed_texts, recall_from_ranks, retrieval_ranks
     from model_training.features import FeatureCache
     from model_training.models import build_model, get_tokenizer
-    ckpt = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
+    from model_training.train import find_checkpoint
+    ckpt = find_checkpoint(run_dir, "latest")   # by step, as the trainer orders them
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cache = FeatureCache(features) if cfg.image_tower == "locked" else None
     model = build_model(cfg.model, image_feature_dim=cache.dim if cache else 0)
@@ -245,10 +245,10 @@ def paired_bootstrap(a: dict, b: dict, text_to_image, n_boot: int = 2000, seed: 
     n_img = len(a["i2t"][0])
     caps_of = [np.flatnonzero(t2i_img == i) for i in range(n_img)]
 
-    def hits(arm):   # per query and k, the fraction of seeds that retrieved it
-        i2t = np.stack([[np.mean([r[q] < k for r in arm["i2t"]]) for k in (1, 5, 10)] for q in range(n_img)])
-        t2i = np.stack([[np.mean([r[q] < k for r in arm["t2i"]]) for k in (1, 5, 10)] for q in range(len(t2i_img))])
-        return i2t, t2i
+    ks = np.array([1, 5, 10])
+
+    def hits(arm):   # [queries, k]: the fraction of seeds that retrieved each query within k
+        return tuple(np.mean([np.asarray(r)[:, None] < ks for r in arm[d]], axis=0) for d in ("i2t", "t2i"))
     (ai, at), (bi, bt) = hits(a), hits(b)
     di, dt = (ai - bi).sum(1), (at - bt).sum(1)   # per-query difference of hits, summed over k
     dt_img = np.array([dt[c].sum() for c in caps_of])       # an image's captions travel with it

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 from pathlib import Path
 
@@ -34,11 +33,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from pipeline.images import image_digest
+
 FEATURES_SCHEMA = pa.schema([("digest", pa.binary(16)), ("embedding", pa.list_(pa.float16()))])
-
-
-def image_digest(jpg: bytes) -> bytes:
-    return hashlib.blake2b(jpg, digest_size=16).digest()
 
 
 class FeatureCache:

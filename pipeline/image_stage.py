@@ -19,7 +19,6 @@ decides (jobs/redecide.py).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -211,7 +210,7 @@ def _spot_unique_images(decoded: list, params: ImageStageParams) -> list[list[tu
     first: dict[bytes, int] = {}
     images, slot = [], []
     for r, d in decoded:
-        digest = hashlib.blake2b(r["jpg"], digest_size=16).digest()
+        digest = img.image_digest(r["jpg"])
         if digest not in first:
             first[digest] = len(images)
             images.append(d.array())

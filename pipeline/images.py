@@ -15,6 +15,7 @@ Run the tests: PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_images.py
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ class DecodedImage:
     def array(self) -> np.ndarray:
         """H x W x 3 uint8 RGB array (what TextSpotter.spot takes)."""
         return np.asarray(self.image, dtype=np.uint8)
+
+
+def image_digest(data: bytes) -> bytes:
+    """128-bit content digest of encoded image bytes: the identity under which an image is spotted once
+    (image stage) and its frozen features are cached (model_training.features)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
