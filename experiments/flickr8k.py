@@ -197,7 +197,7 @@ def evaluate_run(cfg: ExperimentConfig, run_dir: Path, dev, features: Path):
     from model_training.evaluate import embed_images, embed_texts, recall_from_ranks, retrieval_ranks
     from model_training.features import FeatureCache
     from model_training.models import build_model, get_tokenizer
-    from model_training.train import find_checkpoint
+    from model_training.run_dir import find_checkpoint
     ckpt = find_checkpoint(run_dir, "latest")   # by step, as the trainer orders them
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cache = FeatureCache(features) if cfg.image_tower == "locked" else None

@@ -26,12 +26,8 @@ import argparse
 import csv
 import dataclasses
 import json
-import errno
-import hashlib
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -46,9 +42,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model_training.data import ShardStream, check_sharding, list_shards, make_loader, read_vocab
 from model_training.losses import STAT_PREFIX, LossConfig, build_objective, gather_with_grad
 from model_training.presets import load_preset
-from model_training.models import build_model, export_open_clip, get_tokenizer
+from model_training.models import build_model, get_tokenizer
 from pipeline.locks import LockHeld, LockLost, folder_lock
-from pipeline.partitions import StorageError, _diff, as_storage_error, atomic_write_json, writing
+from pipeline.partitions import StorageError, as_storage_error, atomic_write_json, writing
+from model_training.run_dir import (RUN_MANIFEST, RunFolderError, check_checkpoint_config, delete_checkpoint,
+                                   export_checked, find_checkpoint, list_checkpoints, prepare_run_dir,
+                                   remove_run_temporaries, run_identity, save_checkpoint)
 
 
 def _f(default, help_text):
@@ -144,185 +143,6 @@ def make_optimizer(trainee: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=True)   # one kernel over all params: ~10x faster than the loop on CPU
-
-
-# ------------------------------------------------------------------ the run folder: identity, checkpoints, storage
-RUN_MANIFEST = "run.json"
-# settings that do not change what is trained: they may differ between a run and its resume. The data
-# enters the identity as a fingerprint of its files, not as paths (a moved folder holds the same data).
-NOT_IDENTITY = ("shards", "labels", "run_dir", "resume", "overwrite", "stop_after", "log_every",
-                "checkpoint_every", "keep_checkpoints", "compile", "device")
-# what train and train_eval write into RUN: --overwrite removes these and nothing else (RUN may be ".")
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "export", "log.csv", "loss_curve.png", "train_summary.json",
-               "metrics.json", "recall.png", RUN_MANIFEST)
-
-
-class RunFolderError(ValueError):
-    """RUN holds another run, or a checkpoint was written with another configuration."""
-
-
-def _files_fingerprint(paths) -> str:
-    """Names and sizes: stat only (no data read, fine for 100k shards) and enough to tell re-filtered data apart."""
-    h = hashlib.sha256()
-    for p in sorted(Path(p) for p in paths):
-        h.update(f"{p.name}|{p.stat().st_size}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def run_identity(cfg: TrainConfig, shards: list[Path]) -> dict:
-    """What makes two runs the same run: the settings that shape the trajectory + the data's fingerprint."""
-    labels = "none"
-    if cfg.labels:
-        files = [*(Path(cfg.labels) / "shards").glob("*.parquet"), Path(cfg.labels) / "vocab.json"]
-        labels = _files_fingerprint(p for p in files if p.is_file())
-    identity = {"config": {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY},
-                "data": {"shards": _files_fingerprint(shards), "n_shards": len(shards), "labels": labels}}
-    return json.loads(json.dumps(identity, default=str))   # as it reads back from JSON
-
-
-def identity_differences(recorded: dict, now: dict) -> list[str]:
-    """'setting: old -> new' per difference. A setting the recorded run did not have (added to TrainConfig
-    since) is not a difference."""
-    return [f"{k}: {a!r} -> {b!r}" for k, a, b in _diff(recorded, now) if a is not None]
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, .pt path) of the complete checkpoints (the .json meta is written after the .pt), oldest first,
-    ordered by the step in the meta (else in the name), never by name: step_10000000 sorts before step_9999999."""
-    found = []
-    for meta in (run_dir / "checkpoints").glob("step_*.json"):
-        try:
-            step = int(json.loads(meta.read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            digits = re.fullmatch(r"step_(\d+)", meta.stem)
-            if digits is None:
-                continue
-            step = int(digits.group(1))
-        found.append((step, meta.with_suffix(".pt")))
-    return sorted(found)
-
-
-def find_checkpoint(run_dir: Path, spec: str) -> Path | None:
-    """'latest' -> the checkpoint with the highest step; anything else is a path."""
-    if spec != "latest":
-        return Path(spec)
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def _delete_checkpoint(pt: Path):
-    pt.with_suffix(".json").unlink(missing_ok=True)   # first: without its meta the .pt already counts as incomplete
-    pt.unlink(missing_ok=True)
-
-
-def _tensor_bytes(obj) -> int:
-    """Bytes of the tensors in a nested state: about what its checkpoint needs on disk."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-@contextmanager
-def torch_writing(path: Path, tmp: Path, needed_bytes: int):
-    """pipeline.partitions.writing for torch.save: torch reports a failed write as an opaque RuntimeError
-    ("unexpected pos", "basic_ios::clear"); when the disk then lacks the bytes needed, it was a full disk."""
-    with writing(str(path), str(tmp), needed_bytes):
-        try:
-            yield
-        except RuntimeError as e:
-            tmp.unlink(missing_ok=True)
-            if shutil.disk_usage(path.parent).free >= needed_bytes:
-                raise
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
-
-
-def save_checkpoint(run_dir: Path, state: dict, meta: dict, keep: int) -> Path:
-    """step_NNNNNNN.pt via a temporary, then its .json meta; keeps the `keep` highest steps (0 = all).
-    A full disk raises pipeline.partitions.StorageError with the temporary removed."""
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{state['step']:07d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    with torch_writing(path, tmp, _tensor_bytes(state)):
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())   # the meta says "complete": the bytes must be on disk before it exists
-        tmp.replace(path)
-    try:
-        atomic_write_json(meta, str(path.with_suffix(".json")))
-    except BaseException:
-        path.unlink(missing_ok=True)   # never loaded without its meta: do not leave it taking the space
-        raise
-    if keep > 0:
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            _delete_checkpoint(old)
-    return path
-
-
-def remove_run_temporaries(run_dir: Path) -> int:
-    """What a killed or failed run leaves: *.tmp files, and checkpoints without their meta (never loaded)."""
-    stale = [*run_dir.glob("*.tmp"), *run_dir.glob("*/*.tmp"),
-             *(p for p in run_dir.glob("checkpoints/step_*.pt") if not p.with_suffix(".json").is_file())]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
-
-
-def prepare_run_dir(run_dir: Path, identity: dict, cfg: TrainConfig, rank: int) -> str:
-    """The run folder rule, applied before anything is built. Returns the checkpoint spec to resume from
-    ('' = start fresh). Every rank checks (read only) so all refuse alike; rank 0 alone clears."""
-    if cfg.overwrite and cfg.resume:
-        raise RunFolderError("--overwrite starts over and --resume continues: pass one of them")
-    manifest = run_dir / RUN_MANIFEST
-    if cfg.overwrite:
-        if rank == 0:
-            removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-            for name in removed:
-                shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
-            if removed:
-                print(f"[train] --overwrite: removed {', '.join(removed)} from {run_dir}")
-        return ""
-    if manifest.is_file():
-        diffs = identity_differences(json.loads(manifest.read_text())["identity"], identity)
-        if diffs:
-            raise RunFolderError(f"{run_dir} holds another run; refusing to mix them (its checkpoints, log and "
-                                 f"metrics would describe two runs). Differences: {'; '.join(diffs)}. Use another "
-                                 f"--run, or --overwrite to clear it.")
-        if not cfg.resume and list_checkpoints(run_dir):
-            if rank == 0:
-                print(f"[train] {run_dir} holds this same run: resuming it (--overwrite starts over)")
-            return "latest"
-    elif not cfg.resume and list_checkpoints(run_dir):
-        raise RunFolderError(f"{run_dir} holds checkpoints of a run whose identity was not recorded: --resume "
-                             f"latest continues it (its stored config is checked), --overwrite clears it, or use "
-                             f"another --run")
-    return cfg.resume
-
-
-def check_checkpoint_config(ckpt: Path, state: dict, identity: dict):
-    """Refuse to resume from a checkpoint written with other settings (or other data, when it recorded them)."""
-    stored = {"config": {k: v for k, v in state.get("config", {}).items() if k not in NOT_IDENTITY}}
-    now = {"config": identity["config"]}
-    if "data" in state:
-        stored["data"], now["data"] = state["data"], identity["data"]
-    diffs = identity_differences(json.loads(json.dumps(stored, default=str)), now)
-    if diffs:
-        raise RunFolderError(f"{ckpt} was written with another configuration; refusing to resume from it. "
-                             f"Differences: {'; '.join(diffs)}. Resume with its settings, or start a new run "
-                             f"(another --run, or --overwrite).")
-
-
-def export_checked(model, out_dir: Path) -> Path:
-    """export_open_clip, with a full disk reported as one StorageError."""
-    path = out_dir / "open_clip_model.pt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch_writing(path, path.with_suffix(".pt.tmp"), _tensor_bytes(model.state_dict())):
-        return export_open_clip(model, out_dir)
 
 
 class RunLog:
@@ -469,7 +289,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
             print(f"[train] resumed from {ckpt} at step {start_step}")
             for step, later in list_checkpoints(run_dir):   # their trajectory is being replaced (as log rows are)
                 if step > start_step:
-                    _delete_checkpoint(later)
+                    delete_checkpoint(later)
     if rank == 0 and not (run_dir / RUN_MANIFEST).is_file():
         atomic_write_json({"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
                           str(run_dir / RUN_MANIFEST))

@@ -525,16 +525,16 @@ def check_resume(out: str, resume_identity: dict) -> None:
     if previous is None:
         return
     now = json.loads(json.dumps(resume_identity, default=str))
-    diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in _diff(previous, now)]
+    diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in dict_differences(previous, now)]
     if diffs:
         raise ParamsChanged(
             f"{out} was written with other parameters or input; refusing to resume. Differences: "
             + "; ".join(diffs) + ". Use a new OUTPUT, or delete the old one to start over.")
 
 
-def _diff(a, b, prefix=""):
+def dict_differences(a, b, prefix=""):
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            yield from dict_differences(a.get(k), b.get(k), f"{prefix}{k}.")
     elif a != b:
         yield prefix.rstrip("."), a, b
