@@ -79,6 +79,7 @@ test: $(VENV)/.installed
 # Speed and memory figures; each bench writes bench/results/<name>.json
 bench: $(VENV)/.installed
 	@set -e; for b in bench/bench_*.py; do echo ">> $$b"; $(PY) $$b; done
+	$(PY) bench/cost_model.py    # after the benchmarks: it reads their results
 	$(PY) -m bench.summary
 
 clean:
@@ -91,5 +92,7 @@ INTO ?= out/redecided
 DECIDE_ARGS ?=
 export INTO
 .PHONY: redecide
+# plain python: the local engine (outputs up to 100k rows) needs no JVM; the Spark engine starts a
+# session itself on SPARK_MASTER (for a cluster's confs use spark-submit jobs/redecide.py directly)
 redecide: $(VENV)/.installed
-	$(SUBMIT) jobs/redecide.py --source "$$OUTPUT" --into "$$INTO" $(DECIDE_ARGS)
+	$(PY) jobs/redecide.py --source "$$OUTPUT" --into "$$INTO" $(DECIDE_ARGS)

@@ -32,13 +32,22 @@ def rows() -> list[tuple[str, str, str]]:
                         f"{s.get('speedup_cpu')}x, verdict agreement {s.get('verdict_agreement')}"))
     r = _load("filter")
     if r:
-        t = r.get("throughput", {})
-        out.append((f"filter job, caption stage, spark-submit local[2] ({t.get('rows')} rows)",
-                    f"{t.get('job_captions_per_s')} captions/s (job clock; {t.get('command_captions_per_s_incl_jvm_start')}"
-                    f" incl. JVM start) vs reference {t.get('reference_captions_per_cpu_s_one_core')}/s per core",
-                    f"{t.get('speedup_job_vs_reference_process')}x the reference process, "
-                    f"{t.get('speedup_job_vs_reference_on_2_cores')}x of 2 reference cores, agreement "
-                    f"{t.get('verdict_agreement_with_reference')}"))
+        w = r.get("whole_job")
+        if w:
+            job, acc = w["spark_job"], w["accuracy"]
+            q, ref = acc["job_all_spotted_rows"], acc["readtext_rule_sampled_rows"]
+            out.append((f"whole filter job, spark-submit local[2], Flickr8k web-noise ({w['rows']:,} rows, "
+                         f"{w['distinct_images_spotted']:,} images spotted)",
+                         f"{w['job_cpu_s_per_input_row']} CPU s/row ({job['cpu_s_tree']} CPU s, {job['wall_s']} s wall, "
+                         f"load {job['load_1min_during']['mean']}) vs plain baselines summed "
+                         f"{w['baseline_cpu_s_per_input_row']} (nlp.pipe + readtext + decode)",
+                         f"{w['speedup_cpu_job_vs_baselines_sum']}x; text-spot drop P {q['precision']} R {q['recall']} "
+                         f"(readtext + rule P {ref['precision']} R {ref['recall']} on {ref['rows']} sampled rows), "
+                         f"verdict agreement {acc['drop_verdict_agreement_job_vs_readtext_rule']}"))
+            cpu = w["phases"]["cpu_s"]
+            out.append(("whole filter job, CPU s by phase", ", ".join(f"{k} {v}" for k, v in cpu.items()),
+                        f"text spotting {w['job_textspot_stage_cpu_s_per_spotted_image']} CPU s/image vs readtext "
+                        f"+ decode {w['baseline_readtext_plus_decode_cpu_s_per_spotted_image']}"))
         m = r.get("bounded_memory")
         if m:
             out.append((f"filter job, {m['n_input']:,} rows, --driver-memory {m['driver_memory']}",
@@ -80,6 +89,15 @@ def rows() -> list[tuple[str, str, str]]:
         out.append((f"retrieval eval {e.get('n_images')} x {e.get('n_captions')} (dim {e.get('dim')})",
                     f"{e.get('seconds')} s", f"+{e.get('peak_rss_growth_mb')} MB (full matrix: "
                     f"{e.get('full_matrix_would_be_mb')} MB)"))
+    r = _load("cost")
+    if r:
+        for dataset, p in r.get("projections", {}).items():
+            gpu = [h if isinstance(h, str) else f"{h:,} GPU-h" for h in (p["textspot_gpu_hours"], p["teacher_gpu_hours"])]
+            out.append((f"cost model, {dataset} ({p['rows']:,} rows; bench/results/cost.md)",
+                        f"CPU: caption job {p['caption_job_core_hours']:,} core-h, text spotting "
+                        f"{p['textspot_core_hours']:,} core-h, teacher {p['teacher_core_hours']:,} core-h; GPU: "
+                        f"text spotting {gpu[0]}, teacher {gpu[1]}",
+                        f"downloads {p['download_tb_saved']} TB smaller (caption stage first)"))
     r = _load("cluster_check")
     if r:
         out.append(("standalone cluster (master + 2 workers) vs local[2]",

@@ -14,7 +14,6 @@ shards/ (kept pairs with images), stats.json, manifest.json and report.html.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,38 +24,46 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import schemas as S  # noqa: E402
 from pipeline import captions as cap  # noqa: E402
+from jobs.spark import read_parquet, write_parquet  # noqa: E402
 from pipeline import partitions as P  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline import webdataset as wds  # noqa: E402
 from pipeline.caption_stage import run_caption_part, write_part_keys  # noqa: E402
 from pipeline.download import DownloadParams, run_download  # noqa: E402
 from pipeline.locks import LockHeld, LockLost, folder_lock  # noqa: E402
 from pipeline.image_stage import (ImageStageParams, rows_from_chunk, rows_from_download_shard,  # noqa: E402
-                                  run_image_part, thumbnails_from_input)
+                                  run_image_part)
 from pipeline.textspot import TextSpotParams  # noqa: E402
 from pipeline.redecide import evidence_summary  # noqa: E402
 
 STAGE_KEYS = "keys"
+OUTPUT_FORMATS = ("parquet", "webdataset")  # webdataset: tars for open_clip in addition to the Parquet shards
 
 
 def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_col: str | None = None,
                key_col: str | None = None, image_col: str | None = None, input_format: str = "auto",
                stages: str = "auto", rows_per_part: int = 20_000, caption: cap.CaptionParams | None = None,
                image: ImageStageParams | None = None, download: DownloadParams | None = None,
-               skip_bad_files: bool = False, examples_per_reason: int = 8, spark=None) -> dict:
+               skip_bad_files: bool = False, examples_per_reason: int = 8, output_format: str = "parquet",
+               spark=None) -> dict:
     """Run (or resume) the filter; returns the stats dict also written to OUTPUT/stats.json.
     One run per OUTPUT at a time (locks.LockHeld names the holder); a full disk stops the job with
     one P.StorageError line, its temporaries removed, and the same call resumes."""
-    output = os.path.abspath(output)
+    output = storage.normalize(output)
     P.list_input_files(input, input_format)  # a wrong --input fails before OUTPUT is created
-    created = not os.path.isdir(output)
+    storage.check_access(output, write=True)  # so does a missing bucket or denied credentials
+    if output_format not in OUTPUT_FORMATS:
+        raise P.InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+    created = not storage.is_remote(output) and not os.path.isdir(output)
     try:
         with folder_lock(output, "cat_filter") as lock:
             return _locked(input, output, lock, caption_col=caption_col, url_col=url_col,
                            key_col=key_col, image_col=image_col, input_format=input_format,
                            stages=stages, rows_per_part=rows_per_part, caption=caption, image=image,
                            download=download, skip_bad_files=skip_bad_files,
-                           examples_per_reason=examples_per_reason, spark=spark)
+                           examples_per_reason=examples_per_reason, output_format=output_format, spark=spark)
     finally:
-        if created and os.path.isdir(output) and not os.listdir(output):
+        if created and os.path.isdir(output) and not os.listdir(output):  # local only: stores have no folders
             os.rmdir(output)  # refused before any work (bad columns, ...): leave no empty OUTPUT behind
 
 
@@ -65,34 +72,37 @@ def _locked(input, output, lock, **kw) -> dict:
     try:
         return _cat_filter_locked(input, output, lock, **kw)
     except Exception as e:
-        storage = P.as_storage_error(e, output)
-        if storage is None:
+        full = P.as_storage_error(e, output)
+        if full is None:
             raise
         P.remove_stale_temporaries(output)  # still ours: we hold the lock
-        raise storage from None
+        raise full from None
 
 
 def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, image_col, input_format, stages,
-                       rows_per_part, caption, image, download, skip_bad_files, examples_per_reason, spark) -> dict:
+                       rows_per_part, caption, image, download, skip_bad_files, examples_per_reason, output_format,
+                       spark) -> dict:
     caption, image, download = caption or cap.CaptionParams(), image or ImageStageParams(), download or DownloadParams()
     t0 = time.time()
     plan = P.plan_input(input, rows_per_part, skip_bad_files, work_dir=output, input_format=input_format,
                         caption_col=caption_col, url_col=url_col, key_col=key_col, image_col=image_col)
     route = _routes(plan, stages)  # per input file: images | download | caption
     kinds = set(route.values())
-    identity = {"input": {"path": os.path.abspath(input), "fingerprint": plan.fingerprint, "n_rows": plan.n_rows},
+    identity = {"input": {"path": storage.normalize(input), "fingerprint": plan.fingerprint, "n_rows": plan.n_rows},
                 "stages": stages, "rows_per_part": rows_per_part, "caption": asdict(caption),
                 "image": image.to_dict() if kinds - {"caption"} else None,
                 "download": download.to_dict() if "download" in kinds else None}
     if input_format != "auto":  # only when set, so outputs of earlier versions still resume
         identity["input"]["format"] = input_format
+    if output_format != "parquet":  # likewise
+        identity["output_format"] = output_format
     P.check_resume(output, identity)
     P.remove_stale_temporaries(output)  # under the lock: no other run's temporaries can be in flight
     manifest = {"job": "cat_filter", "resume_identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "argv": sys.argv, "versions": _versions(), "bad_files": plan.bad_files,
                 "columns": {f: asdict(c) for f, c in plan.columns.items()},
                 "evidence": evidence_summary(caption, image if kinds - {"caption"} else None)}  # what redecide may change
-    P.atomic_write_json(manifest, os.path.join(output, "manifest.json"))
+    P.atomic_write_json(manifest, storage.join(output, "manifest.json"))
 
     if spark is None:
         from jobs.spark import get_spark
@@ -115,7 +125,7 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
         phase_seconds[stage] = round(phase_seconds.get(stage, 0) + time.time() - t, 1)
 
     chunk_items = [(c.part, c.to_dict(), asdict(cols[c.path])) for c in plan.chunks]
-    if not os.path.exists(os.path.join(output, "_done", "dedupe.json")):
+    if not storage.exists(storage.join(output, "_done", "dedupe.json")):
         run_parts(STAGE_KEYS, chunk_items, lambda it: _keys_task(it, output), "keys for the duplicate check")
         t = time.time()
         _find_duplicates(spark, output)
@@ -133,17 +143,16 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
                                                                    output), output, image),
                   "text-spot stage (easyocr), images from the input")
     if "download" in kinds:
-        marker = os.path.join(output, "_done", "download.json")
-        if not os.path.exists(marker):
+        marker = storage.join(output, "_done", "download.json")
+        if not storage.exists(marker):
             master = sc.master
             distributor = "multiprocessing" if master.startswith("local") else "pyspark"
             t = time.time()
             shards = run_download(output, download, distributor, rows_per_part)
             phase_seconds[S.STAGE_DOWNLOAD] = round(time.time() - t, 1)
-            P.atomic_write_json({"shards": [os.path.basename(s) for s in shards]}, marker)
-        with open(marker) as fh:
-            shard_paths = [os.path.join(output, "_work", "images", s) for s in json.load(fh)["shards"]]
-        fetched = [("d" + os.path.basename(s)[: -len(".parquet")], s) for s in shard_paths]
+            P.atomic_write_json({"shards": [storage.basename(s) for s in shards]}, marker)
+        shard_paths = [storage.join(output, "_work", "images", s) for s in storage.read_json(marker)["shards"]]
+        fetched = [("d" + storage.basename(s)[: -len(".parquet")], s) for s in shard_paths]
         run_parts(S.STAGE_TEXTSPOT, fetched,
                   lambda it: run_image_part(it[0], rows_from_download_shard(it[1], output), output, image),
                   "text-spot stage (easyocr), downloaded images")
@@ -151,12 +160,15 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
     t = time.time()
     stats = _finalize(spark, output, plan, kinds, examples_per_reason)
     phase_seconds["finalize_and_report"] = round(time.time() - t, 1)
+    if output_format == "webdataset":  # tars for open_clip from the finished shards, one task per shard
+        run_parts(wds.STAGE, wds.plan_tars(output), lambda it: wds.write_tar(output, *it), "webdataset tars")
+        stats["n_webdataset_shards"] = wds.finish(output)
     stats["seconds"] = round(time.time() - t0, 1)
     stats["phase_seconds"] = phase_seconds
-    P.atomic_write_json(stats, os.path.join(output, "stats.json"))
+    P.atomic_write_json(stats, storage.join(output, "stats.json"))
     manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), stats={k: stats[k] for k in
                     ("n_input", "n_kept", "n_dropped", "n_failed")})
-    P.atomic_write_json(manifest, os.path.join(output, "manifest.json"))
+    P.atomic_write_json(manifest, storage.join(output, "manifest.json"))
     print_funnel(stats, output)
     return stats
 
@@ -192,102 +204,71 @@ def _find_duplicates(spark, output):
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    keys = spark.read.schema(S.KEYS.spark).parquet(os.path.join(output, "_work", "keys"))
+    keys = read_parquet(spark, storage.join(output, "_work", "keys"), S.KEYS)
     dups = (keys.withColumn("key_occ", F.row_number().over(Window.partitionBy("key").orderBy("part", "row")))
             .withColumn("content_occ", F.row_number().over(Window.partitionBy("content").orderBy("part", "row")))
             .where("key_occ > 1 OR content_occ > 1").select("part", "row", "key_occ", "content_occ"))
-    dups.write.mode("overwrite").partitionBy("part").parquet(os.path.join(output, "_work", "dups"))
-    P.atomic_write_json({"ok": True}, os.path.join(output, "_done", "dedupe.json"))
+    write_parquet(dups, storage.join(output, "_work", "dups"), by="part")  # read per part by the caption stage
+    P.atomic_write_json({"ok": True}, storage.join(output, "_done", "dedupe.json"))
 
 
 def _finalize(spark, output, plan, kinds, examples_per_reason) -> dict:
+    """Reconcile, check, count and report with Spark; the rules are pipeline/finalize.py's, which also
+    finishes small outputs without Spark (jobs/redecide.py's local engine)."""
     from pyspark.sql import functions as F
 
-    captions = spark.read.schema(S.CAPTIONS.spark).parquet(os.path.join(output, "captions"))
+    from pipeline import finalize as fin
+
+    captions = read_parquet(spark, storage.join(output, "captions"), S.CAPTIONS)
     ledger = _read_ledger(spark, output)
     # a row no stage decided (a bug or an external tool losing it) is failed loudly, not dropped
     missing = captions.join(ledger.select("key"), "key", "left_anti")
     if missing.limit(1).count():
-        rows = missing.select("key", "url", "caption", "source_file", "source_row").withColumns({
-            "status": F.lit(S.FAILED), "stage": F.lit(S.STAGE_TEXTSPOT),
-            "reason": F.lit(S.R_UNACCOUNTED),
-            "error_message": F.lit("the stage returned no result for this row")})
+        rows = missing.select("key", "url", "caption", "source_file", "source_row").withColumns(
+            {k: F.lit(v) for k, v in fin.UNACCOUNTED.items()})
         for f in S.LEDGER.columns:
             if f not in rows.columns:
                 rows = rows.withColumn(f, F.lit(None).cast(S.LEDGER.spark[f].dataType))
-        rows.select(*S.LEDGER.columns).coalesce(1).write.mode("overwrite").parquet(
-            os.path.join(output, "ledger", "reconciled"))
+        write_parquet(rows.select(*S.LEDGER.columns).coalesce(1), storage.join(output, "ledger", fin.RECONCILED))
         ledger = _read_ledger(spark, output)
     dup = ledger.groupBy("key").count().where("count > 1").limit(5).collect()
     if dup:
-        raise RuntimeError(f"ledger invariant broken: keys with several ledger rows: {[r['key'] for r in dup]}")
+        raise fin.duplicate_keys_error([r["key"] for r in dup])
     counts = [r.asDict() for r in ledger.groupBy("stage", "status", "reason").count().collect()]
-    stats = build_stats(counts, plan.n_rows, kinds)
-    stats["bad_files"] = plan.bad_files
-    stats["n_shards"] = len([f for f in os.listdir(os.path.join(output, "shards"))
-                             if f.endswith(".parquet")]) if os.path.isdir(os.path.join(output, "shards")) else 0
-    P.atomic_write_json(stats, os.path.join(output, "stats.json"))
+    stats = fin.finish_stats(output, counts, plan, kinds)
     _write_report(spark, output, ledger, stats, examples_per_reason, plan.columns)
     return stats
 
 
 def _read_ledger(spark, output):
-    root = os.path.join(output, "ledger")
-    stage_dirs = sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    return spark.read.schema(S.LEDGER.spark).parquet(*stage_dirs)
+    from pipeline.finalize import ledger_dirs
+    return read_parquet(spark, ledger_dirs(output), S.LEDGER)
 
 
 def build_stats(counts: list[dict], n_rows: int, kinds: set[str]) -> dict:
-    order = [S.STAGE_CAPTION] + ([S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT] if kinds - {"caption"} else [])
-    by_stage = {s: {"in": 0, "kept": 0, "dropped": {}, "failed": {}} for s in order}
-    totals = {S.KEPT: 0, S.DROPPED: 0, S.FAILED: 0}
-    for c in counts:
-        st = by_stage.setdefault(c["stage"], {"in": 0, "kept": 0, "dropped": {}, "failed": {}})
-        totals[c["status"]] += c["count"]
-        if c["status"] == S.KEPT:
-            st["kept"] += c["count"]
-        else:
-            st[c["status"]][c["reason"]] = st[c["status"]].get(c["reason"], 0) + c["count"]
-    remaining = sum(totals.values())
-    for s in order:
-        st = by_stage[s]
-        st["in"] = remaining
-        remaining -= st["kept"] + sum(st["dropped"].values()) + sum(st["failed"].values())
-    n_input = sum(totals.values())
-    return {"n_input": n_input, "n_input_rows_planned": n_rows, "n_kept": totals[S.KEPT],
-            "n_dropped": totals[S.DROPPED], "n_failed": totals[S.FAILED], "routes": sorted(kinds),
-            "by_stage": by_stage}
+    from pipeline.finalize import build_stats as stats_from_counts  # one rule for every engine
+    return stats_from_counts(counts, n_rows, kinds)
 
 
 def _write_report(spark, output, ledger, stats, n, columns):
+    """Spark narrows each reason down to its n first keys with and without a thumbnail; the choice
+    among them, the pictures and the page are pipeline.finalize's (the same as without Spark)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from pipeline.report import write_report
+    from pipeline.finalize import KEPT_BUCKET, write_report_with_examples
 
-    labelled = ledger.withColumn("bucket", F.coalesce("reason", F.lit("kept")))
+    labelled = ledger.withColumn("bucket", F.coalesce("reason", F.lit(KEPT_BUCKET)))
     w = Window.partitionBy("bucket").orderBy("key")
     sample = labelled.withColumn("i", F.row_number().over(w)).where(F.col("i") <= n)
-    thumbs_dir = os.path.join(output, "_work", "thumbs")
-    if os.path.isdir(thumbs_dir) and any(f.endswith(".parquet") for f in os.listdir(thumbs_dir)):
+    thumbs_dir = storage.join(output, "_work", "thumbs")
+    if storage.files(thumbs_dir, ".parquet"):
         # rows with thumbnails first, so image reasons show pictures
-        thumbs = spark.read.schema(S.THUMBS.spark).parquet(thumbs_dir).select("key", "jpg")
+        thumbs = read_parquet(spark, thumbs_dir, S.THUMBS).select("key", "jpg")
         with_thumb = labelled.join(thumbs, "key").withColumn("i", F.row_number().over(w)).where(F.col("i") <= n)
         sample = with_thumb.unionByName(sample.withColumn("jpg", F.lit(None).cast("binary")))
-    examples: dict[str, list[dict]] = {}
-    for r in sample.collect():  # at most n per reason, x2
-        bucket = examples.setdefault(r["bucket"], [])
-        if len(bucket) < n and all(e["key"] != r["key"] for e in bucket):
-            bucket.append({k: r[k] for k in S.LEDGER.columns + (["jpg"] if "jpg" in r else [])})
-    missing = [e for bucket in examples.values() for e in bucket if e.get("jpg") is None]
-    pictures = thumbnails_from_input(missing, columns)
-    for e in missing:
-        e["jpg"] = pictures.get(e["key"])
-    for bucket in examples.values():
-        for e in bucket:
-            if e["caption"] and len(e["caption"]) > 300:
-                e["caption"] = e["caption"][:300] + " ..."
-    write_report(output, stats, examples)
+    candidates = [r.asDict() for r in sample.drop("bucket", "i").collect()]  # at most n per reason, x2
+    write_report_with_examples(output, stats, candidates, n, columns)
 
 
 def print_funnel(stats: dict, output: str) -> None:
@@ -349,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: every stage the input allows; caption: caption rules only; all: fail unless "
                          "images can be fetched or read")
     ap.add_argument("--rows-per-part", type=int, default=20_000, help="rows per Spark task / resume unit")
+    ap.add_argument("--output-format", choices=OUTPUT_FORMATS, default="parquet",
+                    help="webdataset: also write OUTPUT/webdataset/NNNNN.tar (KEY.jpg, KEY.txt, KEY.json; img2dataset's "
+                         "layout, one tar per Parquet shard) for open_clip_train; the Parquet shards are always written")
     ap.add_argument("--skip-bad-files", action="store_true",
                     help="skip unreadable input files (listed in stats.json) instead of stopping")
     g = ap.add_argument_group("caption rules (DiHT defaults)")
@@ -362,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-conf", type=float, default=d_ts.min_conf, help="OCR confidence a detection needs to count")
     g.add_argument("--min-chars", type=int, default=d_ts.min_chars,
                    help="consecutive characters shared with the caption that drop the pair")
-    g.add_argument("--shard-rows", type=int, default=d_img.shard_rows, help="kept pairs per output shard file")
+    g.add_argument("--shard-rows", type=int, default=d_img.shard_rows, help="kept pairs per output shard file (and tar)")
     g.add_argument("--max-pixels", type=int, default=d_img.max_pixels,
                    help="larger images are refused before decoding (decompression bombs)")
     g = ap.add_argument_group("download (img2dataset defaults)")
@@ -399,8 +383,8 @@ def main(argv=None) -> int:
         cat_filter(a.input, a.output, caption_col=a.caption_col, url_col=a.url_col, key_col=a.key_col,
                    image_col=a.image_col, input_format=a.input_format, stages=a.stages,
                    rows_per_part=a.rows_per_part, caption=caption, image=image, download=download,
-                   skip_bad_files=a.skip_bad_files)
-    except (P.InputError, P.ParamsChanged, LockHeld, LockLost, P.StorageError) as e:
+                   skip_bad_files=a.skip_bad_files, output_format=a.output_format)
+    except (P.InputError, P.ParamsChanged, LockHeld, LockLost, P.StorageError, storage.StorageAccessError) as e:
         print(f"cat_filter: error: {e.strerror if isinstance(e, P.StorageError) else e}", file=sys.stderr)
         return 2
     return 0

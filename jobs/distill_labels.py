@@ -34,8 +34,8 @@ from importlib import metadata
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs this file
 
-import pyarrow.parquet as pq  # noqa: E402
 
+from pipeline import storage  # noqa: E402
 from pipeline.concepts import VocabConfig  # noqa: E402
 from pipeline.distill import (EMBED_STAGE, LABEL_STAGE, DistillConfig, embed_shard, label_bytes,  # noqa: E402
                               label_shard, train_classifiers)
@@ -55,24 +55,24 @@ def _session():
 
 
 def is_filter_output(path: str) -> bool:
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name))
+    return storage.isdir(path) and any(storage.exists(storage.join(path, name))
                                        for name in ("stats.json", "captions", "ledger"))
 
 
 def input_shards(path: str) -> list[str]:
     """FILTERED/shards/*.parquet of the filter's output folder (none when it kept nothing: its captions/
     and ledger/ are other tables, never read as shards), or a folder/file of shards itself."""
-    shards_dir = os.path.join(path, "shards")
-    if os.path.isdir(shards_dir):
-        return list_parquet_files(shards_dir) if any(f.endswith(".parquet") for f in os.listdir(shards_dir)) else []
+    shards_dir = storage.join(storage.normalize(path), "shards")
+    if storage.isdir(shards_dir):
+        return storage.files(shards_dir, ".parquet")
     return [] if is_filter_output(path) else list_parquet_files(path)
 
 
 def nothing_to_label(input: str, shards: list[str]) -> str | None:
     """The one-line reason when INPUT holds no rows to label; None when it has some."""
-    if sum(pq.ParquetFile(p).metadata.num_rows for p in shards):
+    if sum(storage.parquet_file(p).metadata.num_rows for p in shards):
         return None
-    if is_filter_output(input) and not os.path.exists(os.path.join(input, "stats.json")):
+    if is_filter_output(input) and not storage.exists(storage.join(input, "stats.json")):
         raise InputError(f"{input} has no kept pairs yet and no stats.json: the filter has not finished; "
                          f"rerun it to the end first")
     headline, detail = no_pairs_reason(input) or ("0 kept pairs", f"the {len(shards)} shard file(s) of "
@@ -83,8 +83,7 @@ def nothing_to_label(input: str, shards: list[str]) -> str | None:
 def input_fingerprint(paths: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.basename(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{storage.identity(p)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -106,27 +105,29 @@ def distill_labels(input: str, output: str, teacher: str = DEFAULT_TEACHER, k: i
                    spark=None) -> dict:
     """Write sparse top-k concept labels for every row of INPUT's shards into OUTPUT (see module doc).
 
-    Returns a summary dict (also in OUTPUT/manifest.json). `device` None = CUDA when present. With nothing
+    Returns a summary dict (also in OUTPUT/manifest.json). `device` None = pipeline.devices.select_device() in
+    each task: the GPU Spark assigned to it, else CUDA when present, else CPU. With nothing
     to label (the filter kept no pairs with images) nothing is written and the summary says why
     ("nothing_to_label"). One run per OUTPUT at a time (locks.LockHeld names the holder); a full disk
     raises one StorageError with the temporaries removed, and the same call resumes."""
     shards = input_shards(input)
     reason = nothing_to_label(input, shards)
     if reason is not None:
-        return {"input": os.path.abspath(input), "output": os.path.abspath(output), "n_shards": len(shards),
+        return {"input": storage.normalize(input), "output": storage.normalize(output), "n_shards": len(shards),
                 "n_rows": 0, "n_labelled": 0, "nothing_to_label": reason}
     vocab_config = VocabConfig(min_count=min_count, max_objects=max_objects, max_attributes=max_attributes)
     config = DistillConfig(k=k, heldout_fraction=heldout_fraction, seed=seed, epochs=epochs)
+    storage.check_access(output, write=True)  # a missing bucket or denied credentials: before any work
     with folder_lock(output, "distill_labels"):
         try:
             return _distill_locked(input, output, shards, teacher, k, vocab_config, config, teacher_batch_size,
                                    device, spark)
         except Exception as e:
-            storage = as_storage_error(e, os.path.abspath(output))
-            if storage is None:
+            full = as_storage_error(e, storage.normalize(output))
+            if full is None:
                 raise
             remove_stale_temporaries(output)   # ours: we hold the lock
-            raise storage from None
+            raise full from None
 
 
 def _distill_locked(input, output, shards, teacher, k, vocab_config, config, teacher_batch_size, device,
@@ -139,7 +140,7 @@ def _distill_locked(input, output, shards, teacher, k, vocab_config, config, tea
     remove_stale_temporaries(output)
     spark = spark or _session()
     sc = spark.sparkContext
-    out = os.path.abspath(output)
+    out = storage.normalize(output)
 
     # 1. embed: one task per shard; the teacher loads once per Python worker (pipeline.teacher cache)
     seconds, t0 = {}, time.time()
@@ -155,30 +156,31 @@ def _distill_locked(input, output, shards, teacher, k, vocab_config, config, tea
 
     n_rows = sum(s["n_rows"] for s in embedded)
     n_failed = sum(s["n_failed"] for s in embedded)
-    storage = {**label_bytes(k, report["objects"]["n_classes"], report["attributes"]["n_classes"]),
+    label_storage = {**label_bytes(k, report["objects"]["n_classes"], report["attributes"]["n_classes"]),
                "parquet_bytes_per_row": sum(s["bytes"] for s in labelled) / max(n_rows, 1)}
     teacher_doc = {"teacher": embedded[0]["teacher"], "classifiers": report, "config": asdict(config),
-                   "labels_storage": storage}
-    atomic_write_json(teacher_doc, os.path.join(out, "teacher.json"))
+                   "labels_storage": label_storage}
+    atomic_write_json(teacher_doc, storage.join(out, "teacher.json"))
     summary = {
-        "input": os.path.abspath(input), "output": out, "n_shards": len(shards), "n_rows": n_rows,
+        "input": storage.normalize(input), "output": out, "n_shards": len(shards), "n_rows": n_rows,
         "n_labelled": sum(s["n_labelled"] for s in labelled), "n_failed": n_failed,
         "shards_embedded": sorted(s["shard"] for s in embedded if not s["skipped"]),
         "shards_embed_skipped": sorted(s["shard"] for s in embedded if s["skipped"]),
         "shards_labelled": sorted(s["shard"] for s in labelled if not s["skipped"]),
         "shards_label_skipped": sorted(s["shard"] for s in labelled if s["skipped"]),
+        "teacher_devices": sorted({s["teacher"]["device"] for s in embedded}),   # where the shards were embedded
         "heldout_top5_objects": report["objects"].get("top5"),
         "baseline_top5_objects": report["objects"].get("baseline_top5"),
-        "labels_storage": storage, "seconds": seconds,
+        "labels_storage": label_storage, "seconds": seconds,
     }
     manifest = {
         "stage": "distill_labels", "resume_identity": resume_identity,
         "parameters": {"teacher": teacher, "k": k, "teacher_batch_size": teacher_batch_size, "device": device,
                        "vocab": asdict(vocab_config), "distill": asdict(config)},
-        "input_files": [os.path.basename(p) for p in shards], "versions": _versions(),
+        "input_files": [storage.basename(p) for p in shards], "versions": _versions(),
         "steps": {EMBED_STAGE: len(embedded), LABEL_STAGE: len(labelled)}, "summary": summary,
     }
-    atomic_write_json(manifest, os.path.join(out, "manifest.json"))
+    atomic_write_json(manifest, storage.join(out, "manifest.json"))
     return summary
 
 
@@ -205,12 +207,13 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=DistillConfig.seed)
     ap.add_argument("--epochs", type=int, default=DistillConfig.epochs, help="classifier training epochs")
     ap.add_argument("--teacher-batch-size", type=int, default=64, help="images per teacher forward pass")
-    ap.add_argument("--device", default=None, help="torch device for the teacher (default: cuda when present)")
+    ap.add_argument("--device", default=None, help="torch device for the teacher (default: the GPU Spark assigned "
+                                                    "to the task, else cuda when present, else cpu)")
     a = ap.parse_args(argv)
     try:
         summary = distill_labels(a.input, a.output, a.teacher, a.k, a.min_count, a.max_objects, a.max_attributes,
                                  a.heldout_fraction, a.seed, a.epochs, a.teacher_batch_size, a.device)
-    except (ValueError, ParamsChanged, LockHeld, LockLost, StorageError) as e:   # InputError is a ValueError
+    except (ValueError, ParamsChanged, LockHeld, LockLost, StorageError, storage.StorageAccessError) as e:   # InputError is a ValueError
         print(f"distill_labels: error: {e.strerror if isinstance(e, StorageError) else e}", file=sys.stderr)
         return 2
     if "nothing_to_label" in summary:

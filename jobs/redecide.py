@@ -15,12 +15,24 @@ manifest.json saying what it was derived from. Which thresholds can change: pipe
 --sweep writes INTO/sweep.csv, sweep.json and sweep.png: per grid point the counts, the keep rate
 and, when the input has a noise-label column (--noise-col), per noise type the share removed and
 the share of clean pairs lost.
+
+Two engines run the same code (pipeline.redecide, pipeline.image_stage.run_image_part with the
+stored detections, pipeline.finalize's rules) and write the same output:
+  --engine local   in this process, part after part, finished by pipeline.finalize with pyarrow: no
+                   JVM, no Spark queries. Run it as `python jobs/redecide.py` (spark-submit starts a
+                   JVM before Python runs: it doubled the local engine's time in bench/results/redecide).
+  --engine spark   one Spark task per part, finished by jobs/cat_filter.py's Spark queries.
+  --engine auto    (default) local when the source has at most LOCAL_MAX_ROWS input rows, else Spark.
+Why 100,000: the local engine uses one core and holds the ledger (not the images) in memory, tens
+of MB at that size. On 7,500 Flickr8k pairs it took 3.2 CPU-s (~0.4 ms a row, mostly decoding and
+copying the images), the Spark engine 38 CPU-s, nearly all fixed cost (JVM, workers, queries).
+Spark's two cores only pay back that fixed cost when half the per-row work exceeds it, at ~150,000
+rows on a 2-core machine; below LOCAL_MAX_ROWS the local engine is the faster one.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -29,24 +41,43 @@ from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs us as a file
 
-import pyarrow.parquet as pq  # noqa: E402
 
 import schemas as S  # noqa: E402
 from jobs.cat_filter import _finalize, _read_ledger, _routes, _versions, print_funnel  # noqa: E402
+from jobs.spark import read_parquet  # noqa: E402
+from pipeline import finalize as fin  # noqa: E402
+from pipeline import storage  # noqa: E402
 from pipeline import partitions as P  # noqa: E402
 from pipeline import redecide as R  # noqa: E402
 from pipeline.image_stage import read_evidence, rows_from_chunk, rows_from_download_shard, run_image_part  # noqa: E402
 
 DEFAULT_GRID = {"min_conf": [0.5, 0.6, 0.7, 0.8, 0.9], "min_chars": [3, 4, 5, 6, 8]}
+ENGINES = ("auto", "local", "spark")
+LOCAL_MAX_ROWS = 100_000  # input rows up to which auto re-decides in this process (module docstring)
+
+
+def choose_engine(engine: str, n_rows: int) -> str:
+    """local or spark: `engine`, or for auto, by the number of input rows."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "local" if n_rows <= LOCAL_MAX_ROWS else "spark"
+    return engine
+
+
+def _spark(spark, app_name: str):
+    if spark is None:
+        from jobs.spark import get_spark
+        spark = get_spark(app_name)
+    return spark
 
 
 def load_source(source: str) -> dict:
     """The source output's manifest; it must be a finished filter (or redecide) run."""
-    path = os.path.join(source, "manifest.json")
-    if not os.path.exists(path):
+    path = storage.join(source, "manifest.json")
+    if not storage.exists(path):
         raise R.NotRedecidable(f"{source} is not a filter output (no manifest.json)")
-    with open(path) as fh:
-        manifest = json.load(fh)
+    manifest = storage.read_json(path)
     if "finished" not in manifest:
         raise R.NotRedecidable(f"{source} is not finished (resume it with make filter first)")
     return manifest
@@ -72,135 +103,185 @@ def replan(source: str, manifest: dict, need_input: bool = True) -> P.Plan | Non
     return plan
 
 
-def _run_parts(sc, into: str, stage: str, items: list, fn, label: str, seconds: dict) -> None:
+def _run_parts(spark, into: str, stage: str, items: list, fn, label: str, seconds: dict) -> None:
+    """fn on every part not done yet: one Spark task each, or (spark None: the local engine) in turn here."""
     t = time.time()
     done = P.done_parts(into, stage)
     todo = [it for it in items if it[0] not in done]
     print(f"[redecide] {label}: {len(items) - len(todo)} of {len(items)} parts already done, running {len(todo)}",
           flush=True)
-    if todo:
-        sc.setJobDescription(label)
-        sc.parallelize(todo, len(todo)).map(fn).collect()  # per-part counts only
+    if todo and spark is not None:
+        spark.sparkContext.setJobDescription(label)
+        spark.sparkContext.parallelize(todo, len(todo)).map(fn).collect()  # per-part counts only
+    elif todo:
+        for it in todo:
+            fn(it)
     seconds[stage] = round(seconds.get(stage, 0) + time.time() - t, 2)
 
 
-def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None, **changes) -> dict:
+def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None, engine: str = "auto",
+             **changes) -> dict:
     """Write INTO as a fresh filter run on the source's input with `changes` (threshold=value, e.g.
     min_complexity=2, min_conf=0.7) would; returns its stats. R.NotRedecidable when the stored
-    evidence cannot support a change."""
+    evidence cannot support a change. engine: local, spark or auto (module docstring); `spark` is
+    the session the Spark engine uses (made when None)."""
     t0 = time.time()
-    source, into = os.path.abspath(source), os.path.abspath(into)
+    source, into = storage.normalize(source), storage.normalize(into)
     if source == into:
         raise R.NotRedecidable("INTO must be another folder than the source output")
     manifest = load_source(source)
     identity = manifest["resume_identity"]
     caption, image = R.apply_changes(*R.source_params(identity), changes)
     plan = replan(source, manifest)
+    engine = choose_engine(engine, plan.n_rows)
     route = _routes(plan, identity["stages"])
     kinds = set(route.values())
     new_identity = {**identity, "caption": asdict(caption), "image": image.to_dict() if image else None}
     P.check_resume(into, new_identity)
-    os.makedirs(into, exist_ok=True)
+    storage.makedirs(into)
     P.remove_stale_temporaries(into)
     out_manifest = {"job": "redecide", "resume_identity": new_identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "derived_from": {"output": source, "job": manifest.get("job"), "finished": manifest["finished"],
                                      "thresholds": R.params_record(*R.source_params(identity)), "changes": changes},
-                    "argv": sys.argv, "versions": _versions(), "bad_files": plan.bad_files,
+                    "engine": engine, "argv": sys.argv, "versions": _versions(), "bad_files": plan.bad_files,
                     "columns": {f: asdict(c) for f, c in plan.columns.items()},
                     "evidence": R.evidence_summary(caption, image if kinds - {"caption"} else None)}
-    P.atomic_write_json(out_manifest, os.path.join(into, "manifest.json"))
+    P.atomic_write_json(out_manifest, storage.join(into, "manifest.json"))
 
-    if spark is None:
-        from jobs.spark import get_spark
-        spark = get_spark("redecide")
-    sc, seconds = spark.sparkContext, {}
+    spark = _spark(spark, "redecide") if engine == "spark" else None
+    seconds = {}
     items = [(c.part, c.to_dict(), asdict(plan.columns[c.path])) for c in plan.chunks]
-    _run_parts(sc, into, S.STAGE_CAPTION, items,
+    _run_parts(spark, into, S.STAGE_CAPTION, items,
                lambda it: R.redecide_caption_part(source, into, it[0], caption), "caption verdicts from stored parses",
                seconds)
     image_items = [it for it in items if route[it[1]["path"]] == "images"]
     if image_items:
-        _run_parts(sc, into, S.STAGE_TEXTSPOT, image_items,
+        _run_parts(spark, into, S.STAGE_TEXTSPOT, image_items,
                    lambda it: run_image_part(it[0], rows_from_chunk(P.Chunk.from_dict(it[1]), P.Columns(**it[2]), into),
                                              into, image, stored=read_evidence(source, it[0])),
                    "text-spot verdicts from stored detections, images from the input", seconds)
     if "download" in kinds:
-        with open(os.path.join(source, "_done", "download.json")) as fh:
-            shards = [os.path.join(source, "_work", "images", s) for s in json.load(fh)["shards"]]
-        _run_parts(sc, into, S.STAGE_TEXTSPOT, [("d" + os.path.basename(s)[: -len(".parquet")], s) for s in shards],
+        shards = [storage.join(source, "_work", "images", s)
+                  for s in storage.read_json(storage.join(source, "_done", "download.json"))["shards"]]
+        _run_parts(spark, into, S.STAGE_TEXTSPOT, [("d" + storage.basename(s)[: -len(".parquet")], s) for s in shards],
                    lambda it: run_image_part(it[0], rows_from_download_shard(it[1], into), into, image,
                                              stored=read_evidence(source, it[0])),
                    "text-spot verdicts from stored detections, downloaded images", seconds)
     t = time.time()
-    stats = _finalize(spark, into, plan, kinds, examples_per_reason)
+    if engine == "spark":
+        stats = _finalize(spark, into, plan, kinds, examples_per_reason)
+    else:
+        stats = fin.finalize(into, plan, kinds, examples_per_reason)
     seconds["finalize_and_report"] = round(time.time() - t, 2)
-    stats.update(seconds=round(time.time() - t0, 2), phase_seconds=seconds, derived_from=source)
-    P.atomic_write_json(stats, os.path.join(into, "stats.json"))
+    stats.update(seconds=round(time.time() - t0, 2), phase_seconds=seconds, derived_from=source, engine=engine)
+    P.atomic_write_json(stats, storage.join(into, "stats.json"))
     out_manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                         stats={k: stats[k] for k in ("n_input", "n_kept", "n_dropped", "n_failed")})
-    P.atomic_write_json(out_manifest, os.path.join(into, "manifest.json"))
+    P.atomic_write_json(out_manifest, storage.join(into, "manifest.json"))
     print_funnel(stats, into)
     return stats
 
 
 def sweep(source: str, into: str, grid: dict[str, list] | None = None, *, noise_col: str = "noise",
-          spark=None) -> list[dict]:
+          spark=None, engine: str = "auto") -> list[dict]:
     """Counts, keep rate and (with noise labels) noise removed / clean lost at every point of `grid`
-    ({threshold: values}); writes INTO/sweep.csv, sweep.json, sweep.png and returns the table."""
-    from pyspark.sql import functions as F
-
+    ({threshold: values}); writes INTO/sweep.csv, sweep.json, sweep.png and returns the table.
+    engine: local, spark or auto, as for redecide."""
     t0 = time.time()
-    source, into = os.path.abspath(source), os.path.abspath(into)
+    source, into = storage.normalize(source), storage.normalize(into)
     manifest = load_source(source)
     caption, image = R.source_params(manifest["resume_identity"])
     grid = dict(grid or {k: v for k, v in DEFAULT_GRID.items() if image is not None})
     grid = grid or {"min_complexity": [caption.min_complexity + i for i in range(3)]}
     points = R.grid_points(caption, image, grid)  # NotRedecidable before any work
-    if spark is None:
-        from jobs.spark import get_spark
-        spark = get_spark("redecide-sweep")
-    rows = (spark.read.schema(S.CAPTIONS.spark).parquet(os.path.join(source, "captions"))
+    engine = choose_engine(engine, manifest["resume_identity"]["input"]["n_rows"])
+    if engine == "local":
+        labels = _noise_labels_local(source, manifest, noise_col)
+        counts = R.count_outcomes(_evidence_rows_local(source, labels), points, caption, image)
+    else:
+        counts, labels = _count_with_spark(_spark(spark, "redecide-sweep"), source, manifest, noise_col, points,
+                                           caption, image)
+    table = R.sweep_table(points, counts)
+    storage.makedirs(into)
+    P.atomic_write_json({"source": source, "grid": grid, "noise_col": noise_col if labels is not None else None,
+                         "engine": engine, "seconds": round(time.time() - t0, 2), "points": table},
+                        storage.join(into, "sweep.json"))
+    with storage.open(storage.join(into, "sweep.csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
+        writer.writeheader()
+        writer.writerows(table)
+    R.plot_sweep(table, grid, storage.join(into, "sweep.png"),
+                 f"{storage.basename(source)}: {table[0]['n_input']:,} pairs, CAT filter thresholds swept")
+    print(f"[redecide] sweep of {len(points)} points in {time.time() - t0:.1f} s ({engine} engine) "
+          f"-> {into}/sweep.{{csv,json,png}}")
+    return table
+
+
+def _count_with_spark(spark, source: str, manifest: dict, noise_col: str, points, caption, image):
+    """count_outcomes over the source's evidence, joined and counted by Spark; (counts, noise labels or None)."""
+    from pyspark.sql import functions as F
+
+    rows = (read_parquet(spark, storage.join(source, "captions"), S.CAPTIONS)
             .select("key", "caption", *[f.name for f in S.PARSE_FIELDS],
                     F.col("passed").alias("c_passed"), F.col("reason").alias("c_reason"))
             .join(_read_ledger(spark, source).select("key", "status", "stage", "reason"), "key", "left"))
-    if os.path.isdir(os.path.join(source, "ocr")):
-        rows = rows.join(spark.read.schema(S.OCR.spark).parquet(os.path.join(source, "ocr")), "key", "left")
+    if storage.isdir(storage.join(source, "ocr")):
+        rows = rows.join(read_parquet(spark, storage.join(source, "ocr"), S.OCR), "key", "left")
     labels = _noise_labels(spark, source, manifest, noise_col)
     if labels is not None:
         rows = rows.join(labels, "key", "left")
     counts = rows.rdd.mapPartitions(
         lambda it: [R.count_outcomes((r.asDict(recursive=True) for r in it), points, caption, image)]
     ).fold([Counter() for _ in points], R.merge_counts)
-    table = R.sweep_table(points, counts)
-    os.makedirs(into, exist_ok=True)
-    P.atomic_write_json({"source": source, "grid": grid, "noise_col": noise_col if labels is not None else None,
-                         "seconds": round(time.time() - t0, 2), "points": table}, os.path.join(into, "sweep.json"))
-    with open(os.path.join(into, "sweep.csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
-        writer.writeheader()
-        writer.writerows(table)
-    R.plot_sweep(table, grid, os.path.join(into, "sweep.png"),
-                 f"{os.path.basename(source)}: {table[0]['n_input']:,} pairs, CAT filter thresholds swept")
-    print(f"[redecide] sweep of {len(points)} points in {time.time() - t0:.1f} s -> {into}/sweep.{{csv,json,png}}")
-    return table
+    return counts, labels
+
+
+def _labelled_chunks(source: str, manifest: dict, column: str) -> list[P.Chunk]:
+    """The source's input parts whose file has the noise-label `column` (none when the input is gone)."""
+    plan = replan(source, manifest, need_input=False)
+    if plan is None:
+        return []
+    return [c for c in plan.chunks if column in storage.parquet_file(c.path).schema_arrow.names]
+
+
+def _chunk_labels(source: str, chunk: P.Chunk, column: str) -> list[tuple[str, str]]:
+    """(key, label) of one input part, the key from the source's captions/ by source row."""
+    values = P.read_chunk(chunk, [column]).column(0).to_pylist()
+    keys = storage.read_parquet(storage.join(source, "captions", f"{chunk.part}.parquet"), columns=["key", "source_row"])
+    return [(k, values[r - chunk.file_row_offset]) for k, r in zip(*keys.to_pydict().values())]
 
 
 def _noise_labels(spark, source: str, manifest: dict, column: str):
-    """(key, noise) of every input row whose file has `column`, or None when none has it."""
-    plan = replan(source, manifest, need_input=False)
-    if plan is None:
-        return None
-    chunks = [c for c in plan.chunks if column in pq.ParquetFile(c.path).schema_arrow.names]
+    """(key, noise) of every input row whose file has `column`, as a DataFrame; None when none has it."""
+    chunks = _labelled_chunks(source, manifest, column)
     if not chunks:
         return None
-
-    def labels(chunk):
-        values = P.read_chunk(chunk, [column]).column(0).to_pylist()
-        keys = pq.read_table(os.path.join(source, "captions", f"{chunk.part}.parquet"), columns=["key", "source_row"])
-        return [(k, values[r - chunk.file_row_offset]) for k, r in zip(*keys.to_pydict().values())]
-
-    rdd = spark.sparkContext.parallelize(chunks, len(chunks)).flatMap(labels)
+    rdd = spark.sparkContext.parallelize(chunks, len(chunks)).flatMap(lambda c: _chunk_labels(source, c, column))
     return spark.createDataFrame(rdd, "key string, noise string")
+
+
+def _noise_labels_local(source: str, manifest: dict, column: str) -> dict[str, str] | None:
+    chunks = _labelled_chunks(source, manifest, column)
+    return dict(kv for c in chunks for kv in _chunk_labels(source, c, column)) if chunks else None
+
+
+def _evidence_rows_local(source: str, labels: dict[str, str] | None):
+    """The rows count_outcomes takes, as the Spark engine's joins make them: every captions row with
+    its parse and caption verdict (c_passed, c_reason), its ledger verdict, its stored detections and
+    its noise label; the ledger and detections are held in memory, captions/ is read part by part."""
+    ledger = fin.read_ledger(source, ["key", "status", "stage", "reason"]).to_pydict()
+    verdicts = {k: v for k, *v in zip(ledger["key"], ledger["status"], ledger["stage"], ledger["reason"])}
+    ocr = fin.read_table([storage.join(source, "ocr")], S.OCR.arrow).to_pydict()
+    detections = dict(zip(ocr["key"], ocr["detections"]))
+    columns = ["key", "caption", *[f.name for f in S.PARSE_FIELDS], "passed", "reason"]
+    for path in fin.data_files(storage.join(source, "captions")):
+        for r in storage.read_parquet(path, schema=S.CAPTIONS.arrow, columns=columns).to_pylist():
+            r["c_passed"], r["c_reason"] = r.pop("passed"), r.pop("reason")
+            r["status"], r["stage"], r["reason"] = verdicts.get(r["key"], (None, None, None))
+            r["detections"] = detections.get(r["key"])
+            if labels is not None:
+                r["noise"] = labels.get(r["key"])
+            yield r
 
 
 def _floats(text: str) -> list[float]:
@@ -231,6 +312,9 @@ def main(argv=None) -> int:
     g.add_argument("--grid-min-conf", type=_floats, help=f"default {DEFAULT_GRID['min_conf']}")
     g.add_argument("--grid-min-chars", type=_ints, help=f"default {DEFAULT_GRID['min_chars']}")
     g.add_argument("--noise-col", default="noise", help="input column with noise labels, joined by key")
+    ap.add_argument("--engine", choices=ENGINES, default="auto",
+                    help=f"local: in this process, no Spark; spark: Spark tasks; auto: local up to "
+                         f"{LOCAL_MAX_ROWS:,} input rows (default auto)")
     a = ap.parse_args(argv)
     changes = {k: v for k, v in {"min_complexity": a.min_complexity, "max_caption_chars": a.max_caption_chars,
                                  "min_conf": a.min_conf, "min_chars": a.min_chars, "shard_rows": a.shard_rows,
@@ -241,9 +325,9 @@ def main(argv=None) -> int:
         if a.sweep:
             grid = {k: v for k, v in {"min_complexity": a.grid_min_complexity, "min_conf": a.grid_min_conf,
                                       "min_chars": a.grid_min_chars}.items() if v}
-            sweep(a.source, a.into, grid or None, noise_col=a.noise_col)
+            sweep(a.source, a.into, grid or None, noise_col=a.noise_col, engine=a.engine)
         else:
-            redecide(a.source, a.into, **changes)
+            redecide(a.source, a.into, engine=a.engine, **changes)
     except (R.NotRedecidable, P.InputError, P.ParamsChanged) as e:
         print(f"redecide: error: {e}", file=sys.stderr)
         return 2

@@ -1,13 +1,20 @@
-"""Streaming training data: Parquet shards (+ optional label shards) -> batches of tensors.
+"""Streaming training data: Parquet shards or webdataset tars (+ optional label shards) -> batches of tensors.
 
     from model_training.data import ShardStream, make_loader
     stream = ShardStream(list_shards("out/filter/shards"), tokenizer, image_size=64, batch_size=64,
                          labels_dir="out/labels", seed=0)
+    list_shards("s3://bucket/laion-cat/webdataset/{00000..00099}.tar")   # tars, any fsspec URI, brace patterns
     for batch in make_loader(stream, num_workers=2): ...   # dict: images, texts, keys, concepts, position
 
 How it works, and why:
-- Shards are Parquet files with at least key, caption, jpg (schemas.SHARD has more). They are read
-  row group by row group (pyarrow iter_batches), never whole, so shard size does not matter.
+- Every path (shards, labels) is a local path or a URI (s3://, gs://, file://, ...): listed, globbed
+  and opened through pipeline.storage (fsspec), and handed on as a string (a URI is never made a
+  pathlib.Path, which would turn s3://b into s3:/b).
+- Shards are Parquet files with at least key, caption, jpg (schemas.SHARD has more), read row group
+  by row group (pyarrow iter_batches), or webdataset tars (KEY.jpg|png|jpeg|webp + KEY.txt [+ KEY.json
+  whose "key" is the row key], as pipeline/webdataset.py and img2dataset write them), read member by
+  member from the stream without extracting anything. Never whole, so shard size does not matter. A
+  tar of the filter's OUTPUT is used only once its done marker exists (pipeline.webdataset.trusted_tars).
 - Work is split by FILE across (DDP rank x DataLoader worker); fewer shards than that is an error
   raised before training starts (the alternative is a rank with no data and a DDP hang).
 - Each worker streams its files forever, epoch after epoch (training is counted in steps, so ranks
@@ -17,26 +24,31 @@ How it works, and why:
   (epoch, rows consumed in that epoch) of the worker that made it. The trainer saves the positions
   of the batches it consumed; on resume each worker skips exactly that many rows (without decoding
   them) and the worker order is rotated so the DataLoader's round robin continues where it stopped.
-- Rows that cannot be used (undecodable image, empty caption, no key) are skipped and COUNTED per
-  reason in batch["skipped"]; rows without labels are kept and counted in batch["unlabelled"].
+- Rows that cannot be used (undecodable or missing image, empty caption, no key, the unreadable rest
+  of a truncated tar) are skipped and COUNTED per reason in batch["skipped"]; rows without labels are
+  kept and counted in batch["unlabelled"].
 - Labels (schemas.LABELS) are joined by key: from the label file with the same name as the shard
-  when it exists (memory bounded by one shard), else from an index of all label files.
+  (for a tar: as its source Parquet shard, named in its NNNNN_stats.json) when it exists (memory
+  bounded by one shard), else from an index of all label files.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
+import json
 import random
+import tarfile
 from pathlib import Path
 
 import open_clip
-import pyarrow.parquet as pq
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import storage
+from pipeline import webdataset as wds
 from schemas import LABELS, SHARD
 
 KEY, CAPTION, JPG = "key", "caption", "jpg"
@@ -45,25 +57,106 @@ READ_COLUMNS = [KEY, CAPTION, JPG]
 LABEL_COLUMNS = [c for c in LABELS.columns if c != KEY]
 SKIP_DECODE, SKIP_CAPTION, SKIP_KEY = "image_decode_error", "empty_caption", "missing_key"
 SKIP_FEATURES = "missing_image_features"
+SKIP_TAR = "tar_read_error"   # counted once for the rest of a truncated or corrupt tar
+SHARD_SUFFIXES = (".parquet", ".tar")
 MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 
 
-def list_shards(spec: str | Path | list) -> list[Path]:
-    """A folder (its *.parquet), a glob, a file, or a list of those -> sorted unique paths."""
+def _folder_shards(folder: str) -> list[str]:
+    """A folder's tars when it has any (its .parquet files are then img2dataset's sidecars, without
+    images), else its Parquet files; hidden and '_' names (temporaries, markers) left out."""
+    return storage.files(folder, ".tar") or storage.files(folder, ".parquet")
+
+
+def list_shards(spec: str | Path | list) -> list[str]:
+    """A folder (its *.tar, else its *.parquet), a glob, a brace pattern ('out/webdataset/{00000..00003}.tar'),
+    a file, or a list of those, each a local path or a URI -> sorted unique paths (URIs stay URIs, local
+    paths become absolute). Tars of the filter's OUTPUT without their done marker are left out, with a warning."""
     specs = spec if isinstance(spec, (list, tuple)) else [spec]
-    out: set[Path] = set()
+    found: set[str] = set()
     for s in specs:
-        p = Path(s)
-        if p.is_dir():
-            out.update(p.glob("*.parquet"))
-        elif p.is_file():
-            out.add(p)
-        else:
-            out.update(Path(x) for x in glob.glob(str(s)))
+        for pattern in map(storage.normalize, braceexpand(str(s))):   # file:// -> a plain path
+            if storage.isdir(pattern):
+                found.update(_folder_shards(pattern))
+            elif storage.isfile(pattern):
+                found.add(pattern)
+            else:
+                found.update(p for p in storage.glob(pattern) if p.endswith(SHARD_SUFFIXES))
+    if not found:
+        raise FileNotFoundError(f"no Parquet shards or webdataset tars found at {spec} (run `make filter` first, "
+                                f"or pass Parquet files with columns {READ_COLUMNS} or tars of KEY.jpg + KEY.txt)")
+    _, untrusted = wds.trusted_tars(sorted(p for p in found if p.endswith(".tar")))
+    if untrusted:
+        print(f"[data] leaving out {len(untrusted)} tar(s) without their done marker (conversion unfinished), "
+              f"e.g. {untrusted[0]}", flush=True)
+    out = sorted(found - set(untrusted))
     if not out:
-        raise FileNotFoundError(f"no Parquet shards found at {spec} (run `make filter` first, or pass a folder of "
-                                f"Parquet files with columns {READ_COLUMNS})")
-    return sorted(out)
+        raise FileNotFoundError(f"no finished shards at {spec}: every tar lacks its done marker (rerun the filter)")
+    return out
+
+
+def label_files(labels_dir: str | Path) -> list[str]:
+    """LABELS/shards/*.parquet and LABELS/vocab.json that exist: the label data a run depends on."""
+    labels_dir = storage.normalize(labels_dir)
+    vocab = storage.join(labels_dir, "vocab.json")
+    return storage.files(storage.join(labels_dir, "shards"), ".parquet") + ([vocab] if storage.isfile(vocab) else [])
+
+
+def has_label_shards(labels_dir: str | Path) -> bool:
+    return storage.isdir(storage.join(storage.normalize(labels_dir), "shards"))
+
+
+def shard_keys(path: str | Path) -> list[str | None]:
+    """Keys of a shard's usable rows, reading as little as possible: a Parquet shard's key column; a tar's
+    sidecar Parquet (its rows with status success: img2dataset lists failed downloads there too), else
+    the tar's members."""
+    path = storage.normalize(path)
+    if not path.endswith(".tar"):
+        return storage.parquet_file(path).read(columns=[KEY]).column(KEY).to_pylist()
+    sidecar = path[: -len(".tar")] + ".parquet"
+    if storage.isfile(sidecar):
+        t = storage.parquet_file(sidecar).read().to_pydict()
+        if KEY in t:
+            status = t.get("status") or ["success"] * len(t[KEY])
+            return [k for k, st in zip(t[KEY], status) if st == "success"]
+    return [row[0] for row in _tar_rows(path) if not isinstance(row, str)]
+
+
+def _tar_rows(path: str):
+    """(key, caption, image bytes) per sample of a tar, in member order; the string SKIP_TAR once for
+    the rest of a tar that breaks off (truncated upload, corrupt block)."""
+    def sample(stem, fields):
+        key = stem.rsplit("/", 1)[-1]
+        if "json" in fields:
+            try:
+                key = json.loads(fields["json"]).get("key", key)
+            except (ValueError, AttributeError):
+                pass   # not our json: the member name is the key, as in webdataset
+        try:
+            caption = fields["txt"].decode("utf-8") if "txt" in fields else None
+        except UnicodeDecodeError:
+            caption = None
+        image = next((fields[e] for e in wds.IMAGE_EXTENSIONS if e in fields), None)
+        return key, caption, image
+
+    with storage.open(path, "rb") as f:
+        stem, fields = None, {}
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:   # stream mode: members in order, no seeks
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    member_stem, ext = wds.split_member(member.name)
+                    if member_stem != stem and stem is not None:
+                        yield sample(stem, fields)
+                        fields = {}
+                    stem = member_stem
+                    fields[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError):
+            yield SKIP_TAR   # the sample being read is incomplete: not yielded
+            return
+        if stem is not None:
+            yield sample(stem, fields)
 
 
 def is_holdout(key: str, fraction: float) -> bool:
@@ -93,12 +186,13 @@ def check_sharding(n_shards: int, num_workers: int, world_size: int):
 
 def read_vocab(labels_dir: str | Path) -> tuple[int, int]:
     """Sizes of the object and attribute vocabularies of LABELS/vocab.json, as make distill writes it."""
-    from pipeline.concepts import read_vocab_json
-    path = Path(labels_dir) / "vocab.json"
-    if not path.is_file():
+    from pipeline.concepts import HEADS, Vocabulary
+    path = storage.join(storage.normalize(labels_dir), "vocab.json")
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path} is missing: label shards need their vocab.json")
     try:
-        vocabs = read_vocab_json(str(path))
+        doc = storage.read_json(path)   # pipeline.concepts.read_vocab_json's reading, for URIs too
+        vocabs = {name: Vocabulary.from_dict(name, doc[name]) for name in HEADS}
         return len(vocabs["objects"]), len(vocabs["attributes"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a vocab.json written by jobs/distill_labels.py: {e}") from e
@@ -136,8 +230,8 @@ class _Labels:
     """Key -> (object idx, object probs, attribute idx, attribute probs), joined shard by shard."""
 
     def __init__(self, labels_dir: str | Path):
-        self.dir = Path(labels_dir) / "shards"
-        if not self.dir.is_dir():
+        self.dir = storage.join(storage.normalize(labels_dir), "shards")
+        if not storage.isdir(self.dir):
             raise FileNotFoundError(f"{self.dir} does not exist (expected LABELS/shards/*.parquet)")
         self._all: dict | None = None
 
@@ -145,29 +239,30 @@ class _Labels:
     def _read(paths) -> dict:
         out = {}
         for p in paths:
-            t = pq.read_table(p, columns=[KEY, *LABEL_COLUMNS]).to_pydict()
+            t = storage.parquet_file(p).read(columns=[KEY, *LABEL_COLUMNS]).to_pydict()
             for i, k in enumerate(t[KEY]):
                 out[k] = tuple(t[c][i] for c in LABEL_COLUMNS)
         return out
 
-    def for_shard(self, shard: Path) -> dict:
-        same_name = self.dir / shard.name
-        if same_name.is_file():
+    def for_shard(self, shard: str) -> dict:
+        name = wds.source_shard(shard) if shard.endswith(".tar") else storage.basename(shard)
+        same_name = storage.join(self.dir, name) if name else None
+        if same_name and storage.isfile(same_name):
             return self._read([same_name])
         if self._all is None:
-            self._all = self._read(sorted(self.dir.glob("*.parquet")))
+            self._all = self._read(storage.files(self.dir, ".parquet"))
         return self._all
 
 
 class ShardStream(IterableDataset):
-    def __init__(self, shards: list[Path], tokenizer, image_size: int, batch_size: int, *, train: bool = True,
+    def __init__(self, shards: list[str | Path], tokenizer, image_size: int, batch_size: int, *, train: bool = True,
                  labels_dir: str | Path | None = None, seed: int = 0, shuffle_buffer: int = 2048,
                  split: str = "train", holdout_fraction: float = 0.0, rank: int = 0, world_size: int = 1,
                  infinite: bool = True, train_fraction: float = 1.0, start_positions: dict[int, tuple[int, int]] | None = None,
                  worker_offset: int = 0, draft_decode: bool = True, image_features=None):
         if split not in ("train", "holdout", "all"):
             raise ValueError(f"split must be train | holdout | all, got {split!r}")
-        self.shards, self.tokenizer, self.batch_size = list(shards), tokenizer, batch_size
+        self.shards, self.tokenizer, self.batch_size = [storage.normalize(p) for p in shards], tokenizer, batch_size
         self.transform = ImageTransform(image_size, train)
         self.draft_size = image_size if draft_decode else None
         self.labels = _Labels(labels_dir) if labels_dir else None
@@ -180,7 +275,9 @@ class ShardStream(IterableDataset):
         self.start_positions = dict(start_positions or {})
         self.worker_offset = worker_offset
         for p in self.shards:  # fail before training, not inside a worker, on a shard missing columns
-            missing = set(READ_COLUMNS) - set(pq.read_schema(p).names)
+            if p.endswith(".tar"):
+                continue   # a tar has no schema: its samples are checked (and counted when unusable) as read
+            missing = set(READ_COLUMNS) - set(storage.parquet_file(p).schema_arrow.names)
             if missing:
                 raise ValueError(f"{p} lacks column(s) {sorted(missing)}; shards need {READ_COLUMNS}")
 
@@ -192,14 +289,24 @@ class ShardStream(IterableDataset):
             return False
         return self.split != "train" or in_subset(key, self.train_fraction)
 
-    def _rows(self, files: list[Path]):
+    def _rows(self, files: list[str]):
+        """(key, caption, jpg, labels) per row of the files, or a skip reason (str) standing for rows."""
         for path in files:
             labels = self.labels.for_shard(path) if self.labels else None
-            for rb in pq.ParquetFile(path).iter_batches(batch_size=256, columns=READ_COLUMNS):
-                d = rb.to_pydict()
-                for key, caption, jpg in zip(d[KEY], d[CAPTION], d[JPG]):
-                    if self._keep(key):
-                        yield key, caption, jpg, (labels.get(key) if labels is not None else None)
+            for row in self._file_rows(path):
+                if isinstance(row, str):
+                    yield row
+                elif self._keep(row[0]):
+                    yield (*row, labels.get(row[0]) if labels is not None else None)
+
+    @staticmethod
+    def _file_rows(path: str):
+        if path.endswith(".tar"):
+            yield from _tar_rows(path)
+            return
+        for rb in storage.parquet_file(path).iter_batches(batch_size=256, columns=READ_COLUMNS):
+            d = rb.to_pydict()
+            yield from zip(d[KEY], d[CAPTION], d[JPG])
 
     def _shuffled(self, rows, rng: random.Random):
         if self.shuffle_buffer <= 1:
@@ -224,6 +331,8 @@ class ShardStream(IterableDataset):
 
     # ---------------------------------------------------------------- batches
     def _sample(self, row, epoch: int):
+        if isinstance(row, str):
+            return row   # decided while reading (the unreadable rest of a tar)
         key, caption, jpg, labels = row
         if key is None:
             return SKIP_KEY

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 from contextlib import contextmanager
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from model_training.data import label_files
 from model_training.models import export_open_clip
+from pipeline import storage
 from pipeline.partitions import atomic_write_json, dict_differences, writing
 
 RUN_MANIFEST = "run.json"
@@ -42,19 +45,19 @@ class RunFolderError(ValueError):
 
 
 def _files_fingerprint(paths) -> str:
-    """Names and sizes: stat only (no data read, fine for 100k shards) and enough to tell re-filtered data apart."""
+    """Names and sizes: stat only (no data read, fine for 100k shards) and enough to tell re-filtered data apart.
+    Paths may be URIs (pipeline.storage); Path serves only as the sort key, as it always did."""
     h = hashlib.sha256()
-    for p in sorted(Path(p) for p in paths):
-        h.update(f"{p.name}|{p.stat().st_size}\n".encode())
+    for p in sorted(paths, key=Path):
+        h.update(f"{storage.basename(str(p))}|{storage.size(str(p))}\n".encode())
     return h.hexdigest()[:16]
 
 
-def run_identity(cfg, shards: list[Path]) -> dict:
+def run_identity(cfg, shards: list[str]) -> dict:
     """What makes two runs the same run: the settings that shape the trajectory + the data's fingerprint."""
     labels = "none"
     if cfg.labels:
-        files = [*(Path(cfg.labels) / "shards").glob("*.parquet"), Path(cfg.labels) / "vocab.json"]
-        labels = _files_fingerprint(p for p in files if p.is_file())
+        labels = _files_fingerprint(label_files(cfg.labels))
     identity = {"config": {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY},
                 "data": {"shards": _files_fingerprint(shards), "n_shards": len(shards), "labels": labels}}
     return json.loads(json.dumps(identity, default=str))   # as it reads back from JSON
@@ -203,3 +206,78 @@ def export_checked(model, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch_writing(path, path.with_suffix(".pt.tmp"), _tensor_bytes(model.state_dict())):
         return export_open_clip(model, out_dir)
+
+
+# ------------------------------------------------------------------ RUN in an object store
+def mirror_dir(run_uri: str) -> Path:
+    """The local working copy of a remote RUN (CATCURATE_RUN_CACHE, else the temp folder): one per URI, so a
+    resume on the same machine finds it, and on another machine it is rebuilt from the store."""
+    import tempfile
+    base = Path(os.environ.get("CATCURATE_RUN_CACHE") or Path(tempfile.gettempdir()) / "catcurate-runs")
+    return base / hashlib.sha256(run_uri.encode()).hexdigest()[:16]
+
+
+class RunMirror:
+    """A remote RUN (s3://, gs://, ...) worked on in a local copy, the way open_clip's --remote-sync does:
+    `pull` copies the store's RUN down (its checkpoints are what a resume needs), `push` copies new and
+    changed files up and deletes what the run deleted (rotated checkpoints). Uploads go .pt before the
+    .json meta that marks a checkpoint complete, so a reader of the store never meets a meta without its
+    checkpoint; every object is one whole PUT (no renames in a store)."""
+
+    def __init__(self, run_uri: str):
+        from pipeline import storage
+        self.storage, self.uri = storage, storage.normalize(run_uri)
+        self.local = mirror_dir(self.uri)
+        self._pushed: dict[str, tuple[int, int]] = {}
+
+    def pull(self) -> Path:
+        self.local.mkdir(parents=True, exist_ok=True)
+        fs, root = self.storage.filesystem(self.uri)
+        remote = {p[len(root):].lstrip("/") for p in fs.find(root)} if fs.exists(root) else set()
+        remote = {r for r in remote if not posixpath.basename(r).startswith(".")}   # the lock, probes
+        for rel in sorted(remote):
+            dst = self.local / rel
+            tmp = dst.with_name(dst.name + ".pull.tmp")
+            self.storage.download(self.storage.join(self.uri, rel), str(tmp))
+            tmp.replace(dst)
+        for p in self._local_files():   # what the store does not have is not part of the run
+            if str(p.relative_to(self.local)) not in remote:
+                p.unlink()
+        self._pushed = {str(p.relative_to(self.local)): self._stamp(p) for p in self._local_files()}
+        return self.local
+
+    def push(self) -> None:
+        files = {str(p.relative_to(self.local)): p for p in self._local_files()}
+        changed = [rel for rel, p in files.items() if self._pushed.get(rel) != self._stamp(p)]
+        for rel in sorted(changed, key=lambda r: (r.startswith("checkpoints/") and r.endswith(".json"), r)):
+            self.storage.upload(str(files[rel]), self.storage.join(self.uri, rel))
+            self._pushed[rel] = self._stamp(files[rel])
+        for rel in sorted(set(self._pushed) - set(files), key=lambda r: not r.endswith(".json")):
+            self.storage.remove(self.storage.join(self.uri, rel))   # meta first: the checkpoint stops counting
+            del self._pushed[rel]
+
+    def _local_files(self) -> list[Path]:
+        return [p for p in self.local.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+                and not p.name.startswith(".")]
+
+    @staticmethod
+    def _stamp(p: Path) -> tuple[int, int]:
+        st = p.stat()
+        return st.st_size, st.st_mtime_ns
+
+
+@contextmanager
+def staged_run(run_uri: str, job: str):
+    """`with staged_run("s3://b/runs/x", "train") as mirror:` train in mirror.local, call mirror.push()
+    after each checkpoint; the store's RUN holds the lock meanwhile and gets everything on the way out
+    (also after a failure: finished checkpoints and logs are not lost)."""
+    from pipeline import storage
+    from pipeline.locks import folder_lock
+    storage.check_access(run_uri, write=True)
+    with folder_lock(run_uri, job):
+        mirror = RunMirror(run_uri)
+        mirror.pull()
+        try:
+            yield mirror
+        finally:
+            mirror.push()

@@ -43,11 +43,12 @@ from model_training.data import ShardStream, check_sharding, list_shards, make_l
 from model_training.losses import STAT_PREFIX, LossConfig, build_objective, gather_with_grad
 from model_training.presets import load_preset
 from model_training.models import build_model, get_tokenizer
+from pipeline import storage
 from pipeline.locks import LockHeld, LockLost, folder_lock
 from pipeline.partitions import StorageError, as_storage_error, atomic_write_json, writing
 from model_training.run_dir import (RUN_MANIFEST, RunFolderError, check_checkpoint_config, delete_checkpoint,
                                    export_checked, find_checkpoint, list_checkpoints, prepare_run_dir,
-                                   remove_run_temporaries, run_identity, save_checkpoint)
+                                   remove_run_temporaries, run_identity, save_checkpoint, staged_run)
 
 
 def _f(default, help_text):
@@ -222,29 +223,37 @@ def _to(batch: dict, device):
 
 
 # ------------------------------------------------------------------ the loop
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, on_checkpoint=None) -> dict:
     """Train (or resume) the run in cfg.run_dir; returns the summary also written to RUN/train_summary.json.
-    Rank 0 holds RUN's lock throughout; a full disk raises one StorageError with the temporaries removed."""
+    Rank 0 holds RUN's lock throughout; a full disk raises one StorageError with the temporaries removed.
+    A RUN in an object store (s3://...) is trained in a local mirror and pushed after every checkpoint
+    (run_dir.staged_run); `on_checkpoint` is called on rank 0 after each checkpoint is complete."""
+    if storage.is_remote(cfg.run_dir):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RunFolderError(f"--run {cfg.run_dir}: a RUN in an object store is supported for one process; "
+                                 f"with torchrun give a local or shared-filesystem RUN")
+        with staged_run(cfg.run_dir, "train") as mirror:
+            return train(dataclasses.replace(cfg, run_dir=str(mirror.local)), on_checkpoint=mirror.push)
     rank, world, device = _setup_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
     created = not run_dir.exists()
     try:
         with folder_lock(str(run_dir), "train") if rank == 0 else nullcontext():
             try:
-                return _train(cfg, rank, world, device, run_dir)
+                return _train(cfg, rank, world, device, run_dir, on_checkpoint or (lambda: None))
             except Exception as e:
-                storage = as_storage_error(e, str(run_dir))
-                if storage is None:
+                full = as_storage_error(e, str(run_dir))
+                if full is None:
                     raise
                 if rank == 0:
                     remove_run_temporaries(run_dir)
-                raise storage from None
+                raise full from None
     finally:
         if created and rank == 0 and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()   # refused before any work (no shards, ...): leave no empty RUN behind
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_dir: Path) -> dict:
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_dir: Path, on_checkpoint) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     shards = list_shards(cfg.shards)
@@ -384,6 +393,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
                                 {"step": done, "loss": sums["loss"], "samples_seen": samples_seen,
                                  "model": model.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
                                 cfg.keep_checkpoints)
+                on_checkpoint()
     if bar is not None:
         bar.close()
 
@@ -464,7 +474,8 @@ def parse_args(argv=None, defaults: dict | None = None, description: str = __doc
 
 
 # errors a user can act on: RUN refusals, a full disk, a held lock, missing or unusable data
-USER_ERRORS = (RunFolderError, StorageError, LockHeld, LockLost, FileNotFoundError, ValueError)
+USER_ERRORS = (RunFolderError, StorageError, storage.StorageAccessError, LockHeld, LockLost, FileNotFoundError,
+               ValueError)
 
 
 @contextmanager

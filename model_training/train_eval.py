@@ -18,16 +18,18 @@ gets fewer DataLoader workers (or a clear error) instead of a crash inside a wor
 from __future__ import annotations
 
 import json
+import posixpath
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
-from model_training.data import KEY, ShardStream, in_subset, is_holdout, list_shards
+from model_training.data import ShardStream, has_label_shards, in_subset, is_holdout, list_shards, shard_keys
 from model_training.evaluate import chance_recall, plot_recalls, retrieval_metrics
 from model_training.models import build_model, get_tokenizer
 from model_training.train import TrainConfig, one_line_errors, parse_args, train
+from model_training.run_dir import staged_run
+from pipeline import storage
 from pipeline.partitions import atomic_write_json
 from pipeline.report import no_pairs_reason
 
@@ -57,21 +59,22 @@ def holdout_retrieval(cfg: TrainConfig, model) -> dict:
     return {**metrics, "n_pairs": n, "chance": chance_recall(n, 1)}
 
 
-def find_shards(cfg: TrainConfig) -> list[Path]:
+def find_shards(cfg: TrainConfig) -> list[str]:
     """The shard files; when the filter ran and kept no pairs with images, say that (not 'run the filter')."""
-    shards = Path(cfg.shards)
-    reason = no_pairs_reason(shards.parent if shards.name == "shards" else shards)
+    shards = str(cfg.shards).rstrip("/")   # a str, not a Path: a URI (s3://...) must pass through unchanged
+    is_output_folder = posixpath.basename(shards) in ("shards", "webdataset")
+    reason = no_pairs_reason(posixpath.dirname(shards) if is_output_folder else shards)
     if reason is not None:
         raise ValueError(f"{reason[0]}: nothing to train on ({reason[1]})")
     return list_shards(cfg.shards)
 
 
-def fit_workers(cfg: TrainConfig, shards: list[Path]) -> int:
+def fit_workers(cfg: TrainConfig, shards: list[str]) -> int:
     """The most DataLoader workers (<= --num-workers) whose files all hold training rows: a worker without
     any would crash inside the DataLoader. Tiny data that cannot train or evaluate fails here, clearly."""
     train_rows, held_out = [], 0
     for path in shards:
-        keys = pq.read_table(path, columns=[KEY]).column(KEY).to_pylist()
+        keys = shard_keys(path)
         held = [k is not None and is_holdout(k, cfg.holdout_fraction) for k in keys]
         held_out += sum(held)
         train_rows.append(sum(not h and (k is None or in_subset(k, cfg.train_fraction)) for k, h in zip(keys, held)))
@@ -95,9 +98,18 @@ def main(argv=None):
 
 
 def train_eval(cfg: TrainConfig, given: set[str]):
-    """Train on cfg.shards, evaluate on the held-out keys, write RUN/metrics.json; `given` = flags set explicitly."""
+    """Train on cfg.shards, evaluate on the held-out keys, write RUN/metrics.json; `given` = flags set explicitly.
+    A RUN in an object store is worked on in a local mirror and pushed after each checkpoint and at the end."""
+    if storage.is_remote(cfg.run_dir):
+        with staged_run(cfg.run_dir, "train-eval") as mirror:
+            cfg.run_dir = str(mirror.local)
+            return _train_eval(cfg, given, mirror.push)
+    return _train_eval(cfg, given, None)
+
+
+def _train_eval(cfg: TrainConfig, given: set[str], on_checkpoint):
     shards = find_shards(cfg)
-    if cfg.labels and not (Path(cfg.labels) / "shards").is_dir():
+    if cfg.labels and not has_label_shards(cfg.labels):
         print(f"[train-eval] {cfg.labels}/shards not found: training without concept labels "
               f"(run `make distill` to add them)")
         cfg.labels = ""
@@ -109,7 +121,7 @@ def train_eval(cfg: TrainConfig, given: set[str]):
               f"shard files with training rows ({len(shards)} shard file(s))")
         cfg.num_workers = workers
 
-    summary = train(cfg)
+    summary = train(cfg, on_checkpoint=on_checkpoint)
     run = Path(cfg.run_dir)
     model = build_model(summary["model"], summary["export"])   # round trip through the exported checkpoint
     result = holdout_retrieval(cfg, model)

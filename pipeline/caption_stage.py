@@ -10,15 +10,14 @@ download (OUTPUT/_work/download_input/<part>.parquet); then the part's completio
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 import schemas as S
 from pipeline import captions as cap
+from pipeline import storage
 from pipeline.keys import content_key, duplicate_key
 from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
 
@@ -48,20 +47,20 @@ def write_part_keys(chunk: Chunk, cols: Columns, out: str) -> int:
     keys, contents = part_keys(chunk, table, cols, unreadable)
     rows = [{"key": k, "content": c, "part": chunk.part, "row": chunk.file_row_offset + i}
             for i, (k, c) in enumerate(zip(keys, contents))]
-    atomic_write_parquet(S.KEYS.from_rows(rows), os.path.join(out, "_work", "keys", f"{chunk.part}.parquet"))
+    atomic_write_parquet(S.KEYS.from_rows(rows), storage.join(out, "_work", "keys", f"{chunk.part}.parquet"))
     return len(rows)
 
 
 def unreadable_key(chunk: Chunk, i: int) -> str:
-    return content_key(None, f"{os.path.basename(chunk.source_file)}:{chunk.file_row_offset + i}")
+    return content_key(None, f"{storage.basename(chunk.source_file)}:{chunk.file_row_offset + i}")
 
 
 def read_duplicates(out: str, part: str) -> dict[int, tuple[int, bool]]:
     """Dedupe pass result for one part: file row -> (occurrence of its key, repeats earlier content)."""
-    path = os.path.join(out, "_work", "dups", f"part={part}")
-    if not os.path.isdir(path):
+    path = storage.join(out, "_work", "dups", f"part={part}")
+    if not storage.isdir(path):
         return {}
-    t = pq.read_table(path, columns=["row", "key_occ", "content_occ"]).to_pydict()
+    t = storage.read_parquet(path, columns=["row", "key_occ", "content_occ"]).to_pydict()
     return {r: (k, c > 1) for r, k, c in zip(t["row"], t["key_occ"], t["content_occ"])}
 
 
@@ -118,12 +117,12 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
                 download_rows.append({"url": r["url"], "caption": r["caption"], "cat_key": r["key"],
                                       "cat_part": chunk.part})
 
-    atomic_write_parquet(S.CAPTIONS.from_rows(rows), os.path.join(out, "captions", f"{chunk.part}.parquet"))
+    atomic_write_parquet(S.CAPTIONS.from_rows(rows), storage.join(out, "captions", f"{chunk.part}.parquet"))
     atomic_write_parquet(S.LEDGER.from_rows(ledger),
-                         os.path.join(out, "ledger", S.STAGE_CAPTION, f"{chunk.part}.parquet"))
+                         storage.join(out, "ledger", S.STAGE_CAPTION, f"{chunk.part}.parquet"))
     if download and download_rows:  # img2dataset wants no empty input files
         atomic_write_parquet(pa.Table.from_pylist(download_rows, schema=DOWNLOAD_INPUT),
-                             os.path.join(out, "_work", "download_input", f"{chunk.part}.parquet"))
+                             storage.join(out, "_work", "download_input", f"{chunk.part}.parquet"))
     counts = _count(ledger, n, sum(r["passed"] for r in rows))
     write_marker(out, S.STAGE_CAPTION, chunk.part, counts)
     return counts

@@ -15,7 +15,6 @@ A row's soft target is uniform over its in-vocabulary concepts.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterable
@@ -126,8 +125,8 @@ def write_vocab_json(vocabs: dict[str, Vocabulary], path: str, config: VocabConf
 
 
 def read_vocab_json(path: str) -> dict[str, Vocabulary]:
-    with open(path) as f:
-        doc = json.load(f)
+    from pipeline import storage
+    doc = storage.read_json(path)
     return {name: Vocabulary.from_dict(name, doc[name]) for name in HEADS}
 
 

@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save
 
 from pipeline.concepts import (ATTRIBUTES, HEADS, OBJECTS, VocabConfig, build_vocabularies, count_concepts,
                                dense_soft_targets, row_concepts, targets_csr, write_vocab_json)
-from pipeline.partitions import atomic_write_parquet, marker_path, write_marker, writing
+from pipeline import storage
+from pipeline.partitions import atomic_write_parquet, marker_path, write_marker
 from pipeline.teacher import cached_teacher
 from schemas import FAILED, LABELS, LEDGER, R_EMBED_FAILED, STAGE_DISTILL, Table
 
@@ -226,16 +223,11 @@ _READ_COLUMNS = ("key", "jpg", "url", "caption", "complexity", "has_action")
 
 
 def shard_name(path: str) -> str:
-    return os.path.basename(path)[: -len(".parquet")]
+    return storage.basename(path)[: -len(".parquet")]
 
 
 def embeddings_path(out: str, name: str) -> str:
-    return os.path.join(out, "_embeddings", f"{name}.parquet")
-
-
-def _file_identity(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return storage.join(out, "_embeddings", f"{name}.parquet")
 
 
 def _fingerprint(*parts) -> str:
@@ -244,15 +236,14 @@ def _fingerprint(*parts) -> str:
 
 def _marker_if_current(out: str, stage: str, name: str, fingerprint: str) -> dict | None:
     path = marker_path(out, stage, name)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
-    with open(path) as fh:
-        marker = json.load(fh)
+    marker = storage.read_json(path)
     return marker if marker.get("fingerprint") == fingerprint else None
 
 
 def read_embeddings(out: str, name: str) -> tuple[pa.Table, np.ndarray]:
-    table = pq.read_table(embeddings_path(out, name))
+    table = storage.read_parquet(embeddings_path(out, name))
     flat = pc.list_flatten(table.column("embedding")).to_numpy()
     return table, flat.reshape(table.num_rows, -1) if table.num_rows else flat.reshape(0, 0)
 
@@ -272,7 +263,7 @@ def embed_shard(shard_path: str, out: str, teacher_spec: str, batch_size: int = 
     """Embed every row of one input shard -> _embeddings/<shard>.parquet, ledger/<shard>.parquet,
     then the done marker. Skipped when a marker with the same fingerprint exists (resume)."""
     name = shard_name(shard_path)
-    fingerprint = _fingerprint(_file_identity(shard_path), teacher_spec)
+    fingerprint = _fingerprint(storage.identity(shard_path), teacher_spec)
     marker = _marker_if_current(out, EMBED_STAGE, name, fingerprint)
     if marker is not None:
         return {**marker, "skipped": True}
@@ -281,7 +272,7 @@ def embed_shard(shard_path: str, out: str, teacher_spec: str, batch_size: int = 
     cache: dict[str, np.ndarray] = {}   # split_id -> embedding: captions sharing an image embed once
     failed: dict[str, str] = {}         # split_id -> error message
     emb_rows, ledger_rows, row = [], [], 0
-    pf = pq.ParquetFile(shard_path)     # streamed by batches: shards may not fit in memory
+    pf = storage.parquet_file(shard_path)     # streamed by batches: shards may not fit in memory
     for batch in pf.iter_batches(batch_size=read_rows, columns=list(_READ_COLUMNS)):
         rows = batch.to_pylist()
         split_ids = [split_id_of(r["jpg"], r["key"]) for r in rows]
@@ -301,11 +292,11 @@ def embed_shard(shard_path: str, out: str, teacher_spec: str, batch_size: int = 
                     "key": r["key"], "status": FAILED, "stage": STAGE_DISTILL, "reason": R_EMBED_FAILED,
                     "url": r["url"], "caption": (r["caption"] or "")[:1000] or None,
                     "complexity": r["complexity"], "has_action": r["has_action"],
-                    "error_message": failed[sid], "source_file": os.path.basename(shard_path),
+                    "error_message": failed[sid], "source_file": storage.basename(shard_path),
                     "source_row": row})
             row += 1
     atomic_write_parquet(_embeddings_table(emb_rows, teacher.embed_dim), embeddings_path(out, name))
-    atomic_write_parquet(LEDGER.from_rows(ledger_rows), os.path.join(out, "ledger", f"{name}.parquet"))
+    atomic_write_parquet(LEDGER.from_rows(ledger_rows), storage.join(out, "ledger", f"{name}.parquet"))
     stats = {"shard": name, "fingerprint": fingerprint, "n_rows": row, "n_embedded": len(emb_rows),
              "n_failed": len(ledger_rows), "n_unique_images": len(cache), "seconds": time.time() - start,
              "torch_threads": torch.get_num_threads(),
@@ -320,7 +311,7 @@ def train_classifiers(out: str, shard_paths: list[str], vocab_config: VocabConfi
     held-out report. Writes vocab.json and classifiers.safetensors; returns the report."""
     parses, embs, split_ids = [], [], []
     for path in shard_paths:
-        parse = pq.read_table(path, columns=[OBJECTS, ATTRIBUTES])
+        parse = storage.read_parquet(path, columns=[OBJECTS, ATTRIBUTES])
         parses.append(parse)
         table, X = read_embeddings(out, shard_name(path))
         rows = table.column("row").to_numpy()
@@ -346,11 +337,9 @@ def train_classifiers(out: str, shard_paths: list[str], vocab_config: VocabConfi
                         **evaluate_head(head, X, offsets, indices, heldout_rows, counts)}
         tensors[f"{name}.weight"] = torch.from_numpy(head.weight)
         tensors[f"{name}.bias"] = torch.from_numpy(head.bias)
-    write_vocab_json(vocabs, os.path.join(out, "vocab.json"), vocab_config)
-    path, tmp = os.path.join(out, CLASSIFIERS_FILE), os.path.join(out, f".tmp-{uuid.uuid4().hex}-{CLASSIFIERS_FILE}")
-    with writing(path, tmp, sum(t.nelement() * t.element_size() for t in tensors.values())):   # disk full: one line
-        save_file(tensors, tmp, metadata={"feature_power": repr(features.power)})
-        os.replace(tmp, path)
+    write_vocab_json(vocabs, storage.join(out, "vocab.json"), vocab_config)
+    storage.write_bytes(storage.join(out, CLASSIFIERS_FILE),    # disk full: one line (storage.write_bytes)
+                        save(tensors, metadata={"feature_power": repr(features.power)}))
     report["heldout"] = {"fraction": config.heldout_fraction, "seed": config.seed,
                          "split_by": "sha256 of the image bytes (rows sharing an image stay together)",
                          "n_rows": int(len(heldout_rows)), "n_images": len(set(np.array(split_ids)[held])),
@@ -361,32 +350,34 @@ def train_classifiers(out: str, shard_paths: list[str], vocab_config: VocabConfi
 _HEADS_CACHE: dict[str, dict[str, LinearHead]] = {}
 
 
-def load_classifiers(path: str) -> dict[str, LinearHead]:
-    with safe_open(path, "pt") as f:
-        center = f.get_tensor("features.center").numpy() if "features.center" in f.keys() else None
-        features = FeatureMap(float(f.metadata()["feature_power"]), center)
-        return {name: LinearHead(f.get_tensor(f"{name}.weight").numpy(), f.get_tensor(f"{name}.bias").numpy(),
-                                 features) for name in HEADS}
+def load_classifiers(source: str | bytes) -> dict[str, LinearHead]:
+    """The two heads from classifiers.safetensors: its location (any URI) or its bytes."""
+    data = storage.read_bytes(source) if isinstance(source, str) else source
+    tensors = load(data)
+    header_len = int.from_bytes(data[:8], "little")   # safetensors: u64 header size, then the JSON header
+    metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    features = FeatureMap(float(metadata["feature_power"]),
+                          tensors["features.center"].numpy() if "features.center" in tensors else None)
+    return {name: LinearHead(tensors[f"{name}.weight"].numpy(), tensors[f"{name}.bias"].numpy(), features)
+            for name in HEADS}
 
 
 def label_shard(shard_path: str, out: str, k: int) -> dict:
     """Top-k labels for every row of one input shard -> shards/<shard>.parquet, row-aligned with
     the input (rows that failed to embed get null lists; their reason is in the ledger)."""
     name = shard_name(shard_path)
-    classifiers = os.path.join(out, CLASSIFIERS_FILE)
-    with open(classifiers, "rb") as fh:
-        classifier_hash = hashlib.sha256(fh.read()).hexdigest()
-    with open(marker_path(out, EMBED_STAGE, name)) as fh:
-        embed_fp = json.load(fh)["fingerprint"]
+    classifier_bytes = storage.read_bytes(storage.join(out, CLASSIFIERS_FILE))
+    classifier_hash = hashlib.sha256(classifier_bytes).hexdigest()
+    embed_fp = storage.read_json(marker_path(out, EMBED_STAGE, name))["fingerprint"]
     fingerprint = _fingerprint(embed_fp, classifier_hash, k)
     marker = _marker_if_current(out, LABEL_STAGE, name, fingerprint)
     if marker is not None:
         return {**marker, "skipped": True}
     if classifier_hash not in _HEADS_CACHE:  # once per Python worker and classifier version
         _HEADS_CACHE.clear()
-        _HEADS_CACHE[classifier_hash] = load_classifiers(classifiers)
+        _HEADS_CACHE[classifier_hash] = load_classifiers(classifier_bytes)
     heads = _HEADS_CACHE[classifier_hash]
-    keys = pq.read_table(shard_path, columns=["key"]).column("key").to_pylist()
+    keys = storage.read_parquet(shard_path, columns=["key"]).column("key").to_pylist()
     table, X = read_embeddings(out, name)
     rows = table.column("row").to_numpy()
     columns = {"key": pa.array(keys, pa.string())}
@@ -399,9 +390,9 @@ def label_shard(shard_path: str, out: str, k: int) -> dict:
         columns[f"{prefix}_indices"] = pa.array(idx_col, pa.list_(pa.int32()))
         columns[f"{prefix}_probs"] = pa.array(prob_col, pa.list_(pa.float32()))
     labels = pa.Table.from_pydict(columns, schema=LABELS.arrow)
-    path = os.path.join(out, "shards", f"{name}.parquet")
+    path = storage.join(out, "shards", f"{name}.parquet")
     atomic_write_parquet(labels, path)
     stats = {"shard": name, "fingerprint": fingerprint, "n_rows": len(keys), "n_labelled": int(len(rows)),
-             "bytes": os.path.getsize(path)}
+             "bytes": storage.size(path)}
     write_marker(out, LABEL_STAGE, name, stats)
     return {**stats, "skipped": False}

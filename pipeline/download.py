@@ -18,7 +18,6 @@ url_blocked_address. allow_private_addresses opens loopback / private / CGNAT fo
 from __future__ import annotations
 
 import argparse
-import glob
 import ipaddress
 import json
 import os
@@ -28,6 +27,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import schemas as S
+from pipeline import storage
 
 GUARD_ENV = "CATCURATE_FETCH_GUARD"   # set in the download child only: "public" | "private"
 
@@ -129,8 +129,10 @@ def failure_reason(error_message: str | None) -> str:
 def run_download(out: str, params: DownloadParams, distributor: str, rows_per_shard: int) -> list[str]:
     """Fetch the images; locally in a child process, so img2dataset's spawned workers re-import a
     plain module instead of the caller's __main__ (a Spark driver or a test runner)."""
-    if not glob.glob(os.path.join(out, "_work", "download_input", "*.parquet")):
+    if not storage.files(storage.join(out, "_work", "download_input"), ".parquet"):
         return []
+    if distributor == "multiprocessing" and storage.is_remote(out):
+        return _staged_download(out, params, rows_per_shard)
     if distributor == "multiprocessing":
         cmd = [sys.executable, "-m", "pipeline.download", "--out", out, "--rows-per-shard", str(rows_per_shard),
                "--params", json.dumps(params.to_dict())]
@@ -147,21 +149,42 @@ def run_download(out: str, params: DownloadParams, distributor: str, rows_per_sh
     return downloaded_shards(out)
 
 
+def _staged_download(out: str, params: DownloadParams, rows_per_shard: int) -> list[str]:
+    """OUTPUT in an object store, fetching on this machine: the guarded process talks to the web only
+    (its guard would refuse a private S3 endpoint and the instance-metadata address that credentials
+    come from), so its input and output are staged on local disk and copied to and from the store here.
+    A run killed meanwhile fetches again (the store gets nothing until the download is complete)."""
+    import shutil
+    import tempfile
+    stage = tempfile.mkdtemp(prefix="catcurate-download-")
+    try:
+        for f in storage.files(storage.join(out, "_work", "download_input"), ".parquet"):
+            storage.download(f, os.path.join(stage, "_work", "download_input", storage.basename(f)))
+        run_download(stage, params, "multiprocessing", rows_per_shard)
+        fetched = os.path.join(stage, "_work", "images")
+        for name in sorted(os.listdir(fetched)):
+            if os.path.isfile(os.path.join(fetched, name)):
+                storage.upload(os.path.join(fetched, name), storage.join(out, "_work", "images", name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return downloaded_shards(out)
+
+
 def _download(out: str, params: DownloadParams, distributor: str, rows_per_shard: int) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
 
     download(
-        url_list=os.path.join(out, "_work", "download_input"), input_format="parquet", url_col="url",
+        url_list=storage.join(out, "_work", "download_input"), input_format="parquet", url_col="url",
         caption_col="caption", save_additional_columns=["cat_key", "cat_part"],
-        output_folder=os.path.join(out, "_work", "images"), output_format="parquet",
+        output_folder=storage.join(out, "_work", "images"), output_format="parquet",  # fsspec: s3:// works
         number_sample_per_shard=rows_per_shard, distributor=distributor, incremental_mode="incremental",
         enable_wandb=False, **params.img2dataset_kwargs(),
     )
 
 
 def downloaded_shards(out: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out, "_work", "images", "*.parquet")))
+    return storage.files(storage.join(out, "_work", "images"), ".parquet")
 
 
 if os.environ.get(GUARD_ENV):  # the child and img2dataset's spawned workers (which import us as __mp_main__)

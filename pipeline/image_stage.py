@@ -22,16 +22,18 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 import schemas as S
 from pipeline import images as img
+from pipeline import storage
 from pipeline import textspot as ts
+from pipeline.devices import select_device
 from pipeline.caption_stage import _count, ledger_row
 from pipeline.download import failure_reason
 from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
@@ -67,8 +69,8 @@ class ImageStageParams:
         """The spotter's settings: the recording settings in place of the decision thresholds."""
         spot = replace(self.textspot, min_conf=self.reread_below, min_chars=self.read_min_chars)
         if self.invariant_reading:
-            import torch
-            if not torch.cuda.is_available():  # GPU: fp32, not quantised, batches read as crops alone do
+            if select_device() == "cpu":  # where this task's spotter runs. GPU: fp32, not quantised, batches
+                                          #   read as crops alone do
                 spot = replace(spot, recog_batch_size=1)
         return spot
 
@@ -85,7 +87,7 @@ class ImageStageParams:
 
 
 def _passed_captions(out: str, part: str, keys: set | None = None) -> dict[str, dict]:
-    t = pq.read_table(os.path.join(out, "captions", f"{part}.parquet"), columns=_CARRY + ["passed"])
+    t = storage.read_parquet(storage.join(out, "captions", f"{part}.parquet"), columns=_CARRY + ["passed"])
     t = t.filter(pc.field("passed"))
     return {r["key"]: r for r in t.select(_CARRY).to_pylist() if keys is None or r["key"] in keys}
 
@@ -105,14 +107,14 @@ def rows_from_chunk(chunk: Chunk, cols: Columns, out: str) -> list[dict]:
         r["status"] = s.get(cols.status) if cols.status else "success"
         r["error_message"] = s.get(cols.error) if cols.error else None
         if r["jpg"] is None and r["status"] == "success" and chunk.tar:
-            r["error_message"] = f"image for key {s.get(cols.key)} not found in {os.path.basename(chunk.tar)}"
+            r["error_message"] = f"image for key {s.get(cols.key)} not found in {storage.basename(chunk.tar)}"
     return passed
 
 
 def _tar_images(tar_path: str, keys: set) -> dict[str, bytes]:
     found = {}
     try:
-        with tarfile.open(tar_path) as tf:
+        with storage.open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
             for m in tf:
                 stem, ext = os.path.splitext(m.name)
                 if m.isfile() and ext.lower() in (".jpg", ".jpeg", ".png", ".webp") and stem in keys:
@@ -124,7 +126,7 @@ def _tar_images(tar_path: str, keys: set) -> dict[str, bytes]:
 
 def rows_from_download_shard(shard_path: str, out: str) -> list[dict]:
     """img2dataset output shard -> rows with bytes, joined to their caption parse by cat_key."""
-    t = pq.read_table(shard_path, columns=["cat_key", "cat_part", "status", "error_message", "jpg"])
+    t = storage.read_parquet(shard_path, columns=["cat_key", "cat_part", "status", "error_message", "jpg"])
     rows = []
     by_part = defaultdict(list)
     for r in t.to_pylist():
@@ -147,6 +149,9 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
         # one Spark task per core: torch's own thread pool on top would oversubscribe the cores
         torch.set_num_threads(int(os.environ.get("CATCURATE_TASK_THREADS", "1")))
     ledger, shard, thumbs = [], [], defaultdict(list)
+    # CPU seconds per step of this part (time.process_time: this task's process), in its marker for
+    # bench/bench_filter.py's phase split; a few clock reads per part
+    cpu, clock, wall = defaultdict(float), time.process_time(), time.perf_counter()
     decoded = []  # (row, DecodedImage) awaiting text spotting
     for r in rows:
         evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
@@ -160,17 +165,22 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
             ledger.append(ledger_row(r["key"], S.FAILED, S.STAGE_TEXTSPOT, S.R_DECODE_ERROR, **evidence,
                                      error_message=str(e)[:500]))
 
+    cpu["decode"] += time.process_time() - clock
+    n_spotted = 0   # distinct images spotted
     if stored is None:
-        found = _spot_unique_images(decoded, params) if decoded else []
+        found, n_spotted = _spot_unique_images(decoded, params, cpu) if decoded else ([], 0)
     else:
         missing = [r["key"] for r, _ in decoded if r["key"] not in stored]
         if missing:
             raise RuntimeError(f"part {part}: no stored OCR detections for {len(missing)} images "
                                f"(e.g. key {missing[0]!r}); this output cannot be re-decided")
         found = [stored[r["key"]] for r, _ in decoded]
+    clock = time.process_time()
     atomic_write_parquet(S.OCR.from_rows([{"key": r["key"], "detections": [{"text": t, "conf": c} for t, c in dets]}
                                           for (r, _), dets in zip(decoded, found)]),
-                         os.path.join(out, "ocr", f"{part}.parquet"))
+                         storage.join(out, "ocr", f"{part}.parquet"))
+    cpu["write"] += time.process_time() - clock
+    clock = time.process_time()
     rule = params.textspot
     for (r, d), detections in zip(decoded, found):
         evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
@@ -188,25 +198,37 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
         jpg = r["jpg"] if d.source_format == "JPEG" else img.to_jpeg(d.image)
         shard.append({**{k: r[k] for k in ("key", "caption", "url", *_PARSE)},
                       "jpg": jpg, "width": d.width, "height": d.height})
+    cpu["rule_and_thumbnails"] += time.process_time() - clock
 
+    clock = time.process_time()
     for i in range(0, max(1, len(shard)), params.shard_rows):
         piece = shard[i:i + params.shard_rows]
         if piece:
             suffix = "" if i == 0 else f"-{i // params.shard_rows}"
-            atomic_write_parquet(S.SHARD.from_rows(piece), os.path.join(out, "shards", f"{part}{suffix}.parquet"))
-    atomic_write_parquet(S.LEDGER.from_rows(ledger), os.path.join(out, "ledger", S.STAGE_TEXTSPOT, f"{part}.parquet"))
+            atomic_write_parquet(S.SHARD.from_rows(piece), storage.join(out, "shards", f"{part}{suffix}.parquet"))
+    atomic_write_parquet(S.LEDGER.from_rows(ledger), storage.join(out, "ledger", S.STAGE_TEXTSPOT, f"{part}.parquet"))
     thumb_rows = [t for reason in sorted(thumbs) for t in thumbs[reason]]
-    atomic_write_parquet(S.THUMBS.from_rows(thumb_rows), os.path.join(out, "_work", "thumbs", f"{part}.parquet"))
+    atomic_write_parquet(S.THUMBS.from_rows(thumb_rows), storage.join(out, "_work", "thumbs", f"{part}.parquet"))
+    cpu["write"] += time.process_time() - clock
     counts = _count(ledger, len(rows), len(shard))
+    if stored is None and decoded:
+        counts["device"] = select_device()   # where this part was spotted (the Spark task's GPU, CUDA or CPU)
+    counts["cpu_seconds"] = {step: round(s, 3) for step, s in cpu.items()}
+    counts["n_images_spotted"] = n_spotted
+    counts["wall_seconds"] = round(time.perf_counter() - wall, 3)
     write_marker(out, S.STAGE_TEXTSPOT, part, counts)
     return counts
 
 
-def _spot_unique_images(decoded: list, params: ImageStageParams) -> list[list[tuple[str, float]]]:
-    """Per row, every detection in its image. Each distinct image is spotted once (web data repeats
-    images under several captions: reposts, multilingual alt-texts, datasets with 5 captions per
-    photo), with the recording settings and without caption-guided shortcuts (every weak box re-read),
-    so its detections serve every caption it comes with and every decision threshold."""
+def _spot_unique_images(decoded: list, params: ImageStageParams,
+                        cpu: dict) -> tuple[list[list[tuple[str, float]]], int]:
+    """Per row, every detection in its image; and the number of distinct images spotted. Each distinct
+    image is spotted once (web data repeats images under several captions: reposts, multilingual
+    alt-texts, datasets with 5 captions per photo), with the recording settings and without
+    caption-guided shortcuts (every weak box re-read), so its detections serve every caption it comes
+    with and every decision threshold. Adds the CPU seconds of its steps to `cpu` (decode: digests
+    and pixel arrays)."""
+    clock = time.process_time()
     first: dict[bytes, int] = {}
     images, slot = [], []
     for r, d in decoded:
@@ -215,17 +237,24 @@ def _spot_unique_images(decoded: list, params: ImageStageParams) -> list[list[tu
             first[digest] = len(images)
             images.append(d.array())
         slot.append(first[digest])
-    spotted = ts.get_spotter(params.spotting()).spot(images)
-    return [spotted[j] for j in slot]
+    cpu["decode"] += time.process_time() - clock
+    clock = time.process_time()
+    spotter = ts.get_spotter(params.spotting())
+    cpu["load_spotter"] += time.process_time() - clock   # the first part of a Python worker loads the models
+    before = dict(spotter.cpu_seconds)
+    spotted = spotter.spot(images)
+    for step, seconds in spotter.cpu_seconds.items():
+        cpu[step] += seconds - before[step]
+    return [spotted[j] for j in slot], len(images)
 
 
 def read_evidence(out: str, part: str) -> dict[str, list[tuple[str, float]]]:
     """The stored detections of one image part (OUTPUT/ocr/<part>.parquet): key -> [(text, conf)]."""
-    path = os.path.join(out, "ocr", f"{part}.parquet")
-    if not os.path.exists(path):
+    path = storage.join(out, "ocr", f"{part}.parquet")
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} is missing: {out} stores no OCR detections for part {part} "
                                 f"(written before detections were stored?); run the filter again")
-    t = pq.read_table(path, schema=S.OCR.arrow).to_pydict()
+    t = storage.read_parquet(path, schema=S.OCR.arrow).to_pydict()
     return {k: [(d["text"], d["conf"]) for d in dets or []] for k, dets in zip(t["key"], t["detections"])}
 
 
@@ -251,7 +280,7 @@ def thumbnails_from_input(examples: list[dict], columns: dict[str, Columns], siz
         if not cols or not cols.image or r.get("source_row") is None:
             continue
         try:
-            pf = pq.ParquetFile(r["source_file"])
+            pf = storage.parquet_file(r["source_file"])
             row, g = r["source_row"], 0
             while row >= pf.metadata.row_group(g).num_rows:
                 row -= pf.metadata.row_group(g).num_rows

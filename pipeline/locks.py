@@ -18,8 +18,12 @@ A lock left by a run that died is taken over:
   host is never taken.
 
 The storage is behind a small interface (`LockStore`: conditional create, read with age and version,
-refresh-if-version, remove-if-version) that maps onto object stores (PUT If-None-Match: *, conditional
-overwrite / delete by ETag, server Last-Modified as the heartbeat); only the POSIX store exists today.
+refresh-if-version, remove-if-version) with two implementations: POSIX files, and objects in a store
+(`ObjectLockStore`, for s3:// and other fsspec URIs): create is a PUT with If-None-Match: * where the
+store supports it (AWS S3, and moto; elsewhere a write-then-read-back check, best effort), the version
+is the ETag, the heartbeat is the object's Last-Modified on the store's clock (a probe object tells
+the store's time, as the probe file does on POSIX), refresh rewrites the same bytes, and
+refresh / remove compare the ETag first (a narrow race remains: stores have no delete-if-ETag).
 """
 from __future__ import annotations
 
@@ -165,17 +169,94 @@ class PosixLockStore:
             os.remove(probe)
 
 
+class ObjectLockStore:
+    """The lock as an object in a store (see the module doc); version = the ETag of our content."""
+
+    def __init__(self, folder: str):
+        from pipeline import storage
+        self.storage = storage
+        self.folder = folder
+        self.path = storage.join(folder, LOCK_NAME)
+        self.fs, self.key = storage.filesystem(self.path)
+
+    def create(self, data: bytes) -> str | None:
+        try:
+            self.fs.pipe_file(self.key, data, mode="create")
+        except FileExistsError:
+            return None
+        except (TypeError, NotImplementedError, ValueError):  # no conditional PUT here: write, read back
+            if self.fs.exists(self.key):
+                return None
+            self.fs.pipe_file(self.key, data)
+            if self.fs.cat_file(self.key) != data:
+                return None
+        return self._etag()
+
+    def read(self) -> tuple[bytes, float, str] | None:
+        try:
+            info = self.fs.info(self.key)
+            data = self.fs.cat_file(self.key)
+        except FileNotFoundError:
+            return None
+        return data, max(0.0, self._store_now() - _modified(info)), _etag_of(info)
+
+    def refresh(self, version: str) -> bool:
+        try:
+            if self._etag() != version:
+                return False
+            self.fs.pipe_file(self.key, self.fs.cat_file(self.key))  # same bytes: same ETag, new Last-Modified
+            return True
+        except FileNotFoundError:
+            return False
+
+    def remove(self, version: str) -> bool:
+        try:
+            if self._etag() != version:
+                return False
+            self.fs.rm_file(self.key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _etag(self) -> str:
+        return _etag_of(self.fs.info(self.key))
+
+    def _store_now(self) -> float:
+        probe = self.storage.filesystem(self.storage.join(self.folder, f"{LOCK_NAME}.clock-{uuid.uuid4().hex}"))[1]
+        self.fs.pipe_file(probe, b"")
+        try:
+            return _modified(self.fs.info(probe))
+        finally:
+            self.fs.rm_file(probe)
+
+
+def _etag_of(info: dict) -> str:
+    return str(info.get("ETag") or info.get("etag") or info.get("generation") or "").strip('"')
+
+
+def _modified(info: dict) -> float:
+    stamp = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if hasattr(stamp, "timestamp"):
+        return stamp.timestamp()
+    if isinstance(stamp, str):
+        from datetime import datetime
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return float(stamp or 0.0)
+
+
 class FolderLock:
     def __init__(self, folder: str, job: str, params: LockParams | None = None, store=None):
         self.folder, self.job, self.params = folder, job, params or LockParams()
-        self.store = store or PosixLockStore(folder)
+        from pipeline import storage
+        self.store = store or (ObjectLockStore(folder) if storage.is_remote(folder) else PosixLockStore(folder))
         self.version: int | None = None
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> "FolderLock":
-        os.makedirs(self.folder, exist_ok=True)
+        from pipeline import storage
+        storage.makedirs(self.folder)
         me = Holder(self.job, socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     machine_id(), process_start(os.getpid()), uuid.uuid4().hex)
         data = json.dumps(asdict(me), indent=1).encode()
@@ -244,4 +325,5 @@ class FolderLock:
 
 def folder_lock(folder: str, job: str, params: LockParams | None = None) -> FolderLock:
     """`with folder_lock(OUTPUT, "cat_filter"):` - refuses (LockHeld) while another live run holds it."""
-    return FolderLock(os.path.abspath(folder), job, params)
+    from pipeline import storage
+    return FolderLock(storage.normalize(folder), job, params)

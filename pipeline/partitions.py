@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
+
 # columns recognised without configuration: LAION metadata (URL, TEXT) and img2dataset output
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
 URL_COLUMNS = ("URL", "url")
@@ -110,17 +112,19 @@ def list_input_files(path: str, input_format: str = "auto") -> list[tuple[str, s
     them), else its CSV / TSV / JSON / JSONL files. Names starting with '.' or '_' are skipped."""
     if input_format not in ("auto", *INPUT_FORMATS):
         raise InputError(f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}")
-    if glob.has_magic(path):
-        matches = sorted(glob.glob(path, recursive=True))
+    if storage.is_remote(path):
+        storage.check_access(path)  # a missing bucket or denied credentials: one clear line, before any work
+    if storage.has_magic(path):
+        matches = storage.glob(storage.normalize(path))
         if not matches:
             raise InputError(f"no file matches the pattern {path!r}")
-    elif os.path.exists(path):
-        matches = [path]
+    elif storage.exists(path):
+        matches = [storage.normalize(path)]
     else:
         raise InputError(f"input {path!r} does not exist")
     found = []
     for m in matches:
-        if os.path.isfile(m):
+        if storage.isfile(m):
             fmt = format_of(m, input_format)
             if fmt is None and not glob.has_magic(path):
                 hint = " (plain URL lists hold no captions, which the CAT filter needs)" if m.endswith(
@@ -128,21 +132,23 @@ def list_input_files(path: str, input_format: str = "auto") -> list[tuple[str, s
                 raise InputError(f"cannot tell the format of {m} from its name{hint}; name it *.parquet, *.csv, "
                                  f"*.tsv, *.json or *.jsonl (optionally .gz), or pass --input-format")
             if fmt is not None:
-                found.append((os.path.abspath(m), fmt))
-        elif os.path.isdir(m):
+                found.append((storage.normalize(m), fmt))
+        elif storage.isdir(m):
             found.extend(_folder_files(m, input_format))
     if not found:
-        where = f"folder {path!r}" if os.path.isdir(path) else f"pattern {path!r}"
-        listing = f" (found: {sorted(os.listdir(path))[:10]})" if os.path.isdir(path) else ""
+        is_folder = not storage.has_magic(path) and storage.isdir(path)
+        where = f"folder {path!r}" if is_folder else f"pattern {path!r}"
+        listing = f" (found: {storage.listdir(storage.normalize(path))[:10]})" if is_folder else ""
         raise InputError(f"input {where} holds no .parquet, .csv, .tsv, .json or .jsonl files{listing}")
     return found
 
 
 def _folder_files(folder: str, input_format: str) -> list[tuple[str, str]]:
-    files = [f for f in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True))
-             if os.path.isfile(f) and not any(p.startswith((".", "_"))
-                                              for p in os.path.relpath(f, folder).split(os.sep))]
-    typed = [(os.path.abspath(f), fmt) for f in files if (fmt := format_of(f)) is not None]
+    folder = storage.normalize(folder)
+    files = [f for f in storage.glob(storage.join(folder, "**"))
+             if not any(p.startswith((".", "_")) for p in _relative(f, folder).split("/"))
+             and format_of(f) is not None and storage.isfile(f)]
+    typed = [(f, format_of(f)) for f in files]
     if input_format != "auto":
         wanted = input_format.removesuffix(".gz")
         return [(f, fmt) for f, fmt in typed if fmt == wanted]
@@ -153,14 +159,21 @@ def _folder_files(folder: str, input_format: str) -> list[tuple[str, str]]:
 def input_base(path: str) -> str:
     """The folder file names are taken relative to in the fingerprint: the input folder, or a
     glob's fixed prefix."""
-    if glob.has_magic(path):
+    path = storage.normalize(path)
+    if storage.has_magic(path):
         fixed = []
-        for p in path.split(os.sep):
-            if glob.has_magic(p):
+        for p in path.split("/"):
+            if storage.has_magic(p):
                 break
             fixed.append(p)
-        return os.sep.join(fixed) or "."
-    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+        return "/".join(fixed) or "."
+    return path if storage.isdir(path) else storage.dirname(path) or "."
+
+
+def _relative(f: str, base: str) -> str:
+    """f's name under base ('/'-separated), for fingerprints that survive moving the whole input."""
+    base = base.rstrip("/") + "/"
+    return f[len(base):] if f.startswith(base) else os.path.relpath(f, base) if not storage.is_remote(f) else f
 
 
 def resolve_columns(names: list[str], path: str, caption_col: str | None = None,
@@ -211,7 +224,7 @@ def plan_input(path: str, rows_per_part: int, skip_bad_files: bool = False, work
                 if work_dir is None:
                     raise InputError(f"{f}: {FORMAT_NAMES[fmt]} input needs a work folder to convert it in")
                 readable, cols = convert_to_parquet(f, fmt, work_dir, file_idx, rows_per_part, column_names)
-            pf = pq.ParquetFile(readable)
+            pf = storage.parquet_file(readable)
             meta, names = pf.metadata, pf.schema_arrow.names
         except (InputError, StorageError):
             raise
@@ -223,12 +236,12 @@ def plan_input(path: str, rows_per_part: int, skip_bad_files: bool = False, work
             continue
         columns[readable] = cols or resolve_columns(names, f, **column_names)
         tar = f[: -len(".parquet")] + ".tar" if fmt == "parquet" else ""
-        tar = tar if tar and os.path.exists(tar) and columns[readable].image is None else None
-        finger.update(f"{os.path.relpath(f, base)}|{os.path.getsize(f)}|{meta.num_rows}|{tar is not None}\n".encode())
+        tar = tar if tar and storage.exists(tar) and columns[readable].image is None else None
+        finger.update(f"{_relative(f, base)}|{storage.size(f)}|{meta.num_rows}|{tar is not None}\n".encode())
         chunks.extend(_chunk_file(readable, meta, file_idx, rows_per_part, tar, None if fmt == "parquet" else f))
     if not chunks:
         if bad:
-            listed = "; ".join(f"{os.path.basename(b['file'])}: {b['error'][:120]}" for b in bad[:3])
+            listed = "; ".join(f"{storage.basename(b['file'])}: {b['error'][:120]}" for b in bad[:3])
             raise InputError(f"nothing readable in {path!r}: all {len(bad)} input file(s) failed to read "
                              f"({listed}{'; ...' if len(bad) > 3 else ''}){' and the others hold no rows' if columns else ''}")
         raise InputError(f"input {path!r} holds no rows")
@@ -242,29 +255,42 @@ def convert_to_parquet(src: str, fmt: str, work_dir: str, file_idx: int, rows_pe
     """Stream a URL list into OUTPUT/_work/input/<n>-<name>.parquet with the columns the filter uses.
     Caption and url are stored as bytes so a bad byte sequence fails its row (caption_invalid_utf8),
     not the file."""
-    st = os.stat(src)
+    src_size = storage.size(src)
     group = max(1, min(rows_per_part, 65_536))
-    stamp = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": fmt, "row_group": group,
+    stamp = json.dumps({"size": src_size, "mtime_ns": _mtime_stamp(src), "format": fmt, "row_group": group,
                         "columns": {k: v for k, v in sorted(column_names.items()) if v}})
-    dst = os.path.join(work_dir, "_work", "input", f"{file_idx:05d}-{os.path.basename(src)}.parquet")
-    if os.path.exists(dst):
-        meta = pq.read_schema(dst).metadata or {}
+    dst = storage.join(work_dir, "_work", "input", f"{file_idx:05d}-{storage.basename(src)}.parquet")
+    if storage.exists(dst):
+        meta = storage.parquet_file(dst).schema_arrow.metadata or {}
         if meta.get(b"catcurate_source") == stamp.encode():
             return dst, Columns(**json.loads(meta[b"catcurate_columns"]))
     batches = _csv_batches(src, fmt, group) if fmt in ("csv", "tsv") else _json_batches(src, group)
     names = next(batches)
     cols = replace(resolve_columns(names, src, **column_names), image=None)  # no image bytes in text formats
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = _tmp_name(dst)
     schema = _typed_table({}, cols).schema.with_metadata(
         {"catcurate_source": stamp, "catcurate_columns": json.dumps(asdict(cols))})
-    with writing(dst, tmp, os.path.getsize(src)), pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for records in batches:  # a header-only file gives an empty Parquet file with the right columns
-            writer.write_table(_typed_table(records, cols).replace_schema_metadata(schema.metadata),
-                               row_group_size=group)
+    if storage.is_remote(dst):  # streamed as a multipart upload: the object appears only when complete
+        with storage.open(dst, "wb") as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+            _write_converted(writer, batches, cols, schema, group)
+        return dst, cols
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = _tmp_name(dst)
+    with writing(dst, tmp, src_size), pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        _write_converted(writer, batches, cols, schema, group)
         writer.close()
         os.replace(tmp, dst)
     return dst, cols
+
+
+def _write_converted(writer, batches, cols: Columns, schema: pa.Schema, group: int) -> None:
+    for records in batches:  # a header-only file gives an empty Parquet file with the right columns
+        writer.write_table(_typed_table(records, cols).replace_schema_metadata(schema.metadata),
+                           row_group_size=group)
+
+
+def _mtime_stamp(src: str):
+    """The source's version: mtime in ns on local disks (as before), the store's ETag / generation else."""
+    return os.stat(src).st_mtime_ns if not storage.is_remote(src) else storage.version_tag(src)
 
 
 def _typed_table(records: dict[str, list], cols: Columns) -> pa.Table:
@@ -293,13 +319,13 @@ def _csv_batches(src: str, fmt: str, rows: int):
 
     import pyarrow.csv as pacsv
     delimiter = "\t" if fmt == "tsv" else ","
-    with pa.input_stream(src, compression="detect") as stream:
+    with _input_stream(src) as stream:
         first = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="").readline()
     if not first.strip():
         raise InputError(f"{src} is empty: a {FORMAT_NAMES[fmt]} URL list needs a header line")
     names = next(csv.reader([first], delimiter=delimiter))
     yield names
-    reader = pacsv.open_csv(pa.input_stream(src, compression="detect"),
+    reader = pacsv.open_csv(_input_stream(src),
                             read_options=pacsv.ReadOptions(block_size=1 << 22),
                             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
                             convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
@@ -314,7 +340,7 @@ def _csv_batches(src: str, fmt: str, rows: int):
 
 def _json_batches(src: str, rows: int):
     """A JSON array of records (read whole, as img2dataset does) or JSON lines (streamed)."""
-    with pa.input_stream(src, compression="detect") as stream:
+    with _input_stream(src) as stream:
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
         head = text.read(1)
         while head.isspace():
@@ -335,6 +361,13 @@ def _json_batches(src: str, rows: int):
                 piece = records[i:i + rows]
                 yield {n: [r.get(n) for r in piece] for n in names}
             records = list(itertools.islice(lines, rows)) if lines is not None else []
+
+
+def _input_stream(src: str):
+    """A local or remote text file, gzip detected from the name, as a pyarrow input stream."""
+    if not storage.is_remote(src):
+        return pa.input_stream(src, compression="detect")
+    return pa.input_stream(storage.open(src, "rb"), compression="gzip" if src.endswith(".gz") else None)
 
 
 def _json_lines(head: str, text, src: str):
@@ -379,7 +412,7 @@ def _chunk_file(f, meta, file_idx, rows_per_part, tar, source) -> list[Chunk]:
 
 
 def read_chunk(chunk: Chunk, columns: list[str]) -> pa.Table:
-    table = pq.ParquetFile(chunk.path).read_row_groups(list(chunk.row_groups), columns=columns)
+    table = storage.parquet_file(chunk.path).read_row_groups(list(chunk.row_groups), columns=columns)
     return table.slice(chunk.start, chunk.num_rows)
 
 
@@ -391,7 +424,7 @@ def read_chunk_salvaging(chunk: Chunk, columns: list[str], evidence_column: str 
         return read_chunk(chunk, columns), {}
     except Exception:  # noqa: BLE001 - fall back to row group by row group below
         pass
-    pf = pq.ParquetFile(chunk.path)
+    pf = storage.parquet_file(chunk.path)
     schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
     pieces, bad, offset = [], {}, 0
     for g in chunk.row_groups:
@@ -425,8 +458,10 @@ STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk q
 
 
 def storage_error(path: str, err: OSError, needed_bytes: int | None = None) -> StorageError:
-    folder = os.path.dirname(path) or "."
+    folder = storage.dirname(path) or "."
     try:
+        if storage.is_remote(folder):
+            raise OSError("no local free space for a store")
         free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
     except OSError:
         free = "free space unknown"
@@ -458,14 +493,14 @@ def as_storage_error(exc: BaseException, folder: str) -> StorageError | None:
     if isinstance(exc, StorageError):
         return exc
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return storage_error(getattr(exc, "filename", None) or os.path.join(folder, "?"), exc)
+        return storage_error(getattr(exc, "filename", None) or storage.join(folder, "?"), exc)
     text = str(exc)
     found = re.search(r"StorageError: \[Errno (\d+)\] ([^\n]*)", text)
     if found:
         return StorageError(int(found.group(1)), found.group(2))
     for code, words in STORAGE_ERRNOS.items():
         if words in text.lower() or f"[errno {code}]" in text.lower():
-            return storage_error(os.path.join(folder, "..."), OSError(code, words))
+            return storage_error(storage.join(folder, "..."), OSError(code, words))
     return None
 
 
@@ -474,25 +509,16 @@ def _tmp_name(path: str) -> str:
 
 
 def atomic_write_parquet(table: pa.Table, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _tmp_name(path)
-    with writing(path, tmp, table.nbytes):
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
+    """Readers see the whole file or nothing: local temporary + rename, or one PUT (storage.py)."""
+    storage.write_parquet(table, path)
 
 
 def atomic_write_json(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    tmp = _tmp_name(path)
-    with writing(path, tmp, len(text.encode())):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+    storage.write_json(path, obj)
 
 
 def marker_path(out: str, stage: str, part: str) -> str:
-    return os.path.join(out, "_done", stage, f"{part}.json")
+    return storage.join(out, "_done", stage, f"{part}.json")
 
 
 def write_marker(out: str, stage: str, part: str, payload: dict) -> None:
@@ -500,15 +526,16 @@ def write_marker(out: str, stage: str, part: str, payload: dict) -> None:
 
 
 def done_parts(out: str, stage: str) -> dict[str, dict]:
-    found = {}
-    for f in glob.glob(os.path.join(out, "_done", stage, "*.json")):
-        with open(f) as fh:
-            found[os.path.basename(f)[: -len(".json")]] = json.load(fh)
-    return found
+    """{part: marker payload} of the finished parts: the only parts readers and resume trust."""
+    markers = storage.files(storage.join(out, "_done", stage), ".json")
+    return {storage.basename(f)[: -len(".json")]: json.loads(b) for f, b in storage.read_many(markers).items()}
 
 
 def remove_stale_temporaries(out: str) -> int:
-    """Temporary files of a killed run: never renamed, never read; removed before a rerun."""
+    """Temporary files of a killed run: never renamed, never read; removed before a rerun. Object
+    stores have none (objects are written once under their final names)."""
+    if storage.is_remote(out):
+        return 0
     stale = glob.glob(os.path.join(out, "**", ".tmp-*"), recursive=True)
     for f in stale:
         os.remove(f)
@@ -517,11 +544,10 @@ def remove_stale_temporaries(out: str) -> int:
 
 def check_resume(out: str, resume_identity: dict) -> None:
     """Refuse to resume into an output made with other parameters or input; name the differences."""
-    path = os.path.join(out, "manifest.json")
-    if not os.path.exists(path):
+    path = storage.join(out, "manifest.json")
+    if not storage.exists(path):
         return
-    with open(path) as fh:
-        previous = json.load(fh).get("resume_identity")
+    previous = storage.read_json(path).get("resume_identity")
     if previous is None:
         return
     now = json.loads(json.dumps(resume_identity, default=str))

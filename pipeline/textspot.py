@@ -1,7 +1,7 @@
 """Text spotting for the CAT filter: batched easyocr (detect, then recognise) and the DiHT caption rule.
 
     from pipeline.textspot import TextSpotter, TextSpotParams, caption_match, spot_and_match
-    spotter = TextSpotter()                              # GPU when torch.cuda.is_available()
+    spotter = TextSpotter()                              # pipeline.devices: the Spark task's GPU, CUDA, or CPU
     spotter.spot([rgb_array, ...])                       # per image: [(text, confidence), ...]
     caption_match([("SUNSET BEACH", 0.93)], "a sunset beach in bali")   # -> TextMatch(...) or None
     spot_and_match(images, captions, TextSpotParams())   # what the Spark job calls per partition
@@ -42,6 +42,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import time
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
@@ -165,17 +166,35 @@ def default_model_dir() -> str:
     return easyocr_en_models.model_dir()
 
 
-def get_reader(gpu: bool, model_dir: str | None = None):
-    """The process's easyocr.Reader for (gpu, model_dir); built once, offline."""
+def get_reader(gpu: bool | str | None, model_dir: str | None = None):
+    """The process's easyocr.Reader for (device, model_dir); built once per device, offline.
+    gpu: a torch device string, or True / False / None as TextSpotter takes it."""
+    import torch
+    device = _spot_device(gpu)
     model_dir = model_dir or default_model_dir()
-    key = (bool(gpu), model_dir)
+    key = (device, model_dir)
     if key not in _READERS:
         # easyocr creates folders under EASYOCR_MODULE_PATH (default ~/.EasyOCR, maybe read-only on a cluster)
         os.environ.setdefault("EASYOCR_MODULE_PATH", os.path.join(tempfile.gettempdir(), "catcurate-easyocr"))
         import easyocr
-        _READERS[key] = easyocr.Reader(["en"], gpu=bool(gpu), model_storage_directory=model_dir,
-                                       download_enabled=False, verbose=False)
+        reader = easyocr.Reader(["en"], gpu=False if device == "cpu" else device, model_storage_directory=model_dir,
+                                download_enabled=False, verbose=False)
+        # easyocr wraps its GPU models in DataParallel over every visible GPU, which scatters batches onto
+        # GPUs other tasks own and fails outright on any device but cuda:0: a task uses its one GPU
+        for name in ("detector", "recognizer"):
+            if isinstance(getattr(reader, name), torch.nn.DataParallel):
+                setattr(reader, name, getattr(reader, name).module)
+        _READERS[key] = reader
     return _READERS[key]
+
+
+def _spot_device(gpu: bool | str | None) -> str:
+    """TextSpotter's gpu argument as a device string: None = pipeline.devices.select_device() (the Spark
+    task's GPU, else CUDA when present, else CPU), True = a GPU (the task's on a cluster), False = CPU."""
+    from pipeline.devices import select_device
+    if gpu is False:
+        return "cpu"
+    return select_device("cuda" if gpu is True else gpu)
 
 
 def cpu_has_bf16() -> bool:
@@ -196,15 +215,17 @@ class TextSpotter:
     """Batched easyocr: detection on fixed-size canvases, batched recognition of plausible boxes.
 
     TextSpotter(gpu=None, params=None, model_dir=None, **overrides): gpu=None means
-    torch.cuda.is_available(); overrides replace TextSpotParams fields (e.g. canvas_size=256)."""
+    pipeline.devices.select_device() (the Spark task's GPU, else CUDA when present, else CPU); True a
+    GPU, False the CPU, or a torch device string ("cuda:1"); overrides replace TextSpotParams fields
+    (e.g. canvas_size=256)."""
 
-    def __init__(self, gpu: bool | None = None, params: TextSpotParams | None = None,
+    def __init__(self, gpu: bool | str | None = None, params: TextSpotParams | None = None,
                  model_dir: str | None = None, **overrides):
         import torch
         self.params = dataclasses.replace(params or TextSpotParams(), **overrides)
-        self.gpu = torch.cuda.is_available() if gpu is None else bool(gpu)
-        self.reader = get_reader(self.gpu, model_dir)
-        self.device = self.reader.device
+        self.device = _spot_device(gpu)
+        self.gpu = self.device != "cpu"
+        self.reader = get_reader(self.device, model_dir)
         bf16 = self.params.cpu_bf16
         self.bf16 = not self.gpu and (cpu_has_bf16() if bf16 is None else bool(bf16))
         self.detector, self.rec_features = self.reader.detector, None
@@ -216,6 +237,9 @@ class TextSpotter:
         # easyocr's ignore list for 'en' (characters of the model not in the language), as readtext uses it
         character = self.reader.character
         self._ignore_idx = [character.index(c) + 1 for c in set(character) - set(self.reader.lang_char)]
+        # CPU seconds (time.process_time: this process, all threads) spent in spot() since creation, for the
+        # image stage's per-part timings (bench/bench_filter.py's phase split); two clock reads per call
+        self.cpu_seconds = {"detect": 0.0, "recognise": 0.0}
 
     def spot(self, images: Sequence[np.ndarray], captions: Sequence[str | None] | None = None
              ) -> list[list[tuple[str, float]]]:
@@ -227,7 +251,10 @@ class TextSpotter:
         verdict cannot change any more."""
         import cv2
         p = self.params
+        clock = time.process_time()
         boxes = self.detect(images)
+        detected = time.process_time()
+        self.cpu_seconds["detect"] += detected - clock
         greys = [cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2GRAY) if (h or f) else None
                  for im, (h, f) in zip(images, boxes)]
         # one job per box: (image, horizontal box or None, free box or None)
@@ -254,6 +281,7 @@ class TextSpotter:
         results: list[list[tuple[str, float]]] = [[] for _ in images]
         for (i, _h, _f), r in zip(jobs, readings):
             results[i].append(r)
+        self.cpu_seconds["recognise"] += time.process_time() - detected  # crops, recogniser, re-reads
         return results
 
     @staticmethod
@@ -404,11 +432,12 @@ class TextSpotResult:
 _SPOTTERS: dict = {}
 
 
-def get_spotter(params: TextSpotParams, gpu: bool | None = None) -> TextSpotter:
-    """The process's TextSpotter for these parameters (the reader inside is shared anyway)."""
-    key = (params, gpu)
+def get_spotter(params: TextSpotParams, gpu: bool | str | None = None) -> TextSpotter:
+    """The process's TextSpotter for these parameters on this task's device (see TextSpotter's gpu):
+    one per device, as a Python worker may run tasks on different GPUs (the reader is shared anyway)."""
+    key = (params, _spot_device(gpu))
     if key not in _SPOTTERS:
-        _SPOTTERS[key] = TextSpotter(gpu=gpu, params=params)
+        _SPOTTERS[key] = TextSpotter(gpu=key[1], params=params)
     return _SPOTTERS[key]
 
 

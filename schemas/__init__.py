@@ -144,4 +144,11 @@ LABELS = Table("labels", (
     _f("attribute_probs", pa.list_(pa.float32())),
 ))
 
-ALL_TABLES = (CAPTIONS, KEYS, THUMBS, LEDGER, OCR, SHARD, LABELS)
+# img2dataset's sidecar of a webdataset tar (OUTPUT/webdataset/NNNNN.parquet): one row per sample in the
+# tar, no image bytes; img2dataset's column names, so the filter reads the tars back as img2dataset output
+WEBDATASET_INDEX = Table("webdataset_index", (
+    _f("key", pa.string(), False), _f("url", pa.string()), _f("caption", pa.string()),
+    _f("status", pa.string()), _f("error_message", pa.string()), _f("width", pa.int32()), _f("height", pa.int32()),
+))
+
+ALL_TABLES = (CAPTIONS, KEYS, THUMBS, LEDGER, OCR, SHARD, LABELS, WEBDATASET_INDEX)
