@@ -219,3 +219,15 @@ def test_download_route_with_output_in_the_store(s3, server, tmp_path):
     shards = read_table(storage.join(out, "shards"))
     assert len(shards) == 4 and shards.width.max() <= 256
     assert storage.files(storage.join(out, "_work", "images"), ".parquet"), "img2dataset's shards are in the store"
+
+
+def test_file_uris_are_plain_local_paths(tmp_path):
+    uri = f"file://{tmp_path}/out"
+    storage.write_json(storage.join(uri, "_done", "caption", "p1.json"), {"n": 1})
+    storage.write_parquet(pa.table({"a": [1, 2]}), storage.join(uri, "captions", "p1.parquet"))
+    assert (tmp_path / "out" / "_done" / "caption" / "p1.json").is_file(), "written where the path says"
+    assert storage.normalize(uri) == str(tmp_path / "out") and not storage.is_remote(uri)
+    assert storage.listdir(uri) == ["_done", "captions"]
+    assert storage.files(f"{uri}/captions", ".parquet") == [str(tmp_path / "out" / "captions" / "p1.parquet")]
+    assert storage.read_parquet(f"{uri}/captions").num_rows == 2
+    assert not list((tmp_path / "out").rglob(".tmp-*")), "local writes go through a temporary and a rename"
