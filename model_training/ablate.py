@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from model_training.caption_sets import CaptionSet, load_coco
-from model_training.data import ImageTransform, ShardStream, list_shards, read_vocab
+from model_training.data import ImageTransform, ShardStream, has_label_shards, list_shards, read_vocab
 from model_training.evaluate import KS, chance_recall, embed_images, embed_texts, retrieval_metrics
 from model_training.losses import STAT_PREFIX, build_objective
 from model_training.models import build_model, get_tokenizer
 from model_training.presets import CONLIP_QUEUE_TO_BATCH, list_presets, load_preset
+from pipeline import storage
 from model_training.train import Trainee, TrainConfig, parse_args, train
 from model_training.train_eval import holdout_retrieval
 
@@ -127,7 +128,7 @@ def run_one(preset: str, fraction: float, a, passthrough: list[str], eval_set) -
         cfg.loss.queue_size = CONLIP_QUEUE_TO_BATCH * cfg.batch_size
     cfg.num_workers = min(cfg.num_workers, len(list_shards(cfg.shards)))
     notes = []
-    labels_ok = bool(a.labels) and (Path(a.labels) / "shards").is_dir() and (Path(a.labels) / "vocab.json").is_file()
+    labels_ok = bool(a.labels) and has_label_shards(a.labels) and storage.isfile(storage.join(a.labels, "vocab.json"))
     if cfg.loss.concept_weight > 0 and not labels_ok:
         cfg.loss.concept_weight = 0.0
         notes.append("no labels: concept distillation off")

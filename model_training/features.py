@@ -23,16 +23,15 @@ from the same teacher's features (say so when sharing it).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from pipeline import storage
 from pipeline.images import image_digest
 
 FEATURES_SCHEMA = pa.schema([("digest", pa.binary(16)), ("embedding", pa.list_(pa.float16()))])
@@ -43,16 +42,16 @@ class FeatureCache:
     2.5 kB: a million images is 2.5 GB, beyond which one would memory-map instead)."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        meta = self.folder / "meta.json"
-        if not meta.is_file():
+        self.folder = storage.normalize(str(folder))   # a local path or a URI (s3://...)
+        meta = storage.join(self.folder, "meta.json")
+        if not storage.isfile(meta):
             raise FileNotFoundError(f"{meta} not found: build the cache with `python -m model_training.features "
                                     f"--shards ... --out {self.folder}`")
-        self.meta = json.loads(meta.read_text())
+        self.meta = storage.read_json(meta)
         self.dim = int(self.meta["embed_dim"])
         self.vectors: dict[bytes, np.ndarray] = {}
-        for path in sorted(self.folder.glob("features-*.parquet")):
-            t = pq.read_table(path)
+        for path in feature_files(self.folder):
+            t = storage.read_parquet(path)
             emb = np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float16).reshape(-1, self.dim)
             self.vectors.update(zip(t.column("digest").to_pylist(), emb))
 
@@ -71,9 +70,13 @@ class FeatureCache:
         return torch.from_numpy(np.stack(vecs).astype(np.float32))
 
 
+def feature_files(folder: str) -> list[str]:
+    return [f for f in storage.files(folder, ".parquet") if storage.basename(f).startswith("features-")]
+
+
 def _iter_images(paths: list[str], column: str):
     for path in paths:
-        pf = pq.ParquetFile(path)
+        pf = storage.parquet_file(path)
         if column not in pf.schema_arrow.names:
             raise ValueError(f"{path} has no {column!r} column (columns: {pf.schema_arrow.names})")
         for rb in pf.iter_batches(batch_size=256, columns=[column]):
@@ -84,18 +87,17 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
                    column: str = "jpg", batch_size: int = 64, device: str | None = None) -> dict:
     """Embed every distinct image of the Parquet file(s) not yet in OUT with the frozen teacher."""
     from tqdm import tqdm
+
+    from model_training.data import list_shards
     from pipeline.teacher import load_teacher
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = parquet if isinstance(parquet, (list, tuple)) else [parquet]
-    paths = sorted({p for s in specs for p in ([str(x) for x in Path(s).glob("*.parquet")] if Path(s).is_dir()
-                                               else glob.glob(str(s)))})
+    out = storage.normalize(str(out))
+    paths = [p for p in list_shards(parquet) if p.endswith(".parquet")]
     if not paths:
         raise FileNotFoundError(f"no Parquet files at {parquet}")
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    meta_path = storage.join(out, "meta.json")
+    if storage.isfile(meta_path):
+        meta = storage.read_json(meta_path)
         if meta["teacher"]["spec"] != teacher:
             raise ValueError(f"{out} caches features of teacher {meta['teacher']['spec']!r}, not {teacher!r}: "
                              "use another folder")
@@ -116,7 +118,7 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
     if meta is None:
         meta = {"teacher": model.describe(), "embed_dim": model.embed_dim}
     digests, blobs = list(todo), list(todo.values())
-    part = len(list(out.glob("features-*.parquet")))
+    part = len(feature_files(out))
     chunk = 4096   # one output file per chunk: an interrupted run keeps what it finished
     for start in tqdm(range(0, len(blobs), chunk), desc="image features", unit="chunk", disable=not blobs):
         emb, errors = model.embed_bytes(blobs[start:start + chunk], batch_size)
@@ -125,11 +127,9 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
         table = pa.table({"digest": pa.array(ok, pa.binary(16)),
                           "embedding": pa.array(list(emb.astype(np.float16)), pa.list_(pa.float16()))},
                          schema=FEATURES_SCHEMA)
-        tmp = out / f".features-{part:05d}.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(out / f"features-{part:05d}.parquet")
+        storage.write_parquet(table, storage.join(out, f"features-{part:05d}.parquet"))   # whole or not at all
         part += 1
-    meta_path.write_text(json.dumps(meta, indent=2))
+    storage.write_json(meta_path, meta)
     return {"rows": n_rows, "embedded": len(blobs), "already_cached": len(known), "undecodable": n_bad,
             "teacher": teacher}
 
