@@ -9,16 +9,25 @@
     keep_caption(p) -> (True, None)
 
 One set of rules (`graph_from_doc`) turns a spaCy Doc into a scene graph; the benchmark's reference
-applies the same rules to `nlp(text)` of every caption. `Parser` gets the same answers faster:
+applies the same rules to batched `nlp.pipe(texts)` (ner and lemmatizer disabled). `Parser` gets the
+same answers faster:
   1. whitespace-normalised captions are deduplicated and cached (web captions repeat a lot);
   2. captions with no Latin letter, or in another Latin-script language, are settled without the
      model: the rules give them the empty graph whatever the parse says (graph_from_doc checks it);
-  3. one batched tok2vec+tagger pass; only docs with a verb tag (VB*) go on to the dependency
-     parser, which reuses the stored tok2vec output (doc.tensor). A doc without any VB* tag cannot
-     hold an action, so under `require_action` it is dropped anyway: its objects come from the
-     tagger, but attributes are not extracted and complexity is None ("not computed"). Set
-     `CaptionParams.complete_parses=True` for full graphs of every caption (~20% slower);
-  4. ner and the lemmatizer component never run (lemmas come from the same lookup tables, only
+  3. one batched tok2vec+tagger pass; only docs in which some token can end up VERB (a VB* tag, or a
+     word that the ruler's dependency rules can make a verb) go on to the dependency parser, which
+     reuses the stored tok2vec output (doc.tensor). A doc without a possible VERB cannot hold an
+     action, so under `require_action` it is dropped anyway: its objects come from the tagger, but
+     attributes are not extracted and complexity is None ("not computed"). Set
+     `CaptionParams(complete_parses=True)` for full graphs of every caption;
+  4. the attribute_ruler component never runs: it spends a fifth of the pipeline's CPU in spaCy's
+     Matcher only to set POS; `PosRules` compiles its POS patterns (the tag map and its word and
+     dependency exceptions) and applies them to a whole chunk of docs with numpy;
+  5. thinc's matrix products go to numpy's OpenBLAS (one thread) instead of blis: ~3x faster on CPUs
+     with AVX-512 (tok2vec is mostly matrix products), same tags and parses on the benchmark sets;
+  6. tok2vec embeds each distinct token of a batch once (`embed_distinct_tokens_once`: the embedding
+     sees one token at a time; bit-identical output);
+  7. ner and the lemmatizer component never run (lemmas come from the same lookup tables, only
      for the words we output).
 Run the tests: PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_captions.py
 Run the benchmark: PYTHONPATH=. .venv/bin/python bench/bench_captions.py
@@ -30,6 +39,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+
+import numpy
 
 from schemas import R_EMPTY_CAPTION, R_LOW_COMPLEXITY, R_NO_ACTION, R_NON_STRING, R_TOO_LONG
 
@@ -192,8 +203,9 @@ def _conjoined(toks):
 
 def _subjects(verb, depth=0):
     """Agent-side participants of a verb (tokens)."""
-    subj = [c for c in verb.children if c.dep_ == "nsubj"]
-    subj += [p for c in verb.children if c.dep_ == "agent" for p in c.children if p.dep_ == "pobj"]
+    children = list(verb.children)
+    subj = [c for c in children if c.dep_ == "nsubj"]
+    subj += [p for c in children if c.dep_ == "agent" for p in c.children if p.dep_ == "pobj"]
     head = verb.head
     if verb.dep_ == "relcl":
         subj = [head if t.tag_ in REL_PRONOUN_TAGS else t for t in subj]
@@ -242,8 +254,12 @@ def _attribute_tokens(noun):
     return [t for t in _conjoined(mods) if _is_word(t)]
 
 
-def objects_from_tags(doc) -> list[str]:
-    return list(dict.fromkeys(_lemma(t) for t in doc if t.pos_ in NOUN_POS and _is_word(t)))
+def _nouns(tokens) -> list:
+    return [t for t in tokens if t.pos_ in NOUN_POS and _is_word(t)]
+
+
+def objects_from_tags(doc, nouns=None) -> list[str]:
+    return list(dict.fromkeys(_lemma(t) for t in (_nouns(doc) if nouns is None else nouns)))
 
 
 def _complexity(objects, attributes, actions) -> int:
@@ -253,21 +269,20 @@ def _complexity(objects, attributes, actions) -> int:
 
 def graph_from_doc(doc) -> CaptionParse:
     """THE caption rules, on a tagged and parsed Doc (pos_, tag_, dep_ set)."""
-    if settled_by_text(doc.text):
+    tokens = list(doc)                                  # Token objects are built on every access: once
+    if settled_by_text("".join(t.text_with_ws for t in tokens)):   # doc.text
         return EMPTY_PARSE                              # non-English or no Latin word: no scene graph
-    objects = objects_from_tags(doc)
+    nouns = _nouns(tokens)
+    objects = objects_from_tags(doc, nouns)
     attributes: dict[str, list[str]] = {}
-    for noun in doc:
-        if noun.pos_ in NOUN_POS and _is_word(noun):
-            for mod in _attribute_tokens(noun):
-                value = _lemma(mod) if mod.pos_ in NOUN_POS else mod.lower_
-                values = attributes.setdefault(_lemma(noun), [])
-                if value not in values:
-                    values.append(value)
+    for noun in nouns:
+        for mod in _attribute_tokens(noun):
+            value = _lemma(mod) if mod.pos_ in NOUN_POS else mod.lower_
+            values = attributes.setdefault(_lemma(noun), [])
+            if value not in values:
+                values.append(value)
     actions = []
-    for verb in doc:
-        if verb.pos_ != "VERB" or not _is_word(verb):
-            continue
+    for verb in (t for t in tokens if t.pos_ == "VERB" and _is_word(t)):
         subjects, patients = _args(_subjects(verb)), _args(_patients(verb))
         if not subjects and not (_is_passive_clause(verb) and patients):
             continue    # imperatives, titles, bare participles: "Buy cheap shoes", "Getting Started", "Made in Italy"
@@ -282,32 +297,233 @@ def graph_from_doc(doc) -> CaptionParse:
 
 
 def _tagger_only_graph(doc) -> CaptionParse:
-    """No VB* tag: no action is possible; attributes need the parser, so complexity is 'not computed'."""
+    """No word can become VERB: no action is possible; attributes need the parser, so complexity is 'not computed'."""
     return CaptionParse(objects=objects_from_tags(doc), attributes={}, actions=[], complexity=None, has_action=False)
 
 
-def _has_verb_tag(doc) -> bool:
-    # attribute_ruler only ever turns VB* tokens into VERB (or VERB into AUX), so no VB* tag -> no VERB
-    return any(t.tag_.startswith("VB") and _is_word(t) for t in doc)
+# ----------------------------------------------------------------------------- the model
+_POS_COLUMNS = ("TAG", "LOWER", "DEP", "IS_SPACE")   # the token attributes the ruler's POS patterns test
 
 
-# ----------------------------------------------------------------------------- the model and the parser
+class PosRules:
+    """The attribute_ruler's POS assignments, compiled from its own patterns and applied with numpy.
+
+    en_core_web_sm's ruler holds the tag map (tag -> POS), word exceptions (tag + word: 'is' VBZ -> AUX,
+    'something' NN -> PRON, ...) and dependency exceptions (any aux/auxpass -> AUX; do/have as ROOT, conj,
+    ... -> VERB; DT/WDT outside det -> PRON; 'is' after an expletive -> VERB). As in the ruler, every
+    matching pattern sets POS and the later pattern wins. The ruler runs spaCy's Matcher per doc, a
+    fifth of the pipeline's CPU time, for this. `compile` refuses patterns it cannot read (another
+    model version): the model is pinned, and tests/test_captions.py checks the result against the ruler."""
+
+    def __init__(self, rules, verb_id: int):
+        self.rules = rules          # [(conditions per pattern token, index of the token set, POS id, uses DEP)]
+        self.verb_id = verb_id
+
+    @classmethod
+    def compile(cls, ruler, strings) -> "PosRules":
+        from spacy.parts_of_speech import IDS
+        rules = []
+        for entry in ruler.patterns:
+            pos = entry["attrs"].get("POS")
+            if pos is None:
+                continue
+            for pattern in entry["patterns"]:
+                conditions = [cls._token_conditions(spec, strings) for spec in pattern]
+                if any(c is None for c in conditions) or not -len(pattern) <= entry["index"] < len(pattern):
+                    raise ValueError(f"attribute_ruler POS pattern not supported by PosRules: {entry}")
+                uses_dep = any(key == "DEP" for spec in pattern for key in spec)
+                rules.append((conditions, entry["index"] % len(pattern), IDS[pos], uses_dep))
+        return cls(rules, IDS["VERB"])
+
+    @staticmethod
+    def _token_conditions(spec: dict, strings):
+        """[(column, negate, values)] of one pattern token; None when it tests anything else."""
+        out = []
+        for key, value in spec.items():
+            if key not in _POS_COLUMNS:
+                return None
+            if isinstance(value, dict):
+                if len(value) != 1 or next(iter(value)) not in ("IN", "NOT_IN"):
+                    return None
+                (op, values), = value.items()
+                negate = op == "NOT_IN"
+            else:
+                values, negate = [value], False
+            codes = [int(v) if isinstance(v, bool) else strings.add(v) for v in values]   # '' -> 0: unset
+            out.append((_POS_COLUMNS.index(key), negate,
+                        numpy.uint64(codes[0]) if len(codes) == 1 else numpy.array(codes, dtype=numpy.uint64)))
+        return out
+
+    @staticmethod
+    def _pos(columns, doc_of, rules):
+        """POS ids of the concatenated tokens (columns: one array per _POS_COLUMNS; doc_of: each token's
+        doc) under `rules`."""
+        n = len(doc_of)
+        pos = numpy.zeros(n, dtype=numpy.uint64)
+        for conditions, index, pos_id, _ in rules:
+            starts = n - len(conditions) + 1
+            if starts <= 0:
+                continue
+            match = numpy.ones(starts, dtype=bool)
+            for k, token_conditions in enumerate(conditions):
+                for column, negate, codes in token_conditions:
+                    values = columns[column][k:k + starts]
+                    hit = values == codes if codes.ndim == 0 else numpy.isin(values, codes)
+                    match &= ~hit if negate else hit
+            if len(conditions) > 1:                                     # a match may not cross docs
+                match &= doc_of[:starts] == doc_of[len(conditions) - 1:]
+            pos[numpy.flatnonzero(match) + index] = pos_id
+        return pos
+
+    @staticmethod
+    def _columns(docs):
+        from spacy.attrs import DEP, IS_SPACE, LOWER, TAG
+        lengths = [len(d) for d in docs]
+        table = (numpy.concatenate([d.to_array([TAG, LOWER, DEP, IS_SPACE]) for d in docs]) if sum(lengths)
+                 else numpy.zeros((0, len(_POS_COLUMNS)), dtype=numpy.uint64))
+        columns = [numpy.ascontiguousarray(table[:, c]) for c in range(len(_POS_COLUMNS))]
+        return columns, numpy.repeat(numpy.arange(len(docs)), lengths), numpy.cumsum([0] + lengths)
+
+    def may_hold_verb(self, docs) -> list[bool]:
+        """Per tagged, unparsed doc: can its parse make some word VERB? Yes when the rules without a
+        dependency condition give VERB, or when a VERB rule with one matches without it."""
+        if not docs:
+            return []
+        columns, doc_of, bounds = self._columns(docs)
+        possible = self._pos(columns, doc_of, [r for r in self.rules if not r[3]]) == self.verb_id
+        for conditions, index, pos_id, uses_dep in self.rules:
+            if uses_dep and pos_id == self.verb_id:
+                without_dep = [[c for c in token if _POS_COLUMNS[c[0]] != "DEP"] for token in conditions]
+                possible |= self._pos(columns, doc_of, [(without_dep, index, 1, False)]) == 1
+        out = [False] * len(docs)
+        for row in numpy.flatnonzero(possible):
+            d = doc_of[row]
+            out[d] = out[d] or _is_word(docs[d][row - bounds[d]])      # the rules skip non-words
+        return out
+
+    def assign(self, docs):
+        """Set POS on tagged docs, parsed or not (on unparsed docs the dependency rules find no DEP)."""
+        from spacy.attrs import POS
+        if not docs:
+            return
+        columns, doc_of, bounds = self._columns(docs)
+        pos = self._pos(columns, doc_of, self.rules)
+        for doc, start, end in zip(docs, bounds[:-1], bounds[1:]):
+            doc.from_array([POS], pos[start:end])
+
+
+@lru_cache(maxsize=None)
+def _openblas_local_threads():
+    """Setter of the calling thread's OpenBLAS thread count in numpy's bundled OpenBLAS (returns the
+    previous count), or None when numpy was built against another BLAS."""
+    import ctypes
+    import glob
+    import os
+    libs = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
+        try:
+            setter = ctypes.CDLL(path).openblas_set_num_threads_local   # the copy numpy has loaded
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        return setter
+    return None
+
+
+@lru_cache(maxsize=None)
+def _numpy_blas_ops():
+    """thinc ops whose matrix product runs on numpy's OpenBLAS, one thread; None if that is not possible."""
+    from thinc.api import NumpyOps
+    set_threads = _openblas_local_threads()
+    if set_threads is None:
+        return None
+
+    class NumpyBlasOps(NumpyOps):
+        """thinc's CPU ops with the matrix product on numpy's OpenBLAS rather than blis: ~3x faster on
+        CPUs with AVX-512, for which the bundled blis runs its generic kernels. One thread, like blis:
+        OpenBLAS would spread these small products over every core and spend twice the CPU time."""
+
+        def gemm(self, x, y, *, out=None, trans1=False, trans2=False):
+            previous = set_threads(1)
+            try:
+                return numpy.matmul(x.T if trans1 else x, y.T if trans2 else y, out=out)
+            finally:
+                set_threads(previous)
+
+    return NumpyBlasOps()
+
+
 @lru_cache(maxsize=None)
 def get_nlp():
-    """The spaCy pipeline, loaded once per process, ner disabled (we never need entities)."""
+    """The spaCy pipeline, loaded once per process, ner disabled (we never need entities); its models
+    compute on numpy's BLAS (see _numpy_blas_ops)."""
     import spacy
-    return spacy.load(SPACY_MODEL, disable=["ner"])
+    nlp = spacy.load(SPACY_MODEL, disable=["ner"])
+    use_numpy_blas(nlp)
+    embed_distinct_tokens_once(nlp)
+    return nlp
 
 
+def use_numpy_blas(nlp) -> bool:
+    """Point every model of `nlp` at _numpy_blas_ops(); False (nothing changed) without numpy's OpenBLAS."""
+    ops = _numpy_blas_ops()
+    if ops is None:
+        return False
+    for _, component in nlp.pipeline:
+        if getattr(component, "model", None) is not None:     # rule components have none
+            for node in component.model.walk():
+                node.ops = ops
+    return True
+
+
+def embed_distinct_tokens_once(nlp) -> bool:
+    """tok2vec's first half (hash embeddings of a token's NORM/PREFIX/SUFFIX/SHAPE/... features, maxout,
+    layernorm) sees one token at a time, and a batch of captions repeats most tokens (Flickr8k: 21% of
+    a batch's tokens are distinct): run it once per distinct feature row and copy the rows, bit-identical.
+    Inference only. False, and nothing changed, where the model is not built as expected."""
+    from thinc.api import Model
+    from thinc.types import Ragged
+    embed = nlp.get_pipe("tok2vec").model.layers[0]
+    names = [layer.name for layer in embed.layers]
+    if (len(names) != 5 or names[:2] != ["extract_features", "list2ragged"] or names[4] != "ragged2list"
+            or "hashembed" not in names[2] or not names[3].startswith("with_array(maxout")):
+        return False
+    per_token = embed.layers[2:4]           # features (ragged rows) -> embedding, row by row
+
+    def forward(model, features, is_train):
+        if is_train:
+            raise NotImplementedError("embed_distinct_tokens_once is for inference")
+        distinct, inverse = numpy.unique(features.dataXd, axis=0, return_inverse=True)
+        rows = distinct
+        for layer in model.layers:
+            rows = layer.predict(rows)
+        return Ragged(rows[inverse.reshape(-1)], features.lengths), None
+
+    embed.layers[2:4] = [Model("embed_distinct_tokens_once", forward, layers=per_token)]
+    return True
+
+
+@lru_cache(maxsize=None)
+def get_pos_rules() -> PosRules:
+    nlp = get_nlp()
+    return PosRules.compile(nlp.get_pipe("attribute_ruler"), nlp.vocab.strings)
+
+
+# ----------------------------------------------------------------------------- the parser
 @dataclass
 class ParseStats:
     n_input: int = 0
     n_cache_hits: int = 0       # normalised text seen before (in this call or earlier)
     n_settled_by_text: int = 0  # no Latin word / foreign: settled without the model
-    n_tagger_only: int = 0      # no verb tag: dependency parser skipped
+    n_tagger_only: int = 0      # no word can become VERB: dependency parser skipped
     n_parsed: int = 0           # full tagger + parser
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    cpu_tagging: float = 0.0    # CPU seconds per step of the model route: tokenizer + tok2vec + tagger,
+    cpu_verb_check: float = 0.0  # which docs may hold a verb,
+    cpu_parsing: float = 0.0    # dependency parser,
+    cpu_pos: float = 0.0        # tag -> POS,
+    cpu_rules: float = 0.0      # scene-graph rules
 
     def add(self, other: "ParseStats"):
         for k in self.__dataclass_fields__:
@@ -365,21 +581,34 @@ class Parser:
     def _parse_unique(self, texts: list[str], call: ParseStats) -> list[CaptionParse]:
         if not texts:
             return []
-        nlp, bs = self.nlp, self.params.batch_size
+        nlp, bs, pos_rules = self.nlp, self.params.batch_size, get_pos_rules()
+        clock = time.process_time()
+
+        def lap() -> float:
+            nonlocal clock
+            previous, clock = clock, time.process_time()
+            return clock - previous
+
         with nlp.select_pipes(enable=["tok2vec", "tagger"]):
             docs = list(nlp.pipe(texts, batch_size=bs))    # tok2vec stores its output in doc.tensor
-        full_parse = self.params.complete_parses or not self.params.require_action
-        to_parse = [d for d in docs if full_parse or _has_verb_tag(d)]
+        call.cpu_tagging += lap()
+        if self.params.complete_parses or not self.params.require_action:
+            parse = [True] * len(docs)
+        else:
+            parse = pos_rules.may_hold_verb(docs)
+        to_parse = [d for d, p in zip(docs, parse) if p]
+        call.cpu_verb_check += lap()
         if to_parse:
             parser = nlp.get_pipe("parser")
             list(parser.pipe(to_parse, batch_size=bs))      # its tok2vec listener reads doc.tensor
-        ruler = nlp.get_pipe("attribute_ruler")             # tag -> pos (reads deps: must run after parser)
-        for doc in docs:
-            ruler(doc)
-        parsed = {id(d) for d in to_parse}
+        call.cpu_parsing += lap()
+        pos_rules.assign(docs)                              # tag -> POS (reads deps: after the parser)
+        call.cpu_pos += lap()
         call.n_parsed += len(to_parse)
         call.n_tagger_only += len(docs) - len(to_parse)
-        return [graph_from_doc(d) if id(d) in parsed else _tagger_only_graph(d) for d in docs]
+        graphs = [graph_from_doc(d) if p else _tagger_only_graph(d) for d, p in zip(docs, parse)]
+        call.cpu_rules += lap()
+        return graphs
 
     def _remember(self, key: str, parse: CaptionParse):
         self._cache[key] = parse

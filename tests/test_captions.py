@@ -4,17 +4,20 @@
 """
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from bench.bench_captions import ReferenceParser
-from pipeline.captions import (EMPTY_PARSE, CaptionParams, CaptionParse, Parser, keep_caption, normalise,
-                               parse_captions, parse_timed, precheck_caption, settled_by_text)
+from pipeline.captions import (EMPTY_PARSE, SPACY_MODEL, CaptionParams, CaptionParse, Parser, _numpy_blas_ops,
+                               _openblas_local_threads, get_nlp, get_pos_rules, keep_caption, normalise,
+                               parse_captions, parse_timed, precheck_caption, settled_by_text, use_numpy_blas)
 from schemas import PARSE_FIELDS, R_EMPTY_CAPTION, R_LOW_COMPLEXITY, R_NO_ACTION, R_NON_STRING, R_TOO_LONG
 
 ROOT = Path(__file__).resolve().parents[1]
 LAION = ROOT.parent / "shared" / "data" / "laion-sample" / "test_1000.parquet"
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "captions.parquet"
 DIHT = "A black cat is chasing a small brown bird"
 
 # caption -> expected fields (only the keys given are checked); checked by hand against the rules:
@@ -216,3 +219,63 @@ def test_fast_paths_match_the_full_parse(reference):
             routes["parsed"] += 1
             assert f == ref, text
     assert all(n >= 5 for n in routes.values()), routes   # every route was exercised
+
+
+def _real_captions(n_laion: int = 300, n_flickr: int = 200) -> list[str]:
+    laion = pq.read_table(LAION, columns=["TEXT"]).column("TEXT").to_pylist()[:n_laion]
+    flickr = pq.read_table(FLICKR, columns=["caption"]).column("caption").to_pylist()[:n_flickr]
+    return [normalise(t) for t in [c for c, _ in CASES] + laion + flickr if isinstance(t, str) and t.strip()]
+
+
+def test_pos_rules_match_the_attribute_ruler(reference):
+    """PosRules (compiled from the ruler's patterns, numpy) sets the POS the ruler sets, token for token,
+    including its dependency exceptions ("has" as ROOT -> VERB, aux -> AUX, "this" as nsubj -> PRON)."""
+    from spacy.attrs import POS
+    texts = _real_captions() + ["A man has a dog", "This is what it does", "There is a cat on the mat",
+                                "He has been running", "Something is moving", "That looks great"]
+    docs = list(reference.nlp.pipe(texts))                       # full pipeline: the ruler has run
+    by_ruler = [d.to_array([POS]).tolist() for d in docs]
+    get_pos_rules().assign(docs)
+    assert [d.to_array([POS]).tolist() for d in docs] == by_ruler
+    assert {t.pos_ for d in docs for t in d} >= {"VERB", "AUX", "PRON", "NOUN", "PROPN", "SCONJ"}
+
+
+def test_may_hold_verb_keeps_every_doc_the_parse_gives_a_verb(reference):
+    texts = _real_captions() + ["A man has a dog", "There is a cat on the mat", "Vintage Blue Vase"]
+    nlp = get_nlp()
+    with nlp.select_pipes(enable=["tok2vec", "tagger"]):
+        tagged = list(nlp.pipe(texts))
+    maybe = get_pos_rules().may_hold_verb(tagged)
+    with_verb = [any(t.pos_ == "VERB" and any(c.isalpha() for c in t.text) for t in d) for d in reference.nlp.pipe(texts)]
+    assert all(m for m, v in zip(maybe, with_verb) if v)
+    assert maybe[-2] and not maybe[-1]                           # "has" may be ROOT: parsed; no verb: skipped
+    assert sum(maybe) < len(maybe)                               # and it does skip
+
+
+def test_numpy_blas_gemm_matches_and_keeps_one_thread():
+    ops = _numpy_blas_ops()
+    if ops is None:
+        pytest.skip("numpy without its bundled OpenBLAS: thinc stays on blis")
+    rng = np.random.default_rng(0)
+    x, w = rng.random((50, 30), dtype=np.float32), rng.random((20, 30), dtype=np.float32)
+    np.testing.assert_allclose(ops.gemm(x, w, trans2=True), x @ w.T, rtol=1e-5)
+    out = np.empty((30, 30), dtype=np.float32)
+    assert ops.gemm(x, x, trans1=True, out=out) is out
+    np.testing.assert_allclose(out, x.T @ x, rtol=1e-5)
+    set_threads = _openblas_local_threads()
+    before = set_threads(3)                                      # the caller's setting survives a product
+    ops.gemm(x, w, trans2=True)
+    assert set_threads(before) == 3
+
+
+def test_embedding_distinct_tokens_once_is_bit_identical():
+    import spacy
+    plain = spacy.load(SPACY_MODEL, disable=["parser", "attribute_ruler", "lemmatizer", "ner"])
+    use_numpy_blas(plain)                                        # same matrix products as get_nlp(), no dedup
+    texts = _real_captions(100, 100) + ["", "dog dog dog dog"]
+    nlp = get_nlp()
+    assert "embed_distinct_tokens_once" in [layer.name for layer in nlp.get_pipe("tok2vec").model.layers[0].layers]
+    with nlp.select_pipes(enable=["tok2vec", "tagger"]):
+        deduplicated = list(nlp.pipe(texts, batch_size=64))
+    for a, b in zip(plain.pipe(texts, batch_size=64), deduplicated):
+        assert np.array_equal(a.tensor, b.tensor) and [t.tag_ for t in a] == [t.tag_ for t in b]
