@@ -348,7 +348,7 @@ def check_access(uri: str, write: bool = False) -> None:
             probe = posixpath.join(path, f".catcurate-access-probe-{uuid.uuid4().hex}")
             fs.pipe_file(probe, b"probe")
             fs.rm_file(probe)
-        elif not fs.exists(path):
+        elif not has_magic(path) and not fs.exists(path):   # a pattern's matches are listed by the caller
             raise StorageAccessError(f"{uri} does not exist")
     except StorageAccessError:
         raise

@@ -193,6 +193,16 @@ def test_storage_reads_back_what_it_writes_and_lists_without_stale_cache(s3):
     assert json.loads(storage.read_bytes("s3://data/unit/m.json")) == {"n": 1}
     assert storage.listdir("s3://data/unit") == ["a", "m.json"]
     assert storage.listdir("s3://data/unit/none") == []
+    from pipeline.partitions import InputError, list_input_files
+    assert list_input_files("s3://data/unit/a/*.parquet") == [("s3://data/unit/a/x.parquet", "parquet"),
+                                                              ("s3://data/unit/a/y.parquet", "parquet")]
+    assert list_input_files("s3://data/unit/a/") == list_input_files("s3://data/unit/a/*.parquet")
+    with pytest.raises(InputError, match="no file matches"):
+        list_input_files("s3://data/unit/a/*.csv")
+    from pipeline.partitions import plan_input
+    plan = plan_input("s3://data/unit/a/*.parquet", 100)
+    assert plan.n_rows == 5 and [c.path for c in plan.chunks] == ["s3://data/unit/a/x.parquet", "s3://data/unit/a/y.parquet"]
+    assert plan.fingerprint == plan_input("s3://data/unit/a/", 100).fingerprint, "the same files, the same input"
 
 
 def test_download_route_with_output_in_the_store(s3, server, tmp_path):
