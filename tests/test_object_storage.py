@@ -28,13 +28,13 @@ PARTS = ["--rows-per-part", "20"]   # 80 COCO rows: 4 parts
 
 @pytest.fixture(scope="module")
 def s3(coco_parquet):
-    with S3Server() as server:
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)
-        server.make_bucket("data")
+    with S3Server() as store:
+        saved = {k: os.environ.get(k) for k in store.env}
+        os.environ.update(store.env)
+        store.make_bucket("data")
         storage.upload(str(coco_parquet), "s3://data/in/coco.parquet")
         try:
-            yield server
+            yield store
         finally:
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -205,7 +205,7 @@ def test_storage_reads_back_what_it_writes_and_lists_without_stale_cache(s3):
     assert plan.fingerprint == plan_input("s3://data/unit/a/", 100).fingerprint, "the same files, the same input"
 
 
-def test_download_route_with_output_in_the_store(s3, server, tmp_path):
+def test_download_route_with_output_in_the_store(s3, server, tmp_path):  # noqa: F811 - the imported fixture
     """URL list in, OUTPUT on s3://: img2dataset fetches from the loopback web server into a local stage
     (the fetch guard's process never talks to the store) and the shards land in the store."""
     base, photos = server
