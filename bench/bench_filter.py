@@ -9,7 +9,7 @@
    `spark-submit --master local[2] jobs/cat_filter.py --input ... --output ...` runs every stage on it
    as users run it (--rows-per-part 1280: 8 parts of whole 256-row groups, so both cores work).
    Recorded: wall seconds, the job's own clock (stats.json), CPU seconds of the whole process tree
-   (JVM, Spark's Python daemon and workers; bench/results/redecide/measure.py's /proc sampler: robust
+   (JVM, Spark's Python daemon and workers; bench/bench_redecide.py's /proc sampler: robust
    to the other jobs sharing the machine), the load average during the run, and the phase split:
    the tree's CPU between the job's stage lines (start-up, keys + duplicate check, caption stage,
    text-spot stage, finalize + report) and, inside the text-spot stage, the per-part CPU counters of
@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_captions import PipeReference, machine  # noqa: E402
-from bench.results.redecide.measure import ENV, VENV, _sample_tree_cpu  # noqa: E402
+from bench.bench_redecide import ENV, VENV, _sample_tree_cpu  # noqa: E402
 from pipeline.captions import CaptionParams, keep_caption  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "filter.json"

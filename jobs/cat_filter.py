@@ -245,11 +245,6 @@ def _read_ledger(spark, output):
     return read_parquet(spark, ledger_dirs(output), S.LEDGER)
 
 
-def build_stats(counts: list[dict], n_rows: int, kinds: set[str]) -> dict:
-    from pipeline.finalize import build_stats as stats_from_counts  # one rule for every engine
-    return stats_from_counts(counts, n_rows, kinds)
-
-
 def _write_report(spark, output, ledger, stats, n, columns):
     """Spark narrows each reason down to its n first keys with and without a thumbnail; the choice
     among them, the pictures and the page are pipeline.finalize's (the same as without Spark)."""

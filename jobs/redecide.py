@@ -41,7 +41,6 @@ from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs us as a file
 
-
 import schemas as S  # noqa: E402
 from jobs.cat_filter import _finalize, _read_ledger, _routes, _versions, print_funnel  # noqa: E402
 from jobs.spark import read_parquet  # noqa: E402
@@ -271,10 +270,10 @@ def _evidence_rows_local(source: str, labels: dict[str, str] | None):
     its noise label; the ledger and detections are held in memory, captions/ is read part by part."""
     ledger = fin.read_ledger(source, ["key", "status", "stage", "reason"]).to_pydict()
     verdicts = {k: v for k, *v in zip(ledger["key"], ledger["status"], ledger["stage"], ledger["reason"])}
-    ocr = fin.read_table([storage.join(source, "ocr")], S.OCR.arrow).to_pydict()
+    ocr = storage.read_parquet(storage.join(source, "ocr"), schema=S.OCR.arrow).to_pydict()
     detections = dict(zip(ocr["key"], ocr["detections"]))
     columns = ["key", "caption", *[f.name for f in S.PARSE_FIELDS], "passed", "reason"]
-    for path in fin.data_files(storage.join(source, "captions")):
+    for path in storage.files(storage.join(source, "captions"), ".parquet"):
         for r in storage.read_parquet(path, schema=S.CAPTIONS.arrow, columns=columns).to_pylist():
             r["c_passed"], r["c_reason"] = r.pop("passed"), r.pop("reason")
             r["status"], r["stage"], r["reason"] = verdicts.get(r["key"], (None, None, None))

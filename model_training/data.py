@@ -186,13 +186,12 @@ def check_sharding(n_shards: int, num_workers: int, world_size: int):
 
 def read_vocab(labels_dir: str | Path) -> tuple[int, int]:
     """Sizes of the object and attribute vocabularies of LABELS/vocab.json, as make distill writes it."""
-    from pipeline.concepts import HEADS, Vocabulary
+    from pipeline.concepts import read_vocab_json
     path = storage.join(storage.normalize(labels_dir), "vocab.json")
     if not storage.isfile(path):
         raise FileNotFoundError(f"{path} is missing: label shards need their vocab.json")
     try:
-        doc = storage.read_json(path)   # pipeline.concepts.read_vocab_json's reading, for URIs too
-        vocabs = {name: Vocabulary.from_dict(name, doc[name]) for name in HEADS}
+        vocabs = read_vocab_json(path)
         return len(vocabs["objects"]), len(vocabs["attributes"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a vocab.json written by jobs/distill_labels.py: {e}") from e

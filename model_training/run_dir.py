@@ -225,20 +225,19 @@ class RunMirror:
     checkpoint; every object is one whole PUT (no renames in a store)."""
 
     def __init__(self, run_uri: str):
-        from pipeline import storage
-        self.storage, self.uri = storage, storage.normalize(run_uri)
+        self.uri = storage.normalize(run_uri)
         self.local = mirror_dir(self.uri)
         self._pushed: dict[str, tuple[int, int]] = {}
 
     def pull(self) -> Path:
         self.local.mkdir(parents=True, exist_ok=True)
-        fs, root = self.storage.filesystem(self.uri)
+        fs, root = storage.filesystem(self.uri)
         remote = {p[len(root):].lstrip("/") for p in fs.find(root)} if fs.exists(root) else set()
         remote = {r for r in remote if not posixpath.basename(r).startswith(".")}   # the lock, probes
         for rel in sorted(remote):
             dst = self.local / rel
             tmp = dst.with_name(dst.name + ".pull.tmp")
-            self.storage.download(self.storage.join(self.uri, rel), str(tmp))
+            storage.download(storage.join(self.uri, rel), str(tmp))
             tmp.replace(dst)
         for p in self._local_files():   # what the store does not have is not part of the run
             if str(p.relative_to(self.local)) not in remote:
@@ -250,10 +249,10 @@ class RunMirror:
         files = {str(p.relative_to(self.local)): p for p in self._local_files()}
         changed = [rel for rel, p in files.items() if self._pushed.get(rel) != self._stamp(p)]
         for rel in sorted(changed, key=lambda r: (r.startswith("checkpoints/") and r.endswith(".json"), r)):
-            self.storage.upload(str(files[rel]), self.storage.join(self.uri, rel))
+            storage.upload(str(files[rel]), storage.join(self.uri, rel))
             self._pushed[rel] = self._stamp(files[rel])
         for rel in sorted(set(self._pushed) - set(files), key=lambda r: not r.endswith(".json")):
-            self.storage.remove(self.storage.join(self.uri, rel))   # meta first: the checkpoint stops counting
+            storage.remove(storage.join(self.uri, rel))   # meta first: the checkpoint stops counting
             del self._pushed[rel]
 
     def _local_files(self) -> list[Path]:
@@ -271,7 +270,6 @@ def staged_run(run_uri: str, job: str):
     """`with staged_run("s3://b/runs/x", "train") as mirror:` train in mirror.local, call mirror.push()
     after each checkpoint; the store's RUN holds the lock meanwhile and gets everything on the way out
     (also after a failure: finished checkpoints and logs are not lost)."""
-    from pipeline import storage
     from pipeline.locks import folder_lock
     storage.check_access(run_uri, write=True)
     with folder_lock(run_uri, job):

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.partitions import atomic_write_json
 
 OBJECTS, ATTRIBUTES = "objects", "attributes"
@@ -125,7 +126,6 @@ def write_vocab_json(vocabs: dict[str, Vocabulary], path: str, config: VocabConf
 
 
 def read_vocab_json(path: str) -> dict[str, Vocabulary]:
-    from pipeline import storage
     doc = storage.read_json(path)
     return {name: Vocabulary.from_dict(name, doc[name]) for name in HEADS}
 

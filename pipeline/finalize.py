@@ -45,24 +45,8 @@ def ledger_dirs(output: str) -> list[str]:
     return [storage.join(root, d) for d in storage.listdir(root) if storage.isdir(storage.join(root, d))]
 
 
-def data_files(folder: str) -> list[str]:
-    """Parquet files of a folder as Spark reads them: hidden and underscore files (temporaries,
-    _SUCCESS) are not data."""
-    return storage.files(folder, ".parquet")
-
-
-def read_table(folders: Iterable[str], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    files = [f for d in folders for f in data_files(d)]
-    tables = [storage.parquet_file(f).read(columns=columns).cast(
-        schema if columns is None else pa.schema([schema.field(c) for c in columns])) for f in files]
-    if not tables:
-        empty = schema.empty_table()
-        return empty.select(columns) if columns else empty
-    return pa.concat_tables(tables)
-
-
 def read_ledger(output: str, columns: list[str] | None = None) -> pa.Table:
-    return read_table(ledger_dirs(output), S.LEDGER.arrow, columns)
+    return storage.read_parquet(ledger_dirs(output), columns, S.LEDGER.arrow)
 
 
 # ---------------------------------------------------------------- the rules both engines share
@@ -105,7 +89,7 @@ def finish_stats(output: str, counts: list[dict], plan, kinds: set[str]) -> dict
     """build_stats plus what the output folder and the plan add; written to OUTPUT/stats.json."""
     stats = build_stats(sorted(counts, key=_count_order), plan.n_rows, kinds)
     stats["bad_files"] = plan.bad_files
-    stats["n_shards"] = len(data_files(storage.join(output, "shards")))
+    stats["n_shards"] = len(storage.files(storage.join(output, "shards"), ".parquet"))
     atomic_write_json(stats, storage.join(output, "stats.json"))
     return stats
 
@@ -157,14 +141,13 @@ def finalize(output: str, plan, kinds: set[str], examples_per_reason: int) -> di
     check, count, write stats.json and report.html; returns the stats. The ledger (without images)
     is held in memory: for outputs that fit on the driver (jobs/redecide.py chooses)."""
     ledger = read_ledger(output)
-    captions = read_table([storage.join(output, "captions")], S.CAPTIONS.arrow,
-                          ["key", "url", "caption", "source_file", "source_row"])
+    captions = storage.read_parquet(storage.join(output, "captions"),
+                                    ["key", "url", "caption", "source_file", "source_row"], S.CAPTIONS.arrow)
     decided = set(ledger.column("key").to_pylist())
     missing = [unaccounted_row(r) for r in captions.to_pylist() if r["key"] not in decided]
     if missing:
         reconciled = storage.join(output, "ledger", RECONCILED)
-        for f in data_files(reconciled):  # replaced as a whole, as Spark's overwrite does
-            storage.remove(f)
+        storage.remove_tree(reconciled)  # replaced as a whole, as Spark's overwrite does
         atomic_write_parquet(S.LEDGER.from_rows(missing), storage.join(reconciled, "part-00000.parquet"))
         ledger = read_ledger(output)
     keys = ledger.column("key").to_pylist()
@@ -175,8 +158,8 @@ def finalize(output: str, plan, kinds: set[str], examples_per_reason: int) -> di
     counts = [{"stage": st, "status": status, "reason": reason, "count": c}
               for (st, status, reason), c in outcomes.items()]
     stats = finish_stats(output, counts, plan, kinds)
-    thumbs = {r["key"]: r["jpg"] for r in reversed(read_table(  # the first thumbnail of a key wins
-        [storage.join(output, "_work", "thumbs")], S.THUMBS.arrow, ["key", "jpg"]).to_pylist())}
+    thumbs = {r["key"]: r["jpg"] for r in reversed(storage.read_parquet(  # the first thumbnail of a key wins
+        storage.join(output, "_work", "thumbs"), ["key", "jpg"], S.THUMBS.arrow).to_pylist())}
     write_report_with_examples(output, stats, _with_thumbs(ledger, thumbs, examples_per_reason),
                                examples_per_reason, plan.columns)
     return stats

@@ -35,6 +35,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from pipeline import storage
+
 LOCK_NAME = ".lock"
 
 
@@ -173,8 +175,6 @@ class ObjectLockStore:
     """The lock as an object in a store (see the module doc); version = the ETag of our content."""
 
     def __init__(self, folder: str):
-        from pipeline import storage
-        self.storage = storage
         self.folder = folder
         self.path = storage.join(folder, LOCK_NAME)
         self.fs, self.key = storage.filesystem(self.path)
@@ -222,7 +222,7 @@ class ObjectLockStore:
         return _etag_of(self.fs.info(self.key))
 
     def _store_now(self) -> float:
-        probe = self.storage.filesystem(self.storage.join(self.folder, f"{LOCK_NAME}.clock-{uuid.uuid4().hex}"))[1]
+        probe = storage.filesystem(storage.join(self.folder, f"{LOCK_NAME}.clock-{uuid.uuid4().hex}"))[1]
         self.fs.pipe_file(probe, b"")
         try:
             return _modified(self.fs.info(probe))
@@ -247,7 +247,6 @@ def _modified(info: dict) -> float:
 class FolderLock:
     def __init__(self, folder: str, job: str, params: LockParams | None = None, store=None):
         self.folder, self.job, self.params = folder, job, params or LockParams()
-        from pipeline import storage
         self.store = store or (ObjectLockStore(folder) if storage.is_remote(folder) else PosixLockStore(folder))
         self.version: int | None = None
         self.lost = False
@@ -255,7 +254,6 @@ class FolderLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> "FolderLock":
-        from pipeline import storage
         storage.makedirs(self.folder)
         me = Holder(self.job, socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     machine_id(), process_start(os.getpid()), uuid.uuid4().hex)
@@ -325,5 +323,4 @@ class FolderLock:
 
 def folder_lock(folder: str, job: str, params: LockParams | None = None) -> FolderLock:
     """`with folder_lock(OUTPUT, "cat_filter"):` - refuses (LockHeld) while another live run holds it."""
-    from pipeline import storage
     return FolderLock(storage.normalize(folder), job, params)

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -273,12 +272,8 @@ def convert_to_parquet(src: str, fmt: str, work_dir: str, file_idx: int, rows_pe
         with storage.open(dst, "wb") as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
             _write_converted(writer, batches, cols, schema, group)
         return dst, cols
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = _tmp_name(dst)
-    with writing(dst, tmp, src_size), pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with storage.local_commit(dst, src_size) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         _write_converted(writer, batches, cols, schema, group)
-        writer.close()
-        os.replace(tmp, dst)
     return dst, cols
 
 
@@ -502,10 +497,6 @@ def as_storage_error(exc: BaseException, folder: str) -> StorageError | None:
         if words in text.lower() or f"[errno {code}]" in text.lower():
             return storage_error(storage.join(folder, "..."), OSError(code, words))
     return None
-
-
-def _tmp_name(path: str) -> str:
-    return os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
 
 
 def atomic_write_parquet(table: pa.Table, path: str) -> None:

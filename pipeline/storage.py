@@ -29,6 +29,7 @@ import json
 import os
 import posixpath
 import uuid
+from contextlib import contextmanager
 from functools import lru_cache
 
 import pyarrow as pa
@@ -230,13 +231,16 @@ def parquet_file(uri: str) -> pq.ParquetFile:
     return pq.ParquetFile(open(uri, "rb"))
 
 
-def read_parquet(uri: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
-    """A file or a folder (its visible *.parquet files) as one table."""
-    paths = [uri] if isfile(uri) else files(uri, ".parquet")
+def read_parquet(uris: str | list[str], columns: list[str] | None = None, schema: pa.Schema | None = None
+                 ) -> pa.Table:
+    """Files or folders (their visible *.parquet files) as one table; with `schema`, cast to it (and an
+    empty table of it when there are no files)."""
+    uris = [uris] if isinstance(uris, str) else uris
+    paths = [p for u in uris for p in ([u] if isfile(u) else files(u, ".parquet"))]
     tables = [parquet_file(p).read(columns=columns) for p in paths]
     if not tables:
         if schema is None:
-            raise FileNotFoundError(f"no Parquet files in {uri}")
+            raise FileNotFoundError(f"no Parquet files in {', '.join(uris)}")
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
     if schema is not None:
         target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
@@ -252,24 +256,27 @@ def makedirs(uri: str) -> None:
         os.makedirs(uri, exist_ok=True)
 
 
-def _local_tmp(path: str) -> str:
-    return os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+@contextmanager
+def local_commit(path: str, needed_bytes: int | None = None):
+    """`with local_commit(path) as tmp:` write tmp; it is renamed to `path` when the block ends, removed
+    when it fails (storage errors such as a full disk become one line: partitions.writing)."""
+    from pipeline.partitions import writing
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    with writing(path, tmp, needed_bytes):
+        yield tmp
+        os.replace(tmp, path)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Whole object at its final name: one PUT on stores, temporary + rename on local disks."""
-    from pipeline.partitions import writing  # storage errors (disk full) become one line
     uri = normalize(uri)
     if is_remote(uri):
         fs, path = filesystem(uri)
         fs.pipe_file(path, data)
         return
-    os.makedirs(os.path.dirname(uri), exist_ok=True)
-    tmp = _local_tmp(uri)
-    with writing(uri, tmp, len(data)):
-        with io.open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, uri)
+    with local_commit(uri, len(data)) as tmp, io.open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def write_json(uri: str, obj) -> None:
@@ -283,26 +290,20 @@ def write_parquet(table: pa.Table, uri: str, compression: str = "zstd") -> None:
         pq.write_table(table, buf, compression=compression)
         write_bytes(uri, buf.getvalue())
         return
-    from pipeline.partitions import writing
-    os.makedirs(os.path.dirname(uri), exist_ok=True)
-    tmp = _local_tmp(uri)
-    with writing(uri, tmp, table.nbytes):
+    with local_commit(uri, table.nbytes) as tmp:
         pq.write_table(table, tmp, compression=compression)
-        os.replace(tmp, uri)
 
 
 def upload(local_path: str, uri: str) -> None:
     """A finished local file to its place (e.g. a checkpoint staged on local disk)."""
-    if not is_remote(uri):
-        if os.path.abspath(local_path) != normalize(uri):
-            os.makedirs(os.path.dirname(normalize(uri)), exist_ok=True)
-            tmp = _local_tmp(normalize(uri))
-            import shutil
+    uri = normalize(uri)
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.put_file(local_path, path)
+    elif os.path.abspath(local_path) != uri:
+        import shutil
+        with local_commit(uri, os.path.getsize(local_path)) as tmp:
             shutil.copyfile(local_path, tmp)
-            os.replace(tmp, normalize(uri))
-        return
-    fs, path = filesystem(uri)
-    fs.put_file(local_path, path)
 
 
 def download(uri: str, local_path: str) -> None:

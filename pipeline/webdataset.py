@@ -45,6 +45,7 @@ import tarfile
 from urllib.parse import quote
 
 from pipeline import storage
+from pipeline.partitions import done_parts
 from schemas import SHARD, WEBDATASET_INDEX
 
 STAGE = "webdataset"            # OUTPUT/webdataset/ and the marker folder OUTPUT/_done/webdataset/
@@ -123,15 +124,10 @@ def write_tar(output: str, number: str, source_shard: str) -> dict:
     return marker
 
 
-def _markers(output: str) -> dict[str, dict]:
-    found = storage.read_many(storage.files(storage.join(output, "_done", STAGE), ".json"))
-    return {storage.basename(uri)[: -len(".json")]: json.loads(data) for uri, data in found.items()}
-
-
 def finish(output: str) -> int:
     """After every tar is written: OUTPUT/webdataset/sizes.json from the markers; returns the number of tars."""
     output = storage.normalize(output)
-    markers = _markers(output)
+    markers = done_parts(output, STAGE)
     sizes, path = {m["tar"]: m["count"] for _, m in sorted(markers.items())}, storage.join(output, STAGE, "sizes.json")
     if markers and not (storage.isfile(path) and storage.read_json(path) == sizes):   # a rerun rewrites nothing
         storage.write_json(path, sizes)
@@ -142,7 +138,7 @@ def convert(output: str) -> int:
     """Every tar of OUTPUT without a marker, in this process (the filter runs one Spark task per tar
     instead); returns the number of tars."""
     output = storage.normalize(output)
-    done = _markers(output)
+    done = done_parts(output, STAGE)
     for number, shard in plan_tars(output):
         if number not in done:
             write_tar(output, number, shard)

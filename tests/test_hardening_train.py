@@ -269,7 +269,8 @@ def test_train_eval_after_a_filter_that_kept_nothing_does_not_ask_to_run_the_fil
 
 # ------------------------------------------------------------------ item 7: the funnel
 def test_funnel_shows_download_only_when_something_was_downloaded(tmp_path, capsys):
-    from jobs.cat_filter import build_stats, print_funnel
+    from jobs.cat_filter import print_funnel
+    from pipeline.finalize import build_stats
     from pipeline.report import write_report
     counts = [{"stage": "caption", "status": "dropped", "reason": "low_complexity", "count": 5},
               {"stage": "textspot", "status": "kept", "reason": None, "count": 3}]

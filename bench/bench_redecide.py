@@ -1,8 +1,10 @@
 """Measure re-deciding (local and Spark engine) against a fresh filter run, and sweep, on the Flickr8k web-noise set.
 
-    PYTHONPATH=. .venv/bin/python -m experiments.webnoise --out /tmp/redecide_7500/noisy     # 7,500 noisy pairs
-    PYTHONPATH=. .venv/bin/python bench/results/redecide/measure.py --input /tmp/redecide_7500/noisy/train.parquet
-    ... measure.py --input ... --filters-only     # just the two filter runs (the slow part; reused afterwards)
+    PYTHONPATH=. .venv/bin/python bench/bench_redecide.py            # make bench runs it; ~15 min on 2 cores
+    ... bench_redecide.py --input other/train.parquet --filters-only   # just the two filter runs (the slow part)
+
+Without --input, the 7,500 noisy pairs (1,500 Flickr8k photos x 5 captions) are made once in --work by
+experiments/webnoise.py, as for the evidence experiment.
 
 The filter runs go through spark-submit (local[2]) as `make filter` runs them, --rows-per-part 1500
 (6 parts: parts are whole row groups of 256). They take minutes, so each is timed once: its timing is
@@ -28,8 +30,8 @@ import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "redecide")
 sys.path.insert(0, ROOT)
 
 THRESHOLDS = ["--min-complexity", "2", "--min-conf", "0.7", "--min-chars", "4"]
@@ -156,14 +158,21 @@ def machine() -> dict:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", required=True, help="experiments/webnoise.py's train.parquet")
+    ap.add_argument("--input", help="experiments/webnoise.py's train.parquet (default: made in --work)")
     ap.add_argument("--work", default="/tmp/redecide_7500", help="scratch folder for the outputs")
     ap.add_argument("--rows-per-part", default="1500")
     ap.add_argument("--filters-only", action="store_true", help="run (or reuse) the two filter runs and stop")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     os.makedirs(a.work, exist_ok=True)
+    if a.input is None:
+        from experiments.webnoise import NoiseConfig, make_noisy_set
+        noisy = os.path.join(a.work, "noisy")
+        if not os.path.exists(os.path.join(noisy, "train.parquet")):
+            make_noisy_set(noisy, NoiseConfig(photos=1500))
+        a.input = os.path.join(noisy, "train.parquet")
+    os.makedirs(RESULTS, exist_ok=True)
     result = {"machine": machine(), "input": a.input, "thresholds": " ".join(THRESHOLDS)}
     part = ["--input", a.input, "--rows-per-part", a.rows_per_part]
     result["source_filter"] = filter_once(a.work, "source", part)
@@ -203,8 +212,8 @@ def main():
                          for e in into}
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     for name in ("sweep.csv", "sweep.json", "sweep.png"):
-        shutil.copyfile(os.path.join(sweeps["local"], name), os.path.join(HERE, name))
-    with open(os.path.join(HERE, "redecide.json"), "w") as fh:
+        shutil.copyfile(os.path.join(sweeps["local"], name), os.path.join(RESULTS, name))
+    with open(os.path.join(RESULTS, "redecide.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     print(json.dumps(result, indent=2))
 
