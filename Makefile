@@ -40,7 +40,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup_env.sh
 
 sample: $(SAMPLE)
 $(SAMPLE): | $(VENV)/.installed
-	$(PY) -m pipeline.sample --output $(SAMPLE)
+	$(PY) -m pipeline.filter.sample --output $(SAMPLE)
 
 # With no INPUT, filters the embedded sample (generated once by `make sample`).
 filter: $(VENV)/.installed $(if $(INPUT),,$(SAMPLE))

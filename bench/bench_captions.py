@@ -1,4 +1,4 @@
-"""Caption parser benchmark: pipeline.captions.Parser against batched spaCy (what a spaCy user writes).
+"""Caption parser benchmark: pipeline.filter.captions.Parser against batched spaCy (what a spaCy user writes).
 
     PYTHONPATH=. .venv/bin/python bench/bench_captions.py [--rounds 5] [--flickr-rows 5000] [--rows 20000]
 
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.captions import (SPACY_MODEL, CaptionParams, Parser, _numpy_blas_ops, get_nlp,  # noqa: E402
+from pipeline.filter.captions import (SPACY_MODEL, CaptionParams, Parser, _numpy_blas_ops, get_nlp,  # noqa: E402
                                graph_from_doc, keep_caption, normalise, use_numpy_blas)
 
 SAMPLE = ROOT.parent / "shared" / "data" / "laion-sample" / "test_1000.parquet"
@@ -259,7 +259,7 @@ def step_profile(texts: list[str], reference: PipeReference, params: CaptionPara
 
 
 def write_profile(path: Path, sets: dict, reference: PipeReference, params: CaptionParams, load: list) -> dict:
-    lines = ["Caption parser (pipeline/captions.py) vs the reference (batched nlp.pipe, ner + lemmatizer off),",
+    lines = ["Caption parser (pipeline/filter/captions.py) vs the reference (batched nlp.pipe, ner + lemmatizer off),",
              "unique captions, cold cache, 1 BLAS thread, CPU seconds (time.process_time), least of 3 runs per step;",
              f"load average {load}.",
              "Written by bench/bench_captions.py.", ""]

@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/bench_distill.py [--teacher efficientnet-lite0] [--repeats 3]
 
 Data: the 80 real COCO images of ../shared/data/coco-mini with their 5 captions each, as FILTERED
-shards (schemas.SHARD, parsed by pipeline.captions). Measures
+shards (schemas.SHARD, parsed by pipeline.filter.captions). Measures
   - teacher images/s: end to end (JPEG decode + preprocessing + forward, Teacher.embed_bytes) and
     forward only, on CPU with torch's default threads and with 1 thread (what one Spark task gets),
     and on the GPU when one is present; per wall-second and per CPU-second of this process (robust
@@ -35,12 +35,12 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.captions import parse_captions  # noqa: E402
-from pipeline.concepts import VocabConfig  # noqa: E402
-from pipeline.distill import (DistillConfig, embed_shard, label_bytes, label_shard, load_classifiers,  # noqa: E402
+from pipeline.filter.captions import parse_captions  # noqa: E402
+from pipeline.distill.concepts import VocabConfig  # noqa: E402
+from pipeline.distill.labels import (DistillConfig, embed_shard, label_bytes, label_shard, load_classifiers,  # noqa: E402
                               read_embeddings, shard_name, train_classifiers)
-from pipeline.sample import coco_to_img2dataset  # noqa: E402
-from pipeline.teacher import DEFAULT_TEACHER, load_teacher  # noqa: E402
+from pipeline.filter.sample import coco_to_img2dataset  # noqa: E402
+from pipeline.distill.teacher import DEFAULT_TEACHER, load_teacher  # noqa: E402
 from schemas import SHARD  # noqa: E402
 
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
@@ -51,7 +51,7 @@ WORK = ROOT / "bench" / "work" / "distill"
 def build_coco_filtered(out_dir: Path, captions_per_image: int = 5, n_shards: int = 2,
                         extra_rows: tuple[dict, ...] = ()) -> Path:
     """coco-mini as FILTERED/shards/NNNNN.parquet (schemas.SHARD): one row per image and caption,
-    parsed by pipeline.captions; `extra_rows` (full SHARD rows) are appended to the last shard."""
+    parsed by pipeline.filter.captions; `extra_rows` (full SHARD rows) are appended to the last shard."""
     out_dir = Path(out_dir)
     raw = coco_to_img2dataset(str(COCO_MINI), str(out_dir / "_coco.parquet"), captions_per_image)
     rows = pq.read_table(raw, columns=[c for c in SHARD.columns if c not in
@@ -113,7 +113,7 @@ def bench_teacher(spec: str, jpgs: list[bytes], device: str, threads: int | None
 
 
 def teacher_images(jpgs: list[bytes]):
-    from pipeline.images import decode_image
+    from pipeline.media.images import decode_image
     return [decode_image(j).image for j in jpgs]
 
 

@@ -13,7 +13,7 @@
    to the other jobs sharing the machine), the load average during the run, and the phase split:
    the tree's CPU between the job's stage lines (start-up, keys + duplicate check, caption stage,
    text-spot stage, finalize + report) and, inside the text-spot stage, the per-part CPU counters of
-   pipeline/image_stage.py (decode, load the models, detect, recognise, rule + thumbnails, writes) from
+   pipeline/filter/image_stage.py (decode, load the models, detect, recognise, rule + thumbnails, writes) from
    OUTPUT/_done/textspot/*.json. "Spark overheads" is the tree's CPU outside the measured work (caption
    stage, decode, detect, recognise, rule, writes): JVM, planning, the duplicate shuffle, model loads,
    reading parts, finalize and report.
@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_captions import PipeReference, machine  # noqa: E402
 from bench.bench_redecide import ENV, VENV, _sample_tree_cpu  # noqa: E402
-from pipeline.captions import CaptionParams, keep_caption  # noqa: E402
+from pipeline.filter.captions import CaptionParams, keep_caption  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "filter.json"
 TEXT_SHORTCUT = "text_shortcut"   # experiments/webnoise.py's label for pairs whose photo shows caption words
@@ -209,8 +209,8 @@ def readtext_baseline(rows: list[dict], n_images: int, seed: int) -> dict:
     import torch
 
     from bench.bench_textspot import reference_paths
-    from pipeline import images as img
-    from pipeline.textspot import caption_match, get_reader
+    from pipeline.media import images as img
+    from pipeline.filter.textspot import caption_match, get_reader
     torch.set_num_threads(1)
     by_image: dict[bytes, list[dict]] = {}
     for r in rows:

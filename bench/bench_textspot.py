@@ -7,7 +7,7 @@ Operating point: the download stage stores images as img2dataset does by default
 JPEG q95; 384 and 512 are options), so the set is real Flickr8k photos resized that way, with caption
 words rendered on some (bench/textspot_set.py build_flickr_set: 80 pairs, 30 to drop). Every path
 reads the same images in the same process with the same weights and the same caption rule
-(pipeline.textspot.caption_match, min_conf 0.8, min_chars 5); the paths alternate chunk by chunk so
+(pipeline.filter.textspot.caption_match, min_conf 0.8, min_chars 5); the paths alternate chunk by chunk so
 load from other processes hits all alike. Speed is CPU seconds per image (time.process_time, all
 threads of the process: robust to other jobs on a shared machine), with torch.set_num_threads(T).
 
@@ -21,7 +21,7 @@ The best reference per size is the one with the least CPU time per image; speed-
 with precision/recall of the drop verdict beside every figure. TextSpotter paths:
   textspotter            spot_and_match(images, captions) with TextSpotParams() (what the API gives)
   textspotter_fp32       the same with cpu_bf16=False (what is left without bf16 units)
-  textspotter_recording  spot(images) with the image stage's recording settings (pipeline.image_stage:
+  textspotter_recording  spot(images) with the image stage's recording settings (pipeline.filter.image_stage:
                          boxes for >= 3 characters read, every weak box re-read, no caption shortcut),
                          then the rule: what the filter job runs since detections are stored
 The old labelled set (bench/textspot_set.py build_set: 60 web-size images, 400-1024 px) is measured for
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from bench.textspot_set import build_flickr_set, build_set  # noqa: E402
-from pipeline.textspot import TextSpotParams, TextSpotter, caption_match, get_reader, spot_and_match  # noqa: E402
+from pipeline.filter.textspot import TextSpotParams, TextSpotter, caption_match, get_reader, spot_and_match  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "textspot.json"
 PROFILE = RESULTS.parent / "textspot_profile.txt"
@@ -99,7 +99,7 @@ def spotter_paths(gpu: bool = False) -> dict:
     fp32 = TextSpotter(gpu=False, cpu_bf16=False)
     paths["textspotter_fp32"] = lambda ims, caps: [r.detections for r in spot_and_match(ims, caps, spotter=fp32)]
     try:  # the filter job's own settings, where this version of the image stage has them
-        from pipeline.image_stage import ImageStageParams
+        from pipeline.filter.image_stage import ImageStageParams
         recording = TextSpotter(gpu=False, params=ImageStageParams().spotting())
         paths["textspotter_recording"] = lambda ims, caps: recording.spot(ims)
     except (ImportError, AttributeError):

@@ -21,7 +21,7 @@ img2dataset does with its defaults (resize to fit `size` x `size`, black border,
 Kinds caption_text / clean / other_text as above (clean photos may show real text - signs, shirts -
 that their caption does not quote: keep).
 The generator checks its own labels: a keep item's visible text shares no 5-character window
-with the caption (same normalisation as pipeline.textspot.caption_match).
+with the caption (same normalisation as pipeline.filter.textspot.caption_match).
 """
 from __future__ import annotations
 
@@ -34,14 +34,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.textspot import caption_match
+from pipeline.filter.textspot import caption_match
+from pipeline.media.render import render_text
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco-mini"
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
-FONT_DIR = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf"
-FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-         "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf")
 LONG_SIDES = (400, 512, 640, 800, 1024)  # web images come at many sizes; the spotter resizes to its canvas
 OTHER_TEXTS = ("SALE 50% OFF", "www.picsum.net", "(c) Northwind Studio", "Happy Birthday!", "Summer 2019",
                "FREE SHIPPING", "Limited Edition", "Qwerty Zephyr", "BEST PRICE", "Copyright 2021",
@@ -87,54 +85,6 @@ def _skimage_photos() -> list[tuple[str, Image.Image, str]]:
 def _resize(img: Image.Image, long_side: int) -> Image.Image:
     scale = long_side / max(img.size)
     return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
-
-
-def _wrap(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if line and font.getlength(trial) > max_width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return lines + [line] if line else lines
-
-
-def render_text(img: Image.Image, text: str, rng: random.Random) -> Image.Image:
-    """Draw `text` on a copy of `img` in a random font, size, colour, style and position."""
-    img = img.copy()
-    draw = ImageDraw.Draw(img, "RGBA")
-    size = max(20, round(img.height * rng.uniform(0.08, 0.14)))  # overlay titles: legible at thumbnail size
-    font = ImageFont.truetype(str(FONT_DIR / rng.choice(FONTS)), size)
-    lines = _wrap(text, font, int(img.width * 0.9))
-    while max(font.getlength(line) for line in lines) > img.width * 0.95 and size > 12:  # one long word
-        size -= 2
-        font = ImageFont.truetype(str(font.path), size)
-    line_h = round(size * 1.25)
-    block_w, block_h = int(max(font.getlength(line) for line in lines)), line_h * len(lines)
-    x = rng.randint(0, max(0, img.width - block_w))
-    y = {"top": round(img.height * 0.04), "bottom": img.height - block_h - round(img.height * 0.04),
-         "middle": (img.height - block_h) // 2,
-         "random": rng.randint(0, max(0, img.height - block_h))}[rng.choice(("top", "bottom", "middle", "random"))]
-    y = min(max(0, y), max(0, img.height - block_h))
-    style = rng.choice(("outline", "banner", "plain"))
-    stroke = 0
-    if style == "outline":                       # meme style: light text, dark outline
-        fill, stroke_fill, stroke = rng.choice([(255, 255, 255), (255, 230, 0)]), (0, 0, 0), max(1, size // 12)
-    elif style == "banner":                      # title bar: text on a translucent band
-        dark = rng.random() < 0.5
-        draw.rectangle([x - size // 3, y - size // 5, x + block_w + size // 3, y + block_h + size // 5],
-                       fill=(0, 0, 0, 170) if dark else (255, 255, 255, 190))
-        fill, stroke_fill = ((255, 255, 255) if dark else (rng.choice([(0, 0, 0), (180, 0, 0), (0, 40, 140)]))), None
-    else:  # plain: colour contrasting with the area under it, thin halo so busy backgrounds stay legible
-        region = np.asarray(img.crop((x, y, x + block_w, y + block_h)).convert("L"))
-        light_bg = bool(region.size) and region.mean() > 120
-        fill, stroke_fill = ((20, 20, 20), (235, 235, 235)) if light_bg else ((250, 250, 250), (30, 30, 30))
-        stroke = max(1, size // 24)
-    for i, line in enumerate(lines):
-        draw.text((x, y + i * line_h), line, font=font, fill=fill, stroke_width=stroke, stroke_fill=stroke_fill)
-    return img
 
 
 def _caption_phrase(caption: str, rng: random.Random) -> str:

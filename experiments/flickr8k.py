@@ -94,7 +94,7 @@ def ledger_rows(output: Path) -> list[dict]:
 
 def _write_shards(rows: list[dict], out: Path, n_shards: int = 4) -> Path:
     import schemas as S
-    from pipeline.partitions import atomic_write_parquet
+    from pipeline.store.partitions import atomic_write_parquet
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -108,7 +108,7 @@ def _write_shards(rows: list[dict], out: Path, n_shards: int = 4) -> Path:
 def run_filters(cfg: ExperimentConfig, noisy: Path, work: Path, spark) -> dict[str, Path]:
     """The real CAT filter job on the noisy pairs: all stages, and each stage alone."""
     from jobs.cat_filter import cat_filter
-    from pipeline.captions import CaptionParams
+    from pipeline.filter.captions import CaptionParams
     runs = {"full": {}, "caption_only": {"stages": "caption"},
             "textspot_only": {"caption": CaptionParams(min_complexity=0, require_action=False)}}
     wanted = {FILTER_RUNS[a] for a in cfg.arms if a in FILTER_RUNS} | ({"full"} if {"random", "filtered_distill"} & set(cfg.arms) else set())

@@ -10,7 +10,7 @@ reads as is) plus the ground truth: noise, clean_caption, photo, rendered_text. 
 most one corruption, drawn independently per pair with these probabilities (each a flag):
 
   text_shortcut   1-4 consecutive words of the pair's OWN caption are drawn onto its photo
-                  (bench.textspot_set.render_text: DejaVu fonts, 8-14% of the image height, white/
+                  (pipeline.media.render.render_text: DejaVu fonts, 8-14% of the image height, white/
                   yellow with outline, on a dark or light banner, or plain with a halo; top, bottom,
                   middle or anywhere; original or upper case). The LAION images that show their caption.
   misaligned      the caption is replaced by a real web alt-text of another image (LAION sample).
@@ -97,9 +97,9 @@ def load_web_captions(path: str | Path = DEFAULT_WEB_CAPTIONS) -> list[str]:
 def make_noisy_set(out: str | Path, cfg: NoiseConfig = NoiseConfig(), flickr8k: str | Path = DEFAULT_FLICKR8K,
                    web_captions: str | Path = DEFAULT_WEB_CAPTIONS) -> dict:
     """Write OUT/train.parquet (noisy), OUT/dev.parquet + dev_captions.parquet (clean), OUT/noise.json."""
-    from bench.textspot_set import render_text   # the labelled text-spot set's renderer: one renderer
+    from pipeline.media.render import render_text   # the labelled text-spot set's renderer: one renderer
     from model_training.caption_sets import load_flickr8k
-    from pipeline.captions import get_nlp
+    from pipeline.filter.captions import get_nlp
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

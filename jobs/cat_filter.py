@@ -23,18 +23,18 @@ from dataclasses import asdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs us as a file
 
 import schemas as S  # noqa: E402
-from pipeline import captions as cap  # noqa: E402
+from pipeline.filter import captions as cap  # noqa: E402
 from jobs.spark import read_parquet, write_parquet  # noqa: E402
-from pipeline import partitions as P  # noqa: E402
-from pipeline import storage  # noqa: E402
-from pipeline import webdataset as wds  # noqa: E402
-from pipeline.caption_stage import run_caption_part, write_part_keys  # noqa: E402
-from pipeline.download import DownloadParams, run_download  # noqa: E402
-from pipeline.locks import LockHeld, LockLost, folder_lock  # noqa: E402
-from pipeline.image_stage import (ImageStageParams, rows_from_chunk, rows_from_download_shard,  # noqa: E402
+from pipeline.store import partitions as P  # noqa: E402
+from pipeline.store import storage  # noqa: E402
+from pipeline.store import webdataset as wds  # noqa: E402
+from pipeline.filter.caption_stage import run_caption_part, write_part_keys  # noqa: E402
+from pipeline.filter.download import DownloadParams, run_download  # noqa: E402
+from pipeline.store.locks import LockHeld, LockLost, folder_lock  # noqa: E402
+from pipeline.filter.image_stage import (ImageStageParams, rows_from_chunk, rows_from_download_shard,  # noqa: E402
                                   run_image_part)
-from pipeline.textspot import TextSpotParams  # noqa: E402
-from pipeline.redecide import evidence_summary  # noqa: E402
+from pipeline.filter.textspot import TextSpotParams  # noqa: E402
+from pipeline.filter.redecide import evidence_summary  # noqa: E402
 
 STAGE_KEYS = "keys"
 OUTPUT_FORMATS = ("parquet", "webdataset")  # webdataset: tars for open_clip in addition to the Parquet shards
@@ -213,11 +213,11 @@ def _find_duplicates(spark, output):
 
 
 def _finalize(spark, output, plan, kinds, examples_per_reason) -> dict:
-    """Reconcile, check, count and report with Spark; the rules are pipeline/finalize.py's, which also
+    """Reconcile, check, count and report with Spark; the rules are pipeline/filter/finalize.py's, which also
     finishes small outputs without Spark (jobs/redecide.py's local engine)."""
     from pyspark.sql import functions as F
 
-    from pipeline import finalize as fin
+    from pipeline.filter import finalize as fin
 
     captions = read_parquet(spark, storage.join(output, "captions"), S.CAPTIONS)
     ledger = _read_ledger(spark, output)
@@ -241,17 +241,17 @@ def _finalize(spark, output, plan, kinds, examples_per_reason) -> dict:
 
 
 def _read_ledger(spark, output):
-    from pipeline.finalize import ledger_dirs
+    from pipeline.filter.finalize import ledger_dirs
     return read_parquet(spark, ledger_dirs(output), S.LEDGER)
 
 
 def _write_report(spark, output, ledger, stats, n, columns):
     """Spark narrows each reason down to its n first keys with and without a thumbnail; the choice
-    among them, the pictures and the page are pipeline.finalize's (the same as without Spark)."""
+    among them, the pictures and the page are pipeline.filter.finalize's (the same as without Spark)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from pipeline.finalize import KEPT_BUCKET, write_report_with_examples
+    from pipeline.filter.finalize import KEPT_BUCKET, write_report_with_examples
 
     labelled = ledger.withColumn("bucket", F.coalesce("reason", F.lit(KEPT_BUCKET)))
     w = Window.partitionBy("bucket").orderBy("key")
@@ -269,7 +269,7 @@ def _write_report(spark, output, ledger, stats, n, columns):
 def print_funnel(stats: dict, output: str) -> None:
     print("\n== CAT filter funnel ==")
     print(f"input rows: {stats['n_input']:,}")
-    from pipeline.report import funnel_stages   # the same stages as report.html (no download row without downloads)
+    from pipeline.filter.report import funnel_stages   # the same stages as report.html (no download row without downloads)
     for stage in funnel_stages(stats):
         st = stats["by_stage"][stage]
         print(f"  {stage:<9} in {st['in']:>10,}")

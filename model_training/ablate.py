@@ -37,7 +37,7 @@ from model_training.evaluate import KS, chance_recall, embed_images, embed_texts
 from model_training.losses import STAT_PREFIX, build_objective
 from model_training.models import build_model, get_tokenizer
 from model_training.presets import CONLIP_QUEUE_TO_BATCH, list_presets, load_preset
-from pipeline import storage
+from pipeline.store import storage
 from model_training.train import Trainee, TrainConfig, parse_args, train
 from model_training.train_eval import holdout_retrieval
 

@@ -8,13 +8,13 @@
 
 How it works, and why:
 - Every path (shards, labels) is a local path or a URI (s3://, gs://, file://, ...): listed, globbed
-  and opened through pipeline.storage (fsspec), and handed on as a string (a URI is never made a
+  and opened through pipeline.store.storage (fsspec), and handed on as a string (a URI is never made a
   pathlib.Path, which would turn s3://b into s3:/b).
 - Shards are Parquet files with at least key, caption, jpg (schemas.SHARD has more), read row group
   by row group (pyarrow iter_batches), or webdataset tars (KEY.jpg|png|jpeg|webp + KEY.txt [+ KEY.json
-  whose "key" is the row key], as pipeline/webdataset.py and img2dataset write them), read member by
+  whose "key" is the row key], as pipeline/store/webdataset.py and img2dataset write them), read member by
   member from the stream without extracting anything. Never whole, so shard size does not matter. A
-  tar of the filter's OUTPUT is used only once its done marker exists (pipeline.webdataset.trusted_tars).
+  tar of the filter's OUTPUT is used only once its done marker exists (pipeline.store.webdataset.trusted_tars).
 - Work is split by FILE across (DDP rank x DataLoader worker); fewer shards than that is an error
   raised before training starts (the alternative is a rank with no data and a DDP hang).
 - Each worker streams its files forever, epoch after epoch (training is counted in steps, so ranks
@@ -47,8 +47,8 @@ from PIL import Image
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import storage
-from pipeline import webdataset as wds
+from pipeline.store import storage
+from pipeline.store import webdataset as wds
 from schemas import LABELS, SHARD
 
 KEY, CAPTION, JPG = "key", "caption", "jpg"
@@ -186,7 +186,7 @@ def check_sharding(n_shards: int, num_workers: int, world_size: int):
 
 def read_vocab(labels_dir: str | Path) -> tuple[int, int]:
     """Sizes of the object and attribute vocabularies of LABELS/vocab.json, as make distill writes it."""
-    from pipeline.concepts import read_vocab_json
+    from pipeline.distill.concepts import read_vocab_json
     path = storage.join(storage.normalize(labels_dir), "vocab.json")
     if not storage.isfile(path):
         raise FileNotFoundError(f"{path} is missing: label shards need their vocab.json")

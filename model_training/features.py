@@ -31,8 +31,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import storage
-from pipeline.images import image_digest
+from pipeline.store import storage
+from pipeline.media.images import image_digest
 
 FEATURES_SCHEMA = pa.schema([("digest", pa.binary(16)), ("embedding", pa.list_(pa.float16()))])
 
@@ -89,7 +89,7 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
     from tqdm import tqdm
 
     from model_training.data import list_shards
-    from pipeline.teacher import load_teacher
+    from pipeline.distill.teacher import load_teacher
 
     out = storage.normalize(str(out))
     paths = [p for p in list_shards(parquet) if p.endswith(".parquet")]
@@ -150,7 +150,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", nargs="+", required=True, help="Parquet files / folders / globs with encoded images")
     ap.add_argument("--out", required=True, help="feature cache folder (created or extended)")
-    ap.add_argument("--teacher", default="efficientnet-lite0", help="pipeline.teacher spec (default: %(default)s)")
+    ap.add_argument("--teacher", default="efficientnet-lite0", help="pipeline.distill.teacher spec (default: %(default)s)")
     ap.add_argument("--column", default="jpg", help="image bytes column (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     a = ap.parse_args(argv)

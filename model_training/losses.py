@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from model_training.config import LossConfig  # noqa: F401 (imported from here too)
+
 
 # ------------------------------------------------------------------ functional forms
 def _up(x):
@@ -215,40 +217,6 @@ class ConceptDistillation(nn.Module):
             "concept_attributes": self.soft_ce(self.attribute_head(emb), c["attribute_indices"],
                                                c["attribute_probs"], mask),
         }
-
-
-@dataclass
-class LossConfig:
-    contrastive: str = "infonce"     # infonce | hn_nce | dcl | none: the in-batch term
-    hn_alpha: float = 1.0            # HN-NCE positive weight (DiHT uses 1.0)
-    hn_beta: float = 0.5             # HN-NCE hardness; 0 = uniform negatives (DiHT tunes ~0.5)
-    contrastive_weight: float = 1.0
-    momentum_weight: float = 0.0     # > 0 adds ConLIP's momentum-queue DCL term
-    queue_size: int = 12288          # ConLIP: 12,288 = 3x its batch of 4,096; independent of the batch (ring buffer)
-    queue_loss: str = "dcl"          # dcl (ConLIP) | infonce (positive kept in the denominator; ConLIP's comparison)
-    momentum: float = 0.99           # EMA factor of the momentum encoder (ConLIP / MoCo)
-    queue_temperature: float = 0.05  # fixed temperature of the queue term (ConLIP)
-    concept_weight: float = 0.0      # > 0 adds DiHT concept distillation (needs label shards)
-    # token-level objectives (model_training/masked.py, denoise.py, itm.py); heads are dropped at export
-    mlm_weight: float = 0.0          # > 0 adds masked language modeling
-    mim_weight: float = 0.0          # > 0 adds masked image modeling
-    mim_target: str = "pixels"       # pixels (SimMIM / ConLIP's L1) | ema_features (MAMO: EMA encoder's clean visual tokens)
-    masked_heads: str = "conditioned"  # conditioned (ConLIP's ConMLM/ConMIM) | vanilla (complete other modality)
-    text_mask_ratio: float = 0.15    # BERT / ConLIP
-    image_mask_ratio: float = 0.5    # ConLIP
-    head_heads: int = 2              # attention heads of every head / fusion block (light by design)
-    itm_weight: float = 0.0          # > 0 adds binary image-text matching with in-batch hard negatives (ALBEF)
-    fusion_layers: int = 2           # cross-attention blocks of the fusion module (ITM, representation terms)
-    text_denoise_weight: float = 0.0   # > 0 adds text denoising (detect + restore replaced tokens)
-    text_noise_ratio: float = 0.15   # fraction of caption tokens replaced by random corpus tokens
-    image_denoise_weight: float = 0.0  # > 0 adds image denoising
-    image_noise_std: float = 0.5     # Gaussian noise std in normalised-pixel units
-    image_denoise_target: str = "ema"  # ema (noisy image attends to clean text; L1 to the EMA model's clean/clean
-                                       # reconstruction: the proposal) | clean / noise (unimodal linear pixel head)
-    repr_weight: float = 0.0         # > 0 matches corrupted-pair joint embeddings to an EMA target's clean pair
-    repr_corruption: str = "noise"   # noise (representation denoising) | mask (masked representation modeling)
-    repr_momentum: float = 0.995     # EMA factor of the shared EMA target model (representation, image-denoising
-                                     # and feature-MIM targets; MAMO-style, slower than MoCo's)
 
 
 STAT_PREFIX = "stat_"   # terms named stat_* are logged (e.g. ConLIP's attention statistic), never optimised

@@ -20,6 +20,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from model_training.config import LossConfig, TrainConfig
+
 OBJECTIVE_DIR = Path(__file__).resolve().parent / "configs" / "objectives"
 CONLIP_QUEUE_TO_BATCH = 3    # ConLIP: queue 12,288 / batch 4,096
 
@@ -29,9 +31,6 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name_or_path: str) -> dict:
-    from model_training.losses import LossConfig
-    from model_training.train import TrainConfig
-
     path = Path(name_or_path)
     if not (path.suffix == ".json" and path.is_file()):
         path = OBJECTIVE_DIR / f"{name_or_path}.json"

@@ -8,7 +8,7 @@
 A RUN folder holds one run: RUN/run.json records its identity; a different configuration or other
 data is refused with the differences named (--overwrite clears only what train writes). Checkpoints
 are ordered by the step in their meta, writes go through temporaries, and a full disk is one
-pipeline.partitions.StorageError with the temporary removed.
+pipeline.store.partitions.StorageError with the temporary removed.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch
 
 from model_training.data import label_files
 from model_training.models import export_open_clip
-from pipeline import storage
-from pipeline.partitions import atomic_write_json, dict_differences, writing
+from pipeline.store import storage
+from pipeline.store.partitions import atomic_write_json, dict_differences, writing
 
 RUN_MANIFEST = "run.json"
 # settings that do not change what is trained: they may differ between a run and its resume. The data
@@ -46,7 +46,7 @@ class RunFolderError(ValueError):
 
 def _files_fingerprint(paths) -> str:
     """Names and sizes: stat only (no data read, fine for 100k shards) and enough to tell re-filtered data apart.
-    Paths may be URIs (pipeline.storage); Path serves only as the sort key, as it always did."""
+    Paths may be URIs (pipeline.store.storage); Path serves only as the sort key, as it always did."""
     h = hashlib.sha256()
     for p in sorted(paths, key=Path):
         h.update(f"{storage.basename(str(p))}|{storage.size(str(p))}\n".encode())
@@ -111,7 +111,7 @@ def _tensor_bytes(obj) -> int:
 
 @contextmanager
 def torch_writing(path: Path, tmp: Path, needed_bytes: int):
-    """pipeline.partitions.writing for torch.save: torch reports a failed write as an opaque RuntimeError
+    """pipeline.store.partitions.writing for torch.save: torch reports a failed write as an opaque RuntimeError
     ("unexpected pos", "basic_ios::clear"); when the disk then lacks the bytes needed, it was a full disk."""
     with writing(str(path), str(tmp), needed_bytes):
         try:
@@ -125,7 +125,7 @@ def torch_writing(path: Path, tmp: Path, needed_bytes: int):
 
 def save_checkpoint(run_dir: Path, state: dict, meta: dict, keep: int) -> Path:
     """step_NNNNNNN.pt via a temporary, then its .json meta; keeps the `keep` highest steps (0 = all).
-    A full disk raises pipeline.partitions.StorageError with the temporary removed."""
+    A full disk raises pipeline.store.partitions.StorageError with the temporary removed."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{state['step']:07d}.pt"
@@ -270,7 +270,7 @@ def staged_run(run_uri: str, job: str):
     """`with staged_run("s3://b/runs/x", "train") as mirror:` train in mirror.local, call mirror.push()
     after each checkpoint; the store's RUN holds the lock meanwhile and gets everything on the way out
     (also after a failure: finished checkpoints and logs are not lost)."""
-    from pipeline.locks import folder_lock
+    from pipeline.store.locks import folder_lock
     storage.check_access(run_uri, write=True)
     with folder_lock(run_uri, job):
         mirror = RunMirror(run_uri)

@@ -17,7 +17,7 @@ A RUN folder holds one run (the filter's rule for OUTPUT): RUN/run.json records 
 settings that shape the trajectory + a fingerprint of the shard and label files). The same command
 again resumes from the newest checkpoint; another configuration or other data is refused with the
 differences named (--overwrite clears RUN and starts over); --resume checks the checkpoint's stored
-config. One process holds RUN at a time (pipeline.locks). A full disk stops with one line naming the
+config. One process holds RUN at a time (pipeline.store.locks). A full disk stops with one line naming the
 file and the space needed / free, temporaries removed; the same command then resumes.
 """
 from __future__ import annotations
@@ -40,65 +40,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model_training.data import ShardStream, check_sharding, list_shards, make_loader, read_vocab
-from model_training.losses import STAT_PREFIX, LossConfig, build_objective, gather_with_grad
+from model_training.config import LossConfig, TrainConfig  # noqa: F401 (TrainConfig is imported from here too)
+from model_training.losses import STAT_PREFIX, build_objective, gather_with_grad
 from model_training.presets import load_preset
 from model_training.models import build_model, get_tokenizer
-from pipeline import storage
-from pipeline.locks import LockHeld, LockLost, folder_lock
-from pipeline.partitions import StorageError, as_storage_error, atomic_write_json, writing
+from pipeline.store import storage
+from pipeline.store.locks import LockHeld, LockLost, folder_lock
+from pipeline.store.partitions import StorageError, as_storage_error, atomic_write_json, writing
 from model_training.run_dir import (RUN_MANIFEST, RunFolderError, check_checkpoint_config, delete_checkpoint,
                                    export_checked, find_checkpoint, list_checkpoints, prepare_run_dir,
                                    remove_run_temporaries, run_identity, save_checkpoint, staged_run)
-
-
-def _f(default, help_text):
-    """A dataclass field whose reason doubles as its --help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass
-class TrainConfig:
-    shards: str = _f("", "folder / glob / file of Parquet shards with key, caption, jpg")
-    labels: str = _f("", "LABELS dir (shards/*.parquet + vocab.json) for concept distillation; '' = none")
-    image_features: str = _f("", "feature cache of a frozen image teacher (model_training.features): a locked "
-                                 "image tower (LiT), only a head on the features trains; '' = full image tower")
-    run_dir: str = _f("runs/default", "where checkpoints, logs, plots and the export go")
-    model: str = _f("catclip-tiny", "preset in model_training/configs, open_clip model name, or JSON config path")
-    init_checkpoint: str = _f("", "local open_clip checkpoint to start from ('' = random init)")
-    batch_size: int = _f(64, "per-rank micro-batch; contrastive negatives = batch x ranks")
-    accum_steps: int = _f(1, "micro-batches per optimizer step (note: negatives stay per micro-batch)")
-    max_steps: int = _f(300, "optimizer steps; training is counted in steps, data cycles as needed")
-    lr: float = _f(5e-4, "peak learning rate (open_clip's CLIP recipes use 5e-4 at batch 32k)")
-    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
-    schedule: str = _f("cosine", "decay after warmup: cosine | linear")
-    warmup_steps: int = _f(30, "linear warmup: avoids early instability of the learnable temperature")
-    weight_decay: float = _f(0.2, "AdamW decay on matrices only (open_clip's CLIP default)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.98, "AdamW beta2; 0.98 as in CLIP, steadier than 0.999 for large-batch contrastive")
-    eps: float = _f(1e-6, "AdamW eps (CLIP's value)")
-    grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
-    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
-    compile: bool = _f(False, "torch.compile the two encoders (pays off on GPU for long runs)")
-    num_workers: int = _f(2, "DataLoader workers per rank; shards must be >= workers x ranks")
-    shuffle_buffer: int = _f(2048, "rows held for shuffling per worker; 0 = stream order")
-    seed: int = _f(0, "seeds init, file order, shuffle buffer and augmentation")
-    holdout_fraction: float = _f(0.0, "fraction of keys (by hash) excluded from training, for evaluation")
-    train_fraction: float = _f(1.0, "train on this fraction of the non-held-out keys (by an independent hash; "
-                                    "data-scaling ablations)")
-    preset: str = _f("", "objective preset (configs/objectives/<name>.json: clip, diht, conlip, conlip-vanilla, "
-                         "cl, denoise, masked); explicit flags override its values")
-    checkpoint_every: int = _f(100, "steps between checkpoints (one is always written at the end)")
-    keep_checkpoints: int = _f(3, "newest checkpoints kept; 0 = keep all")
-    log_every: int = _f(10, "steps between CSV/TensorBoard rows")
-    resume: str = _f("", "'latest' (newest checkpoint in RUN/checkpoints) or a checkpoint path; the same "
-                         "command in the same RUN resumes by itself")
-    overwrite: bool = _f(False, "clear RUN (checkpoints, logs, export, metrics) and start over, e.g. when it "
-                                "holds another run")
-    stop_after: int = _f(0, "stop after this step as if preempted, schedule still spans max_steps (0 = off)")
-    device: str = _f("auto", "auto | cpu | cuda")
-    loss: LossConfig = field(default_factory=LossConfig)
 
 
 # ------------------------------------------------------------------ pieces of the loop

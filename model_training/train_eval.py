@@ -29,9 +29,9 @@ from model_training.evaluate import chance_recall, plot_recalls, retrieval_metri
 from model_training.models import build_model, get_tokenizer
 from model_training.train import TrainConfig, one_line_errors, parse_args, train
 from model_training.run_dir import staged_run
-from pipeline import storage
-from pipeline.partitions import atomic_write_json
-from pipeline.report import no_pairs_reason
+from pipeline.store import storage
+from pipeline.store.partitions import atomic_write_json
+from pipeline.filter.report import no_pairs_reason
 
 DEFAULTS = {"model": "catclip-tiny", "batch_size": 64, "max_steps": 150, "warmup_steps": 15,  # ~3 min on 2 cores
             "holdout_fraction": 0.1, "checkpoint_every": 50, "log_every": 10}

@@ -71,7 +71,7 @@ def snapshot(filter_out, labels_out):
 
 
 def main():
-    from pipeline.sample import make_sample
+    from pipeline.filter.sample import make_sample
     work = Path(tempfile.mkdtemp(prefix="cluster_check_"))
     ENV["SPARK_WORKER_DIR"] = str(work / "worker")  # executors' scratch, not inside the venv
     sample = make_sample(str(work / "sample.parquet"))

@@ -1,4 +1,4 @@
-"""A tiny Spark job that reports, per task, the GPUs Spark assigned and the device pipeline.devices chose.
+"""A tiny Spark job that reports, per task, the GPUs Spark assigned and the device pipeline.media.devices chose.
 
     PYTHONPATH=. .venv/bin/python tests/gpu_probe_job.py spark://127.0.0.1:7077 OUT.json \
         [--tasks 4] [--executor-gpus 2] [--task-gpu 0.5] [--load-models]
@@ -26,7 +26,7 @@ def probe_task(load_models: bool):
     def run(_rows):
         from pyspark import BarrierTaskContext, TaskContext
 
-        from pipeline import devices
+        from pipeline.media import devices
         context = TaskContext.get()
         if isinstance(context, BarrierTaskContext):
             context.barrier()   # every task of the stage holds its GPU share now
@@ -46,8 +46,8 @@ def _load_models(device: str) -> dict:
     import numpy as np
     import torch
 
-    from pipeline.teacher import cached_teacher
-    from pipeline.textspot import TextSpotParams, get_spotter
+    from pipeline.distill.teacher import cached_teacher
+    from pipeline.filter.textspot import TextSpotParams, get_spotter
     teacher = cached_teacher("efficientnet-lite0")
     spotter = get_spotter(TextSpotParams())
     size = teacher.preprocess.image_size

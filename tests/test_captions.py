@@ -1,4 +1,4 @@
-"""Caption parser (pipeline/captions.py): hand-checked scene graphs, DiHT decisions, fast paths vs a full parse.
+"""Caption parser (pipeline/filter/captions.py): hand-checked scene graphs, DiHT decisions, fast paths vs a full parse.
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_captions.py     (~30 s, real spaCy model)
 """
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.bench_captions import ReferenceParser
-from pipeline.captions import (EMPTY_PARSE, SPACY_MODEL, CaptionParams, CaptionParse, Parser, _numpy_blas_ops,
+from pipeline.filter.captions import (EMPTY_PARSE, SPACY_MODEL, CaptionParams, CaptionParse, Parser, _numpy_blas_ops,
                                _openblas_local_threads, get_nlp, get_pos_rules, keep_caption, normalise,
                                parse_captions, parse_timed, precheck_caption, settled_by_text, use_numpy_blas)
 from schemas import PARSE_FIELDS, R_EMPTY_CAPTION, R_LOW_COMPLEXITY, R_NO_ACTION, R_NON_STRING, R_TOO_LONG

@@ -2,7 +2,7 @@
 
 Run: cd /work/main && PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_distill.py
 The job tests run distill_labels once on FILTERED-style shards built from ../shared/data/coco-mini
-(80 real images x 5 captions, parsed by pipeline.captions, plus two broken rows), then resume it.
+(80 real images x 5 captions, parsed by pipeline.filter.captions, plus two broken rows), then resume it.
 """
 import json
 from importlib import metadata
@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from bench.bench_distill import build_coco_filtered
-from pipeline.concepts import (ATTRIBUTES, OBJECTS, VocabConfig, build_vocabularies, count_concepts,
+from pipeline.distill.concepts import (ATTRIBUTES, OBJECTS, VocabConfig, build_vocabularies, count_concepts,
                                row_concepts, targets_csr)
-from pipeline.distill import (DistillConfig, evaluate_head, is_heldout, split_id_of, sqrt_sampling_weights,
+from pipeline.distill.labels import (DistillConfig, evaluate_head, is_heldout, split_id_of, sqrt_sampling_weights,
                               topk_labels, train_head)
-from pipeline.teacher import load_teacher
+from pipeline.distill.teacher import load_teacher
 from schemas import FAILED, LABELS, LEDGER, R_EMBED_FAILED, SHARD, STAGE_DISTILL
 from tests.conftest import COCO_MINI, ROOT
 
@@ -43,7 +43,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def filtered(tmp_path_factory, shared_data):
     """FILTERED/shards/0000{0,1}.parquet (schemas.SHARD): one row per (COCO image, caption), parsed
-    by pipeline.captions, plus a corrupt JPEG and a row without bytes inside shard 00001."""
+    by pipeline.filter.captions, plus a corrupt JPEG and a row without bytes inside shard 00001."""
     root = build_coco_filtered(tmp_path_factory.mktemp("filtered"), captions_per_image=5)
     last = root / "shards" / "00001.parquet"
     rows = pq.read_table(last).to_pylist()

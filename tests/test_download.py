@@ -17,7 +17,7 @@ from PIL import Image
 
 import schemas as S
 from jobs.cat_filter import cat_filter
-from pipeline.download import DownloadParams
+from pipeline.filter.download import DownloadParams
 from tests.conftest import COCO_MINI
 
 
@@ -30,7 +30,7 @@ def server(shared_data):
     photos = sorted(os.listdir(COCO_MINI / "images"))[:6]
     for name in photos:
         files[f"/img/{name}"] = (COCO_MINI / "images" / name).read_bytes()
-    from pipeline.sample import render_text
+    from pipeline.filter.sample import render_text
     import random
     banner = render_text(Image.open(COCO_MINI / "images" / photos[0]).convert("RGB"),
                          "Giraffe eating leaves", random.Random(1))

@@ -11,7 +11,7 @@ import pytest
 
 import schemas as S
 from jobs.cat_filter import cat_filter
-from pipeline.partitions import InputError, ParamsChanged
+from pipeline.store.partitions import InputError, ParamsChanged
 from tests.conftest import LAION_SAMPLE, ROOT
 
 
@@ -73,7 +73,7 @@ def test_rerun_is_idempotent_and_resume_skips_done_parts(spark, sample_run, samp
 
 
 def test_resume_with_other_parameters_is_refused(spark, sample_run, sample_parquet):
-    from pipeline.captions import CaptionParams
+    from pipeline.filter.captions import CaptionParams
     with pytest.raises(ParamsChanged, match="min_complexity"):
         cat_filter(str(sample_parquet), sample_run, spark=spark, rows_per_part=64,
                    caption=CaptionParams(min_complexity=2))

@@ -1,4 +1,4 @@
-"""GPU executors on Spark: each task's models run on the GPU Spark assigned to it (pipeline.devices).
+"""GPU executors on Spark: each task's models run on the GPU Spark assigned to it (pipeline.media.devices).
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_gpu_executors.py     # ~1.5 min on 2 cores
 
@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 import torch
 
-from pipeline import devices
+from pipeline.media import devices
 from scripts import cluster_check
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import pytest
 
 import schemas as S
 from jobs.cat_filter import build_parser, cat_filter, main
-from pipeline import partitions as P
-from pipeline.download import blocked_category
-from pipeline.locks import LOCK_NAME, FolderLock, LockHeld, LockParams
+from pipeline.store import partitions as P
+from pipeline.filter.download import blocked_category
+from pipeline.store.locks import LOCK_NAME, FolderLock, LockHeld, LockParams
 from tests.conftest import LAION_SAMPLE, ROOT
 
 CAPTIONS = ["A dog chasing a red ball on the grass", "Stainless Steel Water Bottle 750ml",
@@ -34,7 +34,7 @@ def small_input(folder) -> str:
 
 def hold_lock(folder) -> subprocess.Popen:
     """Another run: a separate process that takes the folder's lock and keeps it."""
-    code = ("import sys, time; from pipeline.locks import folder_lock\n"
+    code = ("import sys, time; from pipeline.store.locks import folder_lock\n"
             f"lock = folder_lock({str(folder)!r}, 'cat_filter').acquire(); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

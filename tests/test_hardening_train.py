@@ -24,7 +24,7 @@ from model_training.caption_sets import load_coco, write_shards
 from model_training.data import is_holdout
 from model_training.train import (RunFolderError, TrainConfig, find_checkpoint, list_checkpoints,
                                   save_checkpoint, train)
-from pipeline.partitions import StorageError
+from pipeline.store.partitions import StorageError
 from schemas import SHARD
 from tests.conftest import COCO_MINI, ROOT
 
@@ -233,7 +233,7 @@ def nothing_kept(tmp_path_factory, coco_parquet, spark):
     """Two real filter OUTPUTs without image-text pairs: every caption dropped (min complexity 99), and
     a --stages caption run (captions and decisions only)."""
     from jobs.cat_filter import cat_filter
-    from pipeline.captions import CaptionParams
+    from pipeline.filter.captions import CaptionParams
     root = tmp_path_factory.mktemp("nothing")
     cat_filter(str(coco_parquet), str(root / "dropped"), caption=CaptionParams(min_complexity=99), spark=spark)
     cat_filter(str(coco_parquet), str(root / "captions_only"), stages="caption", spark=spark)
@@ -270,8 +270,8 @@ def test_train_eval_after_a_filter_that_kept_nothing_does_not_ask_to_run_the_fil
 # ------------------------------------------------------------------ item 7: the funnel
 def test_funnel_shows_download_only_when_something_was_downloaded(tmp_path, capsys):
     from jobs.cat_filter import print_funnel
-    from pipeline.finalize import build_stats
-    from pipeline.report import write_report
+    from pipeline.filter.finalize import build_stats
+    from pipeline.filter.report import write_report
     counts = [{"stage": "caption", "status": "dropped", "reason": "low_complexity", "count": 5},
               {"stage": "textspot", "status": "kept", "reason": None, "count": 3}]
     for routes, shown in (({"images"}, False), ({"download"}, True), ({"images", "download"}, True)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, to_jpeg
+from pipeline.media.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, to_jpeg
 
 
 def _photo(size=(64, 48)) -> Image.Image:

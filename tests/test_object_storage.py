@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas as S
-from pipeline import storage
+from pipeline.store import storage
 from tests.conftest import ROOT
 from tests.s3_server import S3Server
 from tests.test_download import server  # noqa: F401 - the loopback web server fixture
@@ -193,13 +193,13 @@ def test_storage_reads_back_what_it_writes_and_lists_without_stale_cache(s3):
     assert json.loads(storage.read_bytes("s3://data/unit/m.json")) == {"n": 1}
     assert storage.listdir("s3://data/unit") == ["a", "m.json"]
     assert storage.listdir("s3://data/unit/none") == []
-    from pipeline.partitions import InputError, list_input_files
+    from pipeline.store.partitions import InputError, list_input_files
     assert list_input_files("s3://data/unit/a/*.parquet") == [("s3://data/unit/a/x.parquet", "parquet"),
                                                               ("s3://data/unit/a/y.parquet", "parquet")]
     assert list_input_files("s3://data/unit/a/") == list_input_files("s3://data/unit/a/*.parquet")
     with pytest.raises(InputError, match="no file matches"):
         list_input_files("s3://data/unit/a/*.csv")
-    from pipeline.partitions import plan_input
+    from pipeline.store.partitions import plan_input
     plan = plan_input("s3://data/unit/a/*.parquet", 100)
     assert plan.n_rows == 5 and [c.path for c in plan.chunks] == ["s3://data/unit/a/x.parquet", "s3://data/unit/a/y.parquet"]
     assert plan.fingerprint == plan_input("s3://data/unit/a/", 100).fingerprint, "the same files, the same input"

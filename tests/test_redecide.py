@@ -6,7 +6,7 @@ Input: 12 real Flickr8k photos x 3 captions (its own caption; a second caption w
 rendered onto the photo - text_shortcut; a bare noun phrase or another photo's caption), plus an
 undecodable image and an empty caption: 38 rows, 24 distinct images to text-spot (~0.3 s each on a
 CPU core). One source run with the DiHT defaults, three fresh runs with other thresholds, each
-re-decided by both engines (local: in-process, pipeline.finalize; spark: Spark tasks and queries).
+re-decided by both engines (local: in-process, pipeline.filter.finalize; spark: Spark tasks and queries).
 """
 import io
 import json
@@ -20,16 +20,16 @@ import pytest
 from PIL import Image
 
 import schemas as S
-from bench.textspot_set import render_text
+from pipeline.media.render import render_text
 from jobs.cat_filter import cat_filter
 from jobs.cat_filter import _finalize
 from jobs.redecide import LOCAL_MAX_ROWS, choose_engine, load_source, redecide, replan, sweep
 from jobs.redecide import main as redecide_main
-from pipeline import finalize as fin
-from pipeline.captions import CaptionParams
-from pipeline.image_stage import ImageStageParams
-from pipeline.redecide import NotRedecidable
-from pipeline.textspot import TextSpotParams
+from pipeline.filter import finalize as fin
+from pipeline.filter.captions import CaptionParams
+from pipeline.filter.image_stage import ImageStageParams
+from pipeline.filter.redecide import NotRedecidable
+from pipeline.filter.textspot import TextSpotParams
 
 N_PHOTOS = 12
 # threshold sets checked against fresh runs: the issue's example; a lower caption-length limit with a
@@ -157,7 +157,7 @@ def test_both_engines_write_the_same_output(runs, name):
         sa, sb = json.load(fa), json.load(fb)
     assert {k: v for k, v in sa.items() if k not in ("seconds", "phase_seconds", "engine")} == \
         {k: v for k, v in sb.items() if k not in ("seconds", "phase_seconds", "engine")}
-    # the same examples, pictures and counts on the page: one selection rule (pipeline.finalize)
+    # the same examples, pictures and counts on the page: one selection rule (pipeline.filter.finalize)
     with open(f"{local}/report.html", "rb") as fa, open(f"{spark_made}/report.html", "rb") as fb:
         assert fa.read() == fb.read()
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 import schemas as S
 from jobs.cat_filter import cat_filter
-from pipeline.download import DownloadParams
+from pipeline.filter.download import DownloadParams
 from tests.conftest import COCO_MINI, LAION_SAMPLE, ROOT
 
 SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")

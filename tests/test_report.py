@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import decode_image
-from pipeline.report import highlight, write_report
+from pipeline.media.images import decode_image
+from pipeline.filter.report import highlight, write_report
 from schemas import (DROPPED, FAILED, R_DECODE_ERROR, R_LOW_COMPLEXITY, R_NO_ACTION, R_TEXT_SPOTTED,
                      STAGE_CAPTION, STAGE_TEXTSPOT)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.textspot import (TextSpotParams, TextSpotter, _longest_common_window, caption_match, normalise,
+from pipeline.filter.textspot import (TextSpotParams, TextSpotter, _longest_common_window, caption_match, normalise,
                                spot_and_match)
 
 # ---------------------------------------------------------------- caption_match: the rule's edges

@@ -1,4 +1,4 @@
-"""Webdataset output of the filter (pipeline/webdataset.py) and the trainer reading tars and URIs
+"""Webdataset output of the filter (pipeline/store/webdataset.py) and the trainer reading tars and URIs
 (model_training/data.py): layout, resume, open_clip's own trainer and ours on the same tars.
 
     pytest tests/test_webdataset.py
@@ -24,11 +24,11 @@ from jobs.cat_filter import cat_filter
 from model_training.caption_sets import load_coco, write_shards
 from model_training.data import ShardStream, list_shards, shard_keys
 from model_training.models import get_tokenizer
-from pipeline import storage
-from pipeline import webdataset as W
-from pipeline.image_stage import ImageStageParams
-from pipeline.partitions import ParamsChanged
-from pipeline.textspot import TextSpotParams
+from pipeline.store import storage
+from pipeline.store import webdataset as W
+from pipeline.filter.image_stage import ImageStageParams
+from pipeline.store.partitions import ParamsChanged
+from pipeline.filter.textspot import TextSpotParams
 from schemas import LABELS, SHARD
 from tests.s3_server import S3Server
 
@@ -226,7 +226,7 @@ def _upload(local: Path, uri: str):
 
 
 def test_reader_streams_tars_from_uris_joins_labels_and_counts_skips(tmp_path, store):
-    """Tars written and read through URIs only (pipeline.storage: memory:// and a real S3 server): odd keys, a
+    """Tars written and read through URIs only (pipeline.store.storage: memory:// and a real S3 server): odd keys, a
     broken image, an empty caption, one shard without a label file, resume positions, a truncated foreign tar."""
     cs = load_coco(COCO / "captions.json", COCO / "images")
     local = tmp_path / "out"

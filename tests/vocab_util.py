@@ -1,5 +1,5 @@
 """Writes LABELS/vocab.json for trainer tests with the distillation stage's own writer (one format)."""
-from pipeline.concepts import VocabConfig, Vocabulary, write_vocab_json
+from pipeline.distill.concepts import VocabConfig, Vocabulary, write_vocab_json
 
 
 def write_vocab(labels_dir, objects: list[str], attributes: list[str]) -> None:

@@ -1,6 +1,6 @@
 """OUTPUT/report.html: one self-contained page to judge the CAT filter by.
 
-    from pipeline.report import write_report
+    from pipeline.filter.report import write_report
     write_report("out/filter", stats, examples)   # -> out/filter/report.html
 
 `stats` is the filter's stats.json: {"n_input", "n_kept", "n_dropped", "n_failed", "by_stage":
@@ -22,8 +22,8 @@ import html
 from pathlib import Path
 
 from schemas import FAILED, KEPT, STAGE_DOWNLOAD, STAGES
-from pipeline import storage
-from pipeline.images import ImageDecodeError, decode_image, to_jpeg
+from pipeline.store import storage
+from pipeline.media.images import ImageDecodeError, decode_image, to_jpeg
 
 MAX_EXAMPLES = 12   # per reason: enough to see a pattern, small enough to keep the page light
 THUMB_PX = 180      # thumbnail long side

@@ -1,13 +1,13 @@
 """Which torch device a model runs on: the GPU Spark assigned to the task, else CUDA when present, else CPU.
 
-    from pipeline.devices import select_device
+    from pipeline.media.devices import select_device
     select_device()          # in a Spark task given GPU address "1": "cuda:1"; else "cuda:0" when torch
                              #   sees CUDA; else "cpu"
     select_device("cuda")    # a GPU: the task's assigned one on a GPU cluster, else the current CUDA device
     select_device("cpu")     # any other explicit device is used as given
     cuda_device_for("3", {"CUDA_VISIBLE_DEVICES": "2,3"})   # -> "cuda:1"
 
-The text-spot stage (pipeline.textspot) and the distillation teacher (pipeline.teacher) both choose
+The text-spot stage (pipeline.filter.textspot) and the distillation teacher (pipeline.distill.teacher) both choose
 through select_device and cache one model per Python worker per device string: a Python worker that
 Spark reuses for tasks on different GPUs holds one model per GPU, and tasks that share a GPU
 (fractional spark.task.resource.gpu.amount) and a worker share its model.

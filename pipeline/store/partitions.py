@@ -13,7 +13,6 @@ both ignore names starting with '.' or '_').
 """
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import io
@@ -21,14 +20,14 @@ import itertools
 import json
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.store import storage
+from pipeline.store.storage import STORAGE_ERRNOS, StorageError, storage_error, writing  # noqa: F401 (re-exported)
 
 # columns recognised without configuration: LAION metadata (URL, TEXT) and img2dataset output
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
@@ -442,45 +441,6 @@ def read_chunk_salvaging(chunk: Chunk, columns: list[str], evidence_column: str 
 
 
 # ---------------------------------------------------------------- atomic outputs and markers
-
-class StorageError(OSError):
-    """Disk full (or quota, read-only, I/O error) while writing an output: one line for people."""
-
-
-# errors of the storage, not of the data: the job stops with one clear line and a rerun resumes
-STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                  errno.EROFS: "read-only filesystem", errno.EIO: "I/O error", errno.EFBIG: "file too large"}
-
-
-def storage_error(path: str, err: OSError, needed_bytes: int | None = None) -> StorageError:
-    folder = storage.dirname(path) or "."
-    try:
-        if storage.is_remote(folder):
-            raise OSError("no local free space for a store")
-        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
-    except OSError:
-        free = "free space unknown"
-    need = f"needs up to {needed_bytes / 1e6:.1f} MB, " if needed_bytes else ""
-    return StorageError(err.errno, f"{STORAGE_ERRNOS.get(err.errno, err.strerror)} writing {path} ({need}{free} "
-                                   f"on that filesystem); temporaries removed - free space and rerun the same "
-                                   f"command to resume")
-
-
-@contextmanager
-def writing(path: str, tmp: str, needed_bytes: int | None = None):
-    """Around a write to `tmp` that is renamed to `path`: the temporary is removed on any failure,
-    and storage errors become StorageError naming the path and the space needed / free."""
-    try:
-        yield
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno in STORAGE_ERRNOS:
-            raise storage_error(path, e, needed_bytes) from e
-        raise
-
 
 def as_storage_error(exc: BaseException, folder: str) -> StorageError | None:
     """The one-line StorageError behind a job failure, or None when the failure is something else.

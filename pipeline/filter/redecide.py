@@ -1,6 +1,6 @@
 """Re-deciding the CAT filter from stored evidence (no Spark in here; jobs/redecide.py wires it).
 
-    from pipeline.redecide import source_params, apply_changes, redecide_caption_part, count_outcomes
+    from pipeline.filter.redecide import source_params, apply_changes, redecide_caption_part, count_outcomes
     caption, image = source_params(manifest["resume_identity"])          # what the source computed
     caption, image = apply_changes(caption, image, {"min_complexity": 2, "min_conf": 0.7})  # or NotRedecidable
 
@@ -30,12 +30,12 @@ from dataclasses import asdict, fields, replace
 from typing import Iterable
 
 import schemas as S
-from pipeline import captions as cap
-from pipeline import storage
-from pipeline import textspot as ts
-from pipeline.caption_stage import _count, _ledger_row
-from pipeline.image_stage import ImageStageParams
-from pipeline.partitions import atomic_write_parquet, write_marker
+from pipeline.filter import captions as cap
+from pipeline.store import storage
+from pipeline.filter import textspot as ts
+from pipeline.filter.caption_stage import _count, _ledger_row
+from pipeline.filter.image_stage import ImageStageParams
+from pipeline.store.partitions import atomic_write_parquet, write_marker
 
 CAPTION_THRESHOLDS = ("min_complexity", "require_action", "max_caption_chars")
 TEXT_THRESHOLDS = ("min_conf", "min_chars")

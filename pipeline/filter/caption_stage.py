@@ -3,7 +3,7 @@
     counts = run_caption_part(chunk, columns, out, params, final=True)
 
 Reads the part's rows with pyarrow, assigns keys, settles what cheap checks can (null, non-string,
-invalid UTF-8, empty, too long, duplicate), parses the rest with pipeline.captions and applies the
+invalid UTF-8, empty, too long, duplicate), parses the rest with pipeline.filter.captions and applies the
 DiHT rules. Writes OUTPUT/captions/<part>.parquet (every row with its parse), the ledger rows this
 stage decides (OUTPUT/ledger/caption/<part>.parquet) and, when images must be fetched, the rows to
 download (OUTPUT/_work/download_input/<part>.parquet); then the part's completion marker.
@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas as S
-from pipeline import captions as cap
-from pipeline import storage
-from pipeline.keys import content_key, duplicate_key
-from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
+from pipeline.filter import captions as cap
+from pipeline.store import storage
+from pipeline.store.keys import content_key, duplicate_key
+from pipeline.store.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
 
 LEDGER_CAPTION_CHARS = 1000   # the ledger is read by people; full captions stay in captions/
 

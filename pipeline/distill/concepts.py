@@ -1,13 +1,13 @@
 """Object and attribute vocabularies from caption parses, and per-row soft concept targets (DiHT).
 
-    from pipeline.concepts import VocabConfig, count_concepts, build_vocabularies, row_concepts
+    from pipeline.distill.concepts import VocabConfig, count_concepts, build_vocabularies, row_concepts
     counts = count_concepts(shard_tables)                  # Counters of objects / attribute words
     vocabs = build_vocabularies(counts, VocabConfig(min_count=2))
     write_vocab_json(vocabs, "LABELS/vocab.json", config)
     objs, attrs = row_concepts(row["objects"], row["attributes"])
     targets = vocabs["objects"].encode(objs)               # sorted unique vocabulary indices
 
-Concepts are the lemmas the caption parser (pipeline/captions.py) writes into the shards'
+Concepts are the lemmas the caption parser (pipeline/filter/captions.py) writes into the shards'
 `objects` and `attributes` columns; here they are only normalised (lower case, trimmed, inner
 whitespace collapsed), so the vocabulary matches what the parser emits. Counts are per row
 (a concept named twice in one caption counts once), the way DiHT counts concept frequencies.
@@ -21,8 +21,8 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.partitions import atomic_write_json
+from pipeline.store import storage
+from pipeline.store.partitions import atomic_write_json
 
 OBJECTS, ATTRIBUTES = "objects", "attributes"
 HEADS = (OBJECTS, ATTRIBUTES)

@@ -1,7 +1,7 @@
 """Text spotting for the CAT filter: batched easyocr (detect, then recognise) and the DiHT caption rule.
 
-    from pipeline.textspot import TextSpotter, TextSpotParams, caption_match, spot_and_match
-    spotter = TextSpotter()                              # pipeline.devices: the Spark task's GPU, CUDA, or CPU
+    from pipeline.filter.textspot import TextSpotter, TextSpotParams, caption_match, spot_and_match
+    spotter = TextSpotter()                              # pipeline.media.devices: the Spark task's GPU, CUDA, or CPU
     spotter.spot([rgb_array, ...])                       # per image: [(text, confidence), ...]
     caption_match([("SUNSET BEACH", 0.93)], "a sunset beach in bali")   # -> TextMatch(...) or None
     spot_and_match(images, captions, TextSpotParams())   # what the Spark job calls per partition
@@ -189,9 +189,9 @@ def get_reader(gpu: bool | str | None, model_dir: str | None = None):
 
 
 def _spot_device(gpu: bool | str | None) -> str:
-    """TextSpotter's gpu argument as a device string: None = pipeline.devices.select_device() (the Spark
+    """TextSpotter's gpu argument as a device string: None = pipeline.media.devices.select_device() (the Spark
     task's GPU, else CUDA when present, else CPU), True = a GPU (the task's on a cluster), False = CPU."""
-    from pipeline.devices import select_device
+    from pipeline.media.devices import select_device
     if gpu is False:
         return "cpu"
     return select_device("cuda" if gpu is True else gpu)
@@ -215,7 +215,7 @@ class TextSpotter:
     """Batched easyocr: detection on fixed-size canvases, batched recognition of plausible boxes.
 
     TextSpotter(gpu=None, params=None, model_dir=None, **overrides): gpu=None means
-    pipeline.devices.select_device() (the Spark task's GPU, else CUDA when present, else CPU); True a
+    pipeline.media.devices.select_device() (the Spark task's GPU, else CUDA when present, else CPU); True a
     GPU, False the CPU, or a torch device string ("cuda:1"); overrides replace TextSpotParams fields
     (e.g. canvas_size=256)."""
 

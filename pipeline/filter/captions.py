@@ -1,6 +1,6 @@
 """Caption parser of the CAT filter (DiHT, Radenovic et al. 2023): objects, attributes, actions, complexity.
 
-    from pipeline.captions import parse_captions, keep_caption
+    from pipeline.filter.captions import parse_captions, keep_caption
     p = parse_captions(["A black cat is chasing a small brown bird"])[0]
     p.objects     -> ['cat', 'bird']
     p.attributes  -> {'cat': ['black'], 'bird': ['small', 'brown']}

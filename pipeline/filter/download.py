@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import schemas as S
-from pipeline import storage
+from pipeline.store import storage
 
 GUARD_ENV = "CATCURATE_FETCH_GUARD"   # set in the download child only: "public" | "private"
 
@@ -134,7 +134,7 @@ def run_download(out: str, params: DownloadParams, distributor: str, rows_per_sh
     if distributor == "multiprocessing" and storage.is_remote(out):
         return _staged_download(out, params, rows_per_shard)
     if distributor == "multiprocessing":
-        cmd = [sys.executable, "-m", "pipeline.download", "--out", out, "--rows-per-shard", str(rows_per_shard),
+        cmd = [sys.executable, "-m", "pipeline.filter.download", "--out", out, "--rows-per-shard", str(rows_per_shard),
                "--params", json.dumps(params.to_dict())]
         env = {**os.environ, GUARD_ENV: "private" if params.allow_private_addresses else "public",
                "PYTHONPATH": os.pathsep.join(

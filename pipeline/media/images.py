@@ -1,6 +1,6 @@
 """Safe image decoding for the text-spot stage: bytes -> RGB, or a clear ImageDecodeError.
 
-    from pipeline.images import decode_image, to_jpeg, ImageDecodeError
+    from pipeline.media.images import decode_image, to_jpeg, ImageDecodeError
     try:
         decoded = decode_image(row["jpg"])          # DecodedImage(image=<PIL RGB>, width, height, ...)
     except ImageDecodeError as err:

@@ -1,6 +1,6 @@
 """Paths and URIs: the one place that turns a location into I/O, on local disks and object stores.
 
-    from pipeline import storage as fs
+    from pipeline.store import storage as fs
     fs.write_parquet(table, fs.join("s3://bucket/out", "shards", "00000.parquet"))
     fs.listdir("gs://bucket/out/_done/caption")          # names, never a stale listing
     fs.check_access("s3://bucket/out", write=True)       # clear error before any work starts
@@ -24,10 +24,12 @@ Listings never come from a cache: executors write while the driver lists.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from contextlib import contextmanager
 from functools import lru_cache
@@ -250,6 +252,46 @@ def read_parquet(uris: str | list[str], columns: list[str] | None = None, schema
 
 # ---------------------------------------------------------------- writing (write once, marker last)
 
+class StorageError(OSError):
+    """Disk full (or quota, read-only, I/O error) while writing an output: one line for people."""
+
+
+# errors of the storage, not of the data: the job stops with one clear line and a rerun resumes
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only filesystem", errno.EIO: "I/O error", errno.EFBIG: "file too large"}
+
+
+def storage_error(path: str, err: OSError, needed_bytes: int | None = None) -> StorageError:
+    folder = dirname(path) or "."
+    try:
+        if is_remote(folder):
+            raise OSError("no local free space for a store")
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs up to {needed_bytes / 1e6:.1f} MB, " if needed_bytes else ""
+    return StorageError(err.errno, f"{STORAGE_ERRNOS.get(err.errno, err.strerror)} writing {path} ({need}{free} "
+                                   f"on that filesystem); temporaries removed - free space and rerun the same "
+                                   f"command to resume")
+
+
+@contextmanager
+def writing(path: str, tmp: str, needed_bytes: int | None = None):
+    """Around a write to `tmp` that is renamed to `path`: the temporary is removed on any failure,
+    and storage errors become StorageError naming the path and the space needed / free."""
+    try:
+        yield
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno in STORAGE_ERRNOS:
+            raise storage_error(path, e, needed_bytes) from e
+        raise
+
+
+
 def makedirs(uri: str) -> None:
     """Local folders only: object stores have no folders to create."""
     if not is_remote(uri):
@@ -259,8 +301,7 @@ def makedirs(uri: str) -> None:
 @contextmanager
 def local_commit(path: str, needed_bytes: int | None = None):
     """`with local_commit(path) as tmp:` write tmp; it is renamed to `path` when the block ends, removed
-    when it fails (storage errors such as a full disk become one line: partitions.writing)."""
-    from pipeline.partitions import writing
+    when it fails (storage errors such as a full disk become one line: writing)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     with writing(path, tmp, needed_bytes):

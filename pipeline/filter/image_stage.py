@@ -5,7 +5,7 @@
     counts = run_image_part(part, rows, out, params)
     counts = run_image_part(part, rows, out, params, stored=read_evidence(src, part))  # jobs/redecide.py
 
-Each row is decoded safely (pipeline.images), spotted for text (pipeline.textspot, batched) and
+Each row is decoded safely (pipeline.media.images), spotted for text (pipeline.filter.textspot, batched) and
 matched against its caption by the DiHT rule. Kept pairs go to OUTPUT/shards/<part>.parquet with
 their caption parse; every row gets its ledger row in OUTPUT/ledger/textspot/<part>.parquet (or
 stage download when the image never arrived), a few thumbnails per reason go to the report's table.
@@ -30,13 +30,13 @@ import pyarrow.compute as pc
 from PIL import Image
 
 import schemas as S
-from pipeline import images as img
-from pipeline import storage
-from pipeline import textspot as ts
-from pipeline.devices import select_device
-from pipeline.caption_stage import _count, ledger_row
-from pipeline.download import failure_reason
-from pipeline.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
+from pipeline.media import images as img
+from pipeline.store import storage
+from pipeline.filter import textspot as ts
+from pipeline.media.devices import select_device
+from pipeline.filter.caption_stage import _count, ledger_row
+from pipeline.filter.download import failure_reason
+from pipeline.store.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
 
 _PARSE = [f.name for f in S.PARSE_FIELDS]
 _CARRY = ["key", "caption", "url", *_PARSE, "source_file", "source_row"]

@@ -1,6 +1,6 @@
 """One writer per output folder: a lock file in OUTPUT (and LABELS, RUN) naming who holds it.
 
-    from pipeline.locks import folder_lock, LockHeld
+    from pipeline.store.locks import folder_lock, LockHeld
     with folder_lock(output, job="cat_filter"):
         ...   # start-up cleanup of temporaries, then the work
 
@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from pipeline import storage
+from pipeline.store import storage
 
 LOCK_NAME = ".lock"
 

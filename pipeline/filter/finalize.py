@@ -1,6 +1,6 @@
 """Finishing a CAT filter output: the rules shared by the Spark job and the in-process (local) engine.
 
-    from pipeline.finalize import finalize
+    from pipeline.filter.finalize import finalize
     stats = finalize("out/filter-c2", plan, kinds={"images"}, examples_per_reason=8)   # no Spark
 
 Once every stage has written its parts, an output is finished by: reconciling the ledger (a
@@ -25,10 +25,10 @@ from typing import Iterable
 import pyarrow as pa
 
 import schemas as S
-from pipeline import storage
-from pipeline.image_stage import thumbnails_from_input
-from pipeline.partitions import atomic_write_json, atomic_write_parquet
-from pipeline.report import write_report
+from pipeline.store import storage
+from pipeline.filter.image_stage import thumbnails_from_input
+from pipeline.store.partitions import atomic_write_json, atomic_write_parquet
+from pipeline.filter.report import write_report
 
 # the ledger row of a captions row that no stage decided (a bug, or an external tool losing it)
 UNACCOUNTED = {"status": S.FAILED, "stage": S.STAGE_TEXTSPOT, "reason": S.R_UNACCOUNTED,

@@ -1,0 +1,5 @@
+import sys
+
+from catcurate.cli import main
+
+sys.exit(main())
