@@ -1,26 +1,32 @@
-# Entry points. Every target installs what it needs (.venv, Java check) on first use.
+# Entry points. Every target installs what it needs (.venv, Java check) on first use; each one runs the
+# `catcurate` console command (catcurate/cli.py), which is also the Python-free-of-make way to run them.
 #   make filter [INPUT=laion/] [OUTPUT=out/filter] [SPARK_MASTER=local[2]] [FILTER_ARGS=...]
 #   make distill [INPUT=out/filter] [LABELS=out/labels] [DISTILL_ARGS=...]
 #   make train-eval [RUN=runs/default] [TRAIN_ARGS=...]
-#   make test | make bench | make sample
-# Paths (INPUT, OUTPUT, LABELS, RUN) and SPARK_MASTER reach the commands through the environment and
-# are used double-quoted ("$$OUTPUT"): any character in them is safe (an apostrophe, `...`, $(...)) and
-# nothing in them is ever run by the shell. *_ARGS are options written as on a command line.
+#   make redecide [OUTPUT=out/filter] [INTO=out/redecided] [DECIDE_ARGS=...]
+#   make test | make bench | make sample | make experiment
+# Nothing a user puts in these variables is ever run, by make or by a shell: make would expand `$(shell ...)`
+# in a variable wherever it is referenced (even under make -n), so each one is read once, unexpanded
+# ($(value ...)), into a CC_* copy that reaches the recipe only through the environment and is used
+# double-quoted there; the originals are unexported. *_ARGS are options written as on a command line:
+# catcurate splits them with shlex (quotes work), never a shell. tests/test_cli.py checks this.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-SPARK_SUBMIT := $(VENV)/bin/spark-submit
-SAMPLE := data/sample/captions.parquet
-INPUT ?=
-OUTPUT ?= out/filter
-LABELS ?= out/labels
-RUN ?= runs/default
-SPARK_MASTER ?= local[2]
-SPARK_ARGS ?=
-FILTER_ARGS ?=
-DISTILL_ARGS ?=
-TRAIN_ARGS ?=
-export INPUT OUTPUT LABELS RUN SPARK_MASTER
+CATCURATE := $(VENV)/bin/catcurate
+
+USER_VARS := INPUT OUTPUT LABELS RUN INTO SPARK_MASTER SPARK_ARGS FILTER_ARGS DISTILL_ARGS TRAIN_ARGS \
+             DECIDE_ARGS EXPERIMENT_OUT FLICKR8K EXPERIMENT_ARGS CHECKPOINT FINETUNE_ARGS ABLATE_ARGS PYTEST_ARGS
+DEFAULT_OUTPUT := out/filter
+DEFAULT_LABELS := out/labels
+DEFAULT_RUN := runs/default
+DEFAULT_INTO := out/redecided
+DEFAULT_SPARK_MASTER := local[2]
+DEFAULT_EXPERIMENT_OUT := out/experiment
+DEFAULT_FLICKR8K := ../shared/data/flickr8k
+$(foreach v,$(USER_VARS),$(eval override CC_$(v) := $$(if $$(value $(v)),$$(value $(v)),$$(DEFAULT_$(v)))))
+export $(addprefix CC_,$(USER_VARS))
+unexport $(USER_VARS)
 
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
@@ -28,53 +34,45 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONPATH := $(CURDIR)
+# the user's *_ARGS reach catcurate through this variable (catcurate/cli.py: EXTRA_ARGS_ENV)
+ARGS = CATCURATE_EXTRA_ARGS="$$CC_$(1)"
 
-# the log4j path is relative (make runs in CURDIR): Spark re-splits --driver-java-options on its own quoting rules
-SUBMIT = $(SPARK_SUBMIT) --master "$$SPARK_MASTER" --conf spark.ui.enabled=false \
-	--driver-java-options -Dlog4j2.configurationFile=conf/log4j2.properties $(SPARK_ARGS)
-
-.PHONY: setup sample filter distill train-eval experiment finetune ablate test bench clean
+.PHONY: setup sample filter distill train-eval experiment finetune ablate test bench clean redecide
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup_env.sh
 	@bash scripts/setup_env.sh
 
-sample: $(SAMPLE)
-$(SAMPLE): | $(VENV)/.installed
-	$(PY) -m pipeline.filter.sample --output $(SAMPLE)
+sample: $(VENV)/.installed
+	$(CATCURATE) sample
 
-# With no INPUT, filters the embedded sample (generated once by `make sample`).
-filter: $(VENV)/.installed $(if $(INPUT),,$(SAMPLE))
-	$(SUBMIT) jobs/cat_filter.py --input "$${INPUT:-$(SAMPLE)}" --output "$$OUTPUT" $(FILTER_ARGS)
+# With no INPUT, filters the embedded sample (catcurate generates it once, as `make sample`).
+filter: $(VENV)/.installed
+	$(call ARGS,FILTER_ARGS) $(CATCURATE) filter $${CC_INPUT:+--input "$$CC_INPUT"} --output "$$CC_OUTPUT" \
+		--master "$$CC_SPARK_MASTER" --spark-args "$$CC_SPARK_ARGS"
 
 distill: $(VENV)/.installed
-	$(SUBMIT) jobs/distill_labels.py --input "$${INPUT:-$$OUTPUT}" --output "$$LABELS" $(DISTILL_ARGS)
+	$(call ARGS,DISTILL_ARGS) $(CATCURATE) distill --input "$${CC_INPUT:-$$CC_OUTPUT}" --output "$$CC_LABELS" \
+		--master "$$CC_SPARK_MASTER" --spark-args "$$CC_SPARK_ARGS"
 
 # Trains on OUTPUT/shards; on a fresh checkout with the default OUTPUT it filters the sample first.
 # train_eval itself says what is missing (no filter run yet, or a filter that kept 0 pairs).
 train-eval: $(VENV)/.installed
-	@if [ "$$OUTPUT" = out/filter ] && [ ! -e out/filter/stats.json ]; then $(MAKE) filter; fi
-	$(PY) -m model_training.train_eval --shards "$$OUTPUT/shards" --labels "$$LABELS" --run "$$RUN" $(TRAIN_ARGS)
+	@if [ "$$CC_OUTPUT" = out/filter ] && [ ! -e out/filter/stats.json ]; then $(MAKE) --no-print-directory filter; fi
+	$(call ARGS,TRAIN_ARGS) $(CATCURATE) train-eval --shards "$$CC_OUTPUT/shards" --labels "$$CC_LABELS" --run "$$CC_RUN"
 
 # The Flickr8k evidence experiment (experiments/flickr8k.py): ~30 min on 2 cores; EXPERIMENT_ARGS="--scale gpu" on a GPU
-EXPERIMENT_OUT ?= out/experiment
-FLICKR8K ?= ../shared/data/flickr8k
-EXPERIMENT_ARGS ?=
-export EXPERIMENT_OUT FLICKR8K
 experiment: $(VENV)/.installed
-	$(PY) -m experiments.flickr8k --out "$$EXPERIMENT_OUT" --flickr8k "$$FLICKR8K" $(EXPERIMENT_ARGS)
+	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment --out "$$CC_EXPERIMENT_OUT" --flickr8k "$$CC_FLICKR8K"
 
 # Fine-tuning protocol: start from CHECKPOINT (an open_clip state dict), train on Flickr8k train, evaluate on dev
-CHECKPOINT ?=
-FINETUNE_ARGS ?=
-export CHECKPOINT
 finetune: $(VENV)/.installed
-	$(PY) -m experiments.finetune --flickr8k "$$FLICKR8K" --checkpoint "$$CHECKPOINT" --run "$$RUN" $(FINETUNE_ARGS)
+	$(call ARGS,FINETUNE_ARGS) $(CATCURATE) finetune --flickr8k "$$CC_FLICKR8K" --checkpoint "$$CC_CHECKPOINT" --run "$$CC_RUN"
 
 ablate: $(VENV)/.installed
-	$(PY) -m model_training.ablate --shards "$$OUTPUT/shards" --labels "$$LABELS" --out runs/ablate $(ABLATE_ARGS)
+	$(call ARGS,ABLATE_ARGS) $(CATCURATE) ablate --shards "$$CC_OUTPUT/shards" --labels "$$CC_LABELS" --out runs/ablate
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	set -f; $(PY) -m pytest -q tests $$CC_PYTEST_ARGS
 
 # Speed and memory figures; each bench writes bench/results/<name>.json
 bench: $(VENV)/.installed
@@ -88,11 +86,7 @@ clean:
 # Re-decide OUTPUT with new thresholds from its stored evidence (no parsing, download or OCR), into INTO:
 #   make redecide OUTPUT=out/filter INTO=out/filter-c2 DECIDE_ARGS="--min-complexity 2 --min-conf 0.7 --min-chars 4"
 #   make redecide OUTPUT=out/filter INTO=out/sweep DECIDE_ARGS="--sweep"      # table + chart over a threshold grid
-INTO ?= out/redecided
-DECIDE_ARGS ?=
-export INTO
-.PHONY: redecide
 # plain python: the local engine (outputs up to 100k rows) needs no JVM; the Spark engine starts a
-# session itself on SPARK_MASTER (for a cluster's confs use spark-submit jobs/redecide.py directly)
+# session itself on SPARK_MASTER (for a cluster's confs use `catcurate redecide --engine spark` under spark-submit)
 redecide: $(VENV)/.installed
-	$(PY) jobs/redecide.py --source "$$OUTPUT" --into "$$INTO" $(DECIDE_ARGS)
+	$(call ARGS,DECIDE_ARGS) SPARK_MASTER="$$CC_SPARK_MASTER" $(CATCURATE) redecide --source "$$CC_OUTPUT" --into "$$CC_INTO"

@@ -204,6 +204,118 @@ def build_flickr_set(size: int = 256, n_caption_text: int = 30, n_clean: int = 3
     return items
 
 
+REALTEXT_LABELS = ROOT / "bench" / "data" / "realtext_labels.csv"
+
+
+def build_realtext_set(size: int | None = 256, labels: Path = REALTEXT_LABELS, limit: int | None = None
+                       ) -> list[LabelledPair]:
+    """The labelled real-text set: real photos (Flickr8k train/dev, coco-mini) listed in
+    bench/data/realtext_labels.csv with a verdict and a caption, looked at one by one: drop = the photo
+    shows legible natural text (signs, shop fronts, banners, jerseys, placards, vehicles) and the caption
+    quotes some of it, as alt-text does; keep = the photo's own caption (Flickr8k caption 0, COCO's first),
+    whether or not the photo shows text. Images are read from ../shared/data (never copied) and stored as
+    the download stage stores them at `size` px (img2dataset_resize), or as they are with size=None.
+    `limit`: the first rows of each verdict in file order, alternately (a stratified subset)."""
+    import csv
+    import io
+    import pyarrow.parquet as pq
+    rows = list(csv.DictReader(labels.open()))
+    if limit is not None:
+        drops, keeps = [r for r in rows if r["drop"] == "1"], [r for r in rows if r["drop"] == "0"]
+        n_drop = round(limit * len(drops) / len(rows))
+        rows = drops[:n_drop] + keeps[:limit - n_drop]
+    wanted = {r["image"] for r in rows if r["source"] == "flickr8k"}
+    jpgs = {}
+    if wanted:
+        t = pq.read_table(FLICKR / "images.parquet", columns=["image", "jpg"], filters=[("image", "in", sorted(wanted))])
+        jpgs = dict(zip(t.column("image").to_pylist(), (v.as_py() for v in t.column("jpg"))))
+    items = []
+    for r in rows:
+        if r["source"] == "coco-mini":
+            photo = Image.open(COCO / "images" / r["image"]).convert("RGB")
+        else:
+            photo = Image.open(io.BytesIO(jpgs[r["image"]])).convert("RGB")
+        image = np.asarray(photo) if size is None else img2dataset_resize(np.asarray(photo), size)
+        drop = r["drop"] == "1"
+        items.append(LabelledPair(f"real_{r['source']}_{r['image']}", image, r["caption"], drop,
+                                  "real_text" if drop else "real_own_caption", ""))
+    return items
+
+
+HARD_STYLES = ("small", "perspective", "low_contrast", "busy", "multi_line")
+
+
+def _render_hard(photo: Image.Image, text: str, style: str, rng: random.Random) -> Image.Image:
+    """Harder rendered text than render_text's overlay titles: small (4-8% of the height), perspective
+    (a plane tilted up to ~30 degrees), low contrast (text +-35 grey levels from the area under it), busy
+    (plain text without halo over the most textured part), multi_line (2-3 short lines)."""
+    import cv2
+    img = photo.copy()
+    h = img.height
+    frac = rng.uniform(0.04, 0.08) if style == "small" else rng.uniform(0.07, 0.11)
+    size = max(9, round(h * frac))
+    font = ImageFont.truetype(str(Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf" /
+                                  rng.choice(("DejaVuSans-Bold.ttf", "DejaVuSans.ttf", "DejaVuSerif-Bold.ttf"))), size)
+    words = text.split()
+    if style == "multi_line" and len(words) >= 2:
+        cut = sorted(rng.sample(range(1, len(words)), min(2, len(words) - 1)))
+        lines = [" ".join(words[a:b]) for a, b in zip([0, *cut], [*cut, len(words)])]
+    else:
+        lines = [text]
+    while max(font.getlength(line) for line in lines) > img.width * 0.9 and size > 9:
+        size -= 1
+        font = ImageFont.truetype(str(font.path), size)
+    line_h = round(size * 1.2)
+    bw, bh = int(max(font.getlength(line) for line in lines)) + 2, line_h * len(lines) + 2
+    grey = np.asarray(img.convert("L"), np.float32)
+    if style == "busy":   # the block position with the most local texture
+        gy, gx = np.gradient(grey)
+        energy = np.hypot(gx, gy)
+        spots = [(rng.randint(0, max(0, img.width - bw)), rng.randint(0, max(0, h - bh))) for _ in range(12)]
+        x, y = max(spots, key=lambda s: energy[s[1]:s[1] + bh, s[0]:s[0] + bw].mean())
+    else:
+        x, y = rng.randint(0, max(0, img.width - bw)), rng.randint(0, max(0, h - bh))
+    under = grey[y:y + bh, x:x + bw].mean() if bh and bw else 128.0
+    if style == "low_contrast":
+        v = int(under + 35 if under < 128 else under - 35)
+        fill = (v, v, v)
+    else:
+        fill = (15, 15, 15) if under > 128 else (245, 245, 245)
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for i, line in enumerate(lines):
+        draw.text((x + 1, y + 1 + i * line_h), line, font=font, fill=(*fill, 255))
+    if style == "perspective":
+        src = np.float32([[x, y], [x + bw, y], [x + bw, y + bh], [x, y + bh]])
+        d = rng.uniform(0.15, 0.3) * bh * 2
+        dst = src + np.float32([[0, d], [0, -d], [0, d], [0, -d]]) * rng.choice((1, -1)) / 2 + \
+            np.float32([[d, 0], [0, 0], [0, 0], [d, 0]])
+        layer = Image.fromarray(cv2.warpPerspective(np.asarray(layer), cv2.getPerspectiveTransform(src, dst), img.size,
+                                                    flags=cv2.INTER_LINEAR))
+    img.paste(layer, (0, 0), layer)
+    return img
+
+
+def build_hard_rendered_set(size: int = 256, n_per_style: int = 8, n_clean: int = 20, seed: int = 1
+                            ) -> list[LabelledPair]:
+    """Harder rendered cases on real Flickr8k dev photos (HARD_STYLES x n_per_style to drop, n_clean clean
+    photos to keep), drawn on the 224-px photo and stored as the download stage stores them."""
+    rng = random.Random(seed)
+    photos = _flickr_photos(len(HARD_STYLES) * n_per_style + n_clean, rng)
+    items = []
+    for k, (name, photo, caption) in enumerate(photos):
+        if k < len(HARD_STYLES) * n_per_style:
+            style = HARD_STYLES[k // n_per_style]
+            text = _caption_phrase(caption, rng)
+            shown = _render_hard(photo, text, style, rng)
+            items.append(LabelledPair(f"hard_{style}_{name}", img2dataset_resize(np.asarray(shown), size), caption,
+                                      _shares_caption_text(text, caption), f"hard_{style}", text))
+        else:
+            items.append(LabelledPair(f"hard_clean_{name}", img2dataset_resize(np.asarray(photo), size), caption,
+                                      False, "clean", ""))
+    return items
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/work/textspot_set")

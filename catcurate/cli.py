@@ -90,7 +90,8 @@ def spark_env() -> dict[str, str]:
     return env
 
 
-def spark_submit_command(job: str, args: list[str], master: str, confs: list[str]) -> list[str]:
+def spark_submit_command(job: str, args: list[str], master: str, confs: list[str],
+                         spark_args: list[str] = ()) -> list[str]:
     submit = Path(sys.executable).with_name("spark-submit")
     cmd = [str(submit) if submit.exists() else "spark-submit", "--master", master,
            "--conf", "spark.ui.enabled=false"]
@@ -98,7 +99,7 @@ def spark_submit_command(job: str, args: list[str], master: str, confs: list[str
         cmd += ["--driver-java-options", f"-Dlog4j2.configurationFile={LOG4J}"]
     for conf in confs:
         cmd += ["--conf", conf]
-    return cmd + [str(ROOT / job), *args]
+    return cmd + list(spark_args) + [str(ROOT / job), *args]
 
 
 def _copy_filtered(src, dst) -> None:
@@ -123,10 +124,10 @@ def _copy_filtered(src, dst) -> None:
         dst.flush()
 
 
-def run_spark_job(job: str, args: list[str], master: str, confs: list[str]) -> int:
+def run_spark_job(job: str, args: list[str], master: str, confs: list[str], spark_args: list[str] = ()) -> int:
     if any(a in ("-h", "--help") for a in args):   # the job parses its options before starting Spark
         return subprocess.call([sys.executable, str(ROOT / job), *args], env=spark_env())
-    proc = subprocess.Popen(spark_submit_command(job, args, master, confs), env=spark_env(),
+    proc = subprocess.Popen(spark_submit_command(job, args, master, confs, spark_args), env=spark_env(),
                             stderr=subprocess.PIPE)
     copier = threading.Thread(target=_copy_filtered, args=(proc.stderr, sys.stderr.buffer), daemon=True)
     copier.start()
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "dual encoders.\nEach command's own options: catcurate COMMAND --help.",
         epilog="Spark commands (filter, distill) also take:\n"
                "  --master URL        Spark master (default: $SPARK_MASTER or local[2])\n"
-               "  --conf KEY=VALUE    a Spark setting, repeatable (e.g. spark.executor.memory=8g)")
+               "  --conf KEY=VALUE    a Spark setting, repeatable (e.g. spark.executor.memory=8g)\n"
+               "  --spark-args 'ARGS' other spark-submit options, as one string (e.g. '--driver-memory 8g')")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, _, summary) in COMMANDS.items():
         sub.add_parser(name, help=summary, add_help=False)
@@ -184,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     launcher = argparse.ArgumentParser(add_help=False)
     launcher.add_argument("--master", default=os.environ.get("SPARK_MASTER") or "local[2]")
     launcher.add_argument("--conf", action="append", default=[])
+    launcher.add_argument("--spark-args", default="")
     known, rest = launcher.parse_known_args(args)
     if any(a in ("-h", "--help") for a in rest):
         print(f"catcurate {name}: runs {target} through spark-submit; besides the options below it takes "
-              f"--master URL (default: $SPARK_MASTER or local[2]) and --conf KEY=VALUE (repeatable).\n")
-    return run_spark_job(target, _with_defaults(name, rest), known.master, known.conf)
+              f"--master URL (default: $SPARK_MASTER or local[2]), --conf KEY=VALUE (repeatable) and "
+              f"--spark-args 'SPARK-SUBMIT OPTIONS'.\n")
+    return run_spark_job(target, _with_defaults(name, rest), known.master, known.conf, shlex.split(known.spark_args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Our trainer against the anchor: open_clip's own trainer on the same clean Flickr8k pairs.
 
-    python -m experiments.anchor --experiment out/experiment [--epochs 3 --batch-size 128]
+    .venv/bin/python -m experiments.anchor --experiment out/experiment [--epochs 3 --batch-size 128]
 
 Same model (catclip-tiny, 64-px ViT + text transformer, from scratch: open_clip_train cannot read
 our cached frozen features, so the comparison is of full towers), same pairs (the experiment's clean

@@ -1,7 +1,7 @@
 """Zero-shot and fine-tuned retrieval on Flickr8k, the protocol the papers report (`make finetune`).
 
     make finetune CHECKPOINT=runs/default/export/open_clip_model.pt RUN=runs/ft FINETUNE_ARGS="--model catclip-tiny"
-    python -m experiments.finetune --flickr8k ../shared/data/flickr8k --checkpoint CKPT --model catclip-tiny \
+    .venv/bin/catcurate finetune --flickr8k ../shared/data/flickr8k --checkpoint CKPT --model catclip-tiny \
         --run runs/ft [--steps 300 --batch-size 128 --lr 1e-4] [--eval-split dev|test]
 
 1. zero-shot: the checkpoint as given, evaluated on the eval split (5 captions per image, R@1/5/10).

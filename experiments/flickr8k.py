@@ -1,9 +1,9 @@
 """What does CAT filtering buy? A controlled experiment on real photos (Flickr8k), `make experiment`.
 
     make experiment                                   # defaults: ~30 min on 2 CPU cores
-    python -m experiments.flickr8k --out out/experiment [--photos 2000 --seeds 3 --steps 600]
-    python -m experiments.flickr8k --out out/exp-gpu --scale gpu      # all 6,000 photos, full image tower
-    python -m experiments.flickr8k --out out/exp-tiny --scale smoke   # what `make test` runs
+    .venv/bin/catcurate experiment --out out/experiment [--photos 2000 --seeds 3 --steps 600]
+    .venv/bin/catcurate experiment --out out/exp-gpu --scale gpu      # all 6,000 photos, full image tower
+    .venv/bin/catcurate experiment --out out/exp-tiny --scale smoke   # what `make test` runs
 
 1. experiments.webnoise corrupts Flickr8k's train pairs like web data (text shortcut, misaligned
    alt-text, low-complexity captions), recording every corruption; dev stays clean.

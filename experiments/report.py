@@ -1,6 +1,6 @@
 """Tables and the chart of the Flickr8k experiment (experiments/flickr8k.py writes the summary).
 
-    python -m experiments.report out/experiment/results/results.json   # rewrite md/csv/png from the json
+    .venv/bin/python -m experiments.report out/experiment/results/results.json   # rewrite md/csv/png from the json
 """
 from __future__ import annotations
 

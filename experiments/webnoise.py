@@ -1,6 +1,6 @@
 """A seeded web-noise model on real photos: Flickr8k pairs corrupted the way LAION pairs are.
 
-    python -m experiments.webnoise --flickr8k ../shared/data/flickr8k --out out/noisy --photos 2000
+    .venv/bin/python -m experiments.webnoise --flickr8k ../shared/data/flickr8k --out out/noisy --photos 2000
     from experiments.webnoise import NoiseConfig, make_noisy_set
 
 Reads Flickr8k (the shared Parquet layout, the distributed layout or Karpathy JSON: see

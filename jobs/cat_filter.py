@@ -1,8 +1,8 @@
 """The CAT filter (DiHT): caption complexity + actions -> download -> text spotting, as a Spark job.
 
     make filter INPUT=laion/ OUTPUT=out/filter            # spark-submit, local[2] by default
-    spark-submit --master spark://host:7077 jobs/cat_filter.py --input laion/ --output out/filter
-    python -c "from jobs.cat_filter import cat_filter; cat_filter('laion/', 'out/filter')"
+    .venv/bin/catcurate filter --master spark://host:7077 --input laion/ --output out/filter
+    .venv/bin/python -c "from jobs.cat_filter import cat_filter; cat_filter('laion/', 'out/filter')"
 
 INPUT is LAION metadata Parquet (URL, TEXT; other names with --caption-col/--url-col) or
 img2dataset output (Parquet with jpg bytes, or webdataset tars with their sidecar Parquet). The
@@ -33,8 +33,11 @@ from pipeline.filter.download import DownloadParams, run_download  # noqa: E402
 from pipeline.store.locks import LockHeld, LockLost, folder_lock  # noqa: E402
 from pipeline.filter.image_stage import (ImageStageParams, rows_from_chunk, rows_from_download_shard,  # noqa: E402
                                   run_image_part)
-from pipeline.filter.textspot import TextSpotParams  # noqa: E402
+from pipeline.filter.textspot import ENGINES, TextSpotParams  # noqa: E402
 from pipeline.filter.redecide import evidence_summary  # noqa: E402
+from pipeline.filter import datacomp  # noqa: E402
+from pipeline.filter import score_stage  # noqa: E402
+from pipeline.filter.score_stage import ScoreParams  # noqa: E402
 
 STAGE_KEYS = "keys"
 OUTPUT_FORMATS = ("parquet", "webdataset")  # webdataset: tars for open_clip in addition to the Parquet shards
@@ -45,12 +48,13 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
                stages: str = "auto", rows_per_part: int = 20_000, caption: cap.CaptionParams | None = None,
                image: ImageStageParams | None = None, download: DownloadParams | None = None,
                skip_bad_files: bool = False, examples_per_reason: int = 8, output_format: str = "parquet",
-               spark=None) -> dict:
+               score: ScoreParams | None = None, spark=None) -> dict:
     """Run (or resume) the filter; returns the stats dict also written to OUTPUT/stats.json.
     One run per OUTPUT at a time (locks.LockHeld names the holder); a full disk stops the job with
     one P.StorageError line, its temporaries removed, and the same call resumes."""
     output = storage.normalize(output)
     P.list_input_files(input, input_format)  # a wrong --input fails before OUTPUT is created
+    P.check_apart({"INPUT": input}, {"OUTPUT": output})  # never read our own outputs back, nor write into INPUT
     storage.check_access(output, write=True)  # so does a missing bucket or denied credentials
     if output_format not in OUTPUT_FORMATS:
         raise P.InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
@@ -61,7 +65,8 @@ def cat_filter(input: str, output: str, *, caption_col: str | None = None, url_c
                            key_col=key_col, image_col=image_col, input_format=input_format,
                            stages=stages, rows_per_part=rows_per_part, caption=caption, image=image,
                            download=download, skip_bad_files=skip_bad_files,
-                           examples_per_reason=examples_per_reason, output_format=output_format, spark=spark)
+                           examples_per_reason=examples_per_reason, output_format=output_format, score=score,
+                           spark=spark)
     finally:
         if created and os.path.isdir(output) and not os.listdir(output):  # local only: stores have no folders
             os.rmdir(output)  # refused before any work (bad columns, ...): leave no empty OUTPUT behind
@@ -81,14 +86,19 @@ def _locked(input, output, lock, **kw) -> dict:
 
 def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, image_col, input_format, stages,
                        rows_per_part, caption, image, download, skip_bad_files, examples_per_reason, output_format,
-                       spark) -> dict:
+                       score, spark) -> dict:
     caption, image, download = caption or cap.CaptionParams(), image or ImageStageParams(), download or DownloadParams()
     t0 = time.time()
     plan = P.plan_input(input, rows_per_part, skip_bad_files, work_dir=output, input_format=input_format,
                         caption_col=caption_col, url_col=url_col, key_col=key_col, image_col=image_col)
+    score = score or ScoreParams()
+    stage_plan = score_stage.parse_stages(stages, score)  # a wrong --stages fails before any work
+    if stage_plan.score:
+        score_stage.check_columns(plan, score)
     route = _routes(plan, stages)  # per input file: images | download | caption
     kinds = set(route.values())
-    identity = {"input": {"path": storage.normalize(input), "fingerprint": plan.fingerprint, "n_rows": plan.n_rows},
+    identity = {"input": {"path": storage.normalize(input), "fingerprint": plan.fingerprint, "n_rows": plan.n_rows,
+                          "content": plan.content},   # per file: P.content_tag (a changed file refuses resume)
                 "stages": stages, "rows_per_part": rows_per_part, "caption": asdict(caption),
                 "image": image.to_dict() if kinds - {"caption"} else None,
                 "download": download.to_dict() if "download" in kinds else None}
@@ -96,6 +106,8 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
         identity["input"]["format"] = input_format
     if output_format != "parquet":  # likewise
         identity["output_format"] = output_format
+    if score.enabled:  # likewise
+        identity["score"] = score.to_dict()
     P.check_resume(output, identity)
     P.remove_stale_temporaries(output)  # under the lock: no other run's temporaries can be in flight
     manifest = {"job": "cat_filter", "resume_identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -109,6 +121,11 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
         spark = get_spark("cat_filter")
     sc = spark.sparkContext
     cols = plan.columns
+    rules = _score_rules(spark, output, plan, score) if stage_plan.score else []
+    if rules:  # the thresholds the score stage uses (top fractions: the pool's quantiles)
+        manifest["score"] = score_stage.thresholds_record(rules)
+        P.atomic_write_json(manifest, storage.join(output, "manifest.json"))
+    score_rules = [r.to_dict() for r in rules]
 
     phase_seconds: dict[str, float] = {}
 
@@ -133,8 +150,9 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
 
     run_parts(S.STAGE_CAPTION, [it + (route[it[1]["path"]],) for it in chunk_items],
               lambda it: run_caption_part(P.Chunk.from_dict(it[1]), P.Columns(**it[2]), output, caption,
-                                          final=it[3] == "caption", download=it[3] == "download"),
-              "caption stage (spaCy)")
+                                          final=it[3] == "caption", download=it[3] == "download",
+                                          score_rules=score_rules, caption_rules=stage_plan.caption),
+              "score and caption stages (spaCy)" if rules else "caption stage (spaCy)")
 
     image_items = [it for it in chunk_items if route[it[1]["path"]] == "images"]
     if image_items:
@@ -160,6 +178,7 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
     t = time.time()
     stats = _finalize(spark, output, plan, kinds, examples_per_reason)
     phase_seconds["finalize_and_report"] = round(time.time() - t, 1)
+    stats.update(write_datacomp_subset(spark, output, plan.columns, stats))
     if output_format == "webdataset":  # tars for open_clip from the finished shards, one task per shard
         run_parts(wds.STAGE, wds.plan_tars(output), lambda it: wds.write_tar(output, *it), "webdataset tars")
         stats["n_webdataset_shards"] = wds.finish(output)
@@ -177,19 +196,84 @@ def _routes(plan: P.Plan, stages: str) -> dict[str, str]:
     """Per input file, where its passed rows go: text spotting on the input's own images, download
     first, or nowhere (caption-only). Files may differ (schema drift, merged sources)."""
     tars = {ch.path for ch in plan.chunks if ch.tar}
+    named = [s.strip() for s in stages.split(",")]   # a list such as score,caption,download,textspot
+    images = stages if stages in ("auto", "all") else "all" if S.STAGE_TEXTSPOT in named else "none"
     route = {}
     for f, c in plan.columns.items():
-        if stages == "caption":
+        if images == "none":
             route[f] = "caption"
         elif c.image or f in tars:
             route[f] = "images"
         elif c.url:
+            if stages not in ("auto", "all") and S.STAGE_DOWNLOAD not in named:
+                raise P.InputError(f"--stages {stages}: {f} has no images, only URLs; add download to --stages")
             route[f] = "download"
-        elif stages == "all":
-            raise P.InputError(f"--stages all needs image bytes or a URL column; {f} has neither")
+        elif images == "all":
+            raise P.InputError(f"--stages {stages} needs image bytes or a URL column; {f} has neither")
         else:
             route[f] = "caption"
     return route
+
+
+def _score_rules(spark, output, plan, score: ScoreParams) -> list[score_stage.Rule]:
+    """The score stage's rules; a top fraction's threshold is the (1-F) quantile of its column over all
+    input rows, one pass on the cluster, computed once (kept in _done/ for a resumed run)."""
+    marker = storage.join(output, "_done", "score_thresholds.json")
+    if storage.exists(marker):
+        return [score_stage.Rule.from_dict(r) for r in storage.read_json(marker)["rules"]]
+    requests = score_stage.quantile_requests(score)
+    rules = score_stage.resolve_rules(score, score_quantiles(spark, plan.chunks, requests) if requests else [])
+    P.atomic_write_json(score_stage.thresholds_record(rules), marker)
+    return rules
+
+
+def score_quantiles(spark, chunks: list, requests: list[tuple[str, float]]) -> list[float | None]:
+    """Per (column, probability): Spark's approxQuantile over every row of the input parts, read by the
+    Python workers with pyarrow (any location); null and NaN ignored (None: the column has no value)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = list(dict.fromkeys(c for c, _ in requests))
+    names = [f"s{i}" for i in range(len(columns))]
+
+    def read(batches):
+        for batch in batches:
+            for text in batch.column(0).to_pylist():
+                t, _ = P.read_chunk_salvaging(P.Chunk.from_dict(json.loads(text)), columns)
+                arrays = []
+                for c in columns:
+                    a = pc.cast(t.column(c), pa.float64()).combine_chunks()
+                    arrays.append(pc.if_else(pc.is_nan(a), pa.scalar(None, pa.float64()), a))
+                yield from pa.Table.from_arrays(arrays, names=names).to_batches()
+
+    items = [(json.dumps(c.to_dict()),) for c in chunks]
+    n = max(1, min(len(items), spark.sparkContext.defaultParallelism * 4))
+    spark.sparkContext.setJobDescription("score stage: quantiles of the score columns")
+    df = spark.createDataFrame(items, "chunk string").repartition(n).mapInArrow(
+        read, ", ".join(f"{n} double" for n in names))
+    probs = sorted({p for _, p in requests})
+    found = df.approxQuantile(names, probs, score_stage.QUANTILE_RELATIVE_ERROR)
+    out = []
+    for c, p in requests:
+        values = found[columns.index(c)]
+        out.append(values[probs.index(p)] if values else None)
+    return out
+
+
+def write_datacomp_subset(spark, output: str, columns: dict, stats: dict) -> dict:
+    """OUTPUT/datacomp/subset_uids.npy when the keys are DataComp uids, its runs and buckets sorted in
+    Spark tasks (pipeline.filter.datacomp); the stats.json entries it adds ({} for other inputs)."""
+    if not datacomp.uid_keyed(columns):
+        return {}
+    sc = spark.sparkContext
+
+    def spark_map(fn, items):
+        sc.setJobDescription("DataComp subset file")
+        return sc.parallelize(items, len(items)).map(fn).collect()   # per-task counts only
+
+    return datacomp.write_subset(output, stats["n_kept"], spark_map)
 
 
 def _keys_task(item, output):
@@ -267,17 +351,17 @@ def _write_report(spark, output, ledger, stats, n, columns):
 
 
 def print_funnel(stats: dict, output: str) -> None:
+    from pipeline.filter.report import funnel_stages, stage_passed   # the same stages as report.html
     print("\n== CAT filter funnel ==")
     print(f"input rows: {stats['n_input']:,}")
-    from pipeline.filter.report import funnel_stages   # the same stages as report.html (no download row without downloads)
-    for stage in funnel_stages(stats):
+    stages = funnel_stages(stats)
+    for i, stage in enumerate(stages):
         st = stats["by_stage"][stage]
-        print(f"  {stage:<9} in {st['in']:>10,}")
+        onward = "kept" if i == len(stages) - 1 else f"passed on to {stages[i + 1]}"
+        print(f"  {stage:<9} in {st['in']:>10,}   {onward} {stage_passed(st):,}")
         for status in ("dropped", "failed"):
             for reason, c in sorted(st[status].items(), key=lambda kv: -kv[1]):
                 print(f"      {status:<8} {reason:<28} {c:>10,}  ({100 * c / max(1, stats['n_input']):.1f}%)")
-        if st["kept"]:
-            print(f"      kept                                  {st['kept']:>10,}")
     print(f"kept {stats['n_kept']:,} | dropped {stats['n_dropped']:,} | failed {stats['n_failed']:,} "
           f"(kept {100 * stats['n_kept'] / max(1, stats['n_input']):.1f}%)")
     if stats.get("bad_files"):
@@ -321,15 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
                              ("image", P.IMAGE_COLUMNS)):
         g.add_argument(f"--{name}-col", default=None,
                        help=f"{name} column (default: the first of {', '.join(looked_for)} present)")
-    ap.add_argument("--stages", choices=["auto", "caption", "all"], default="auto",
+    ap.add_argument("--stages", default="auto",
                     help="auto: every stage the input allows; caption: caption rules only; all: fail unless "
-                         "images can be fetched or read")
+                         "images can be fetched or read; or a comma list in pipeline order of score, caption, "
+                         "download, textspot (e.g. score,caption: score filters and caption rules, no images)")
     ap.add_argument("--rows-per-part", type=int, default=20_000, help="rows per Spark task / resume unit")
     ap.add_argument("--output-format", choices=OUTPUT_FORMATS, default="parquet",
                     help="webdataset: also write OUTPUT/webdataset/NNNNN.tar (KEY.jpg, KEY.txt, KEY.json; img2dataset's "
                          "layout, one tar per Parquet shard) for open_clip_train; the Parquet shards are always written")
     ap.add_argument("--skip-bad-files", action="store_true",
                     help="skip unreadable input files (listed in stats.json) instead of stopping")
+    g = ap.add_argument_group("score filters (DataComp baselines; run first, on columns the input ships, e.g. "
+                              "CommonPool's clip_l14_similarity_score)")
+    g.add_argument("--min-score", action="append", default=[], metavar="COLUMN=THRESHOLD",
+                   help="keep rows whose COLUMN >= THRESHOLD (repeatable); a null/NaN score fails the row")
+    g.add_argument("--score-top-fraction", action="append", default=[], metavar="COLUMN=F",
+                   help="keep the top F of the pool by COLUMN (DataComp's 'CLIP score top 30%%': "
+                        "clip_l14_similarity_score=0.3): the threshold is the (1-F) quantile over all input rows, "
+                        "recorded in manifest.json (repeatable)")
     g = ap.add_argument_group("caption rules (DiHT defaults)")
     g.add_argument("--min-complexity", type=int, default=d_cap.min_complexity,
                    help="keep captions whose most-described object has at least this many relations")
@@ -341,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-conf", type=float, default=d_ts.min_conf, help="OCR confidence a detection needs to count")
     g.add_argument("--min-chars", type=int, default=d_ts.min_chars,
                    help="consecutive characters shared with the caption that drop the pair")
+    g.add_argument("--textspot-engine", choices=ENGINES, default=d_ts.engine,
+                   help="OCR engine: ppocr (PP-OCRv4 on ONNX Runtime) or easyocr (CRAFT + english_g2 on torch); "
+                        "the default is the benchmark's pick (docs/text-spotting.md)")
     g.add_argument("--shard-rows", type=int, default=d_img.shard_rows, help="kept pairs per output shard file (and tar)")
     g.add_argument("--max-pixels", type=int, default=d_img.max_pixels,
                    help="larger images are refused before decoding (decompression bombs)")
@@ -367,7 +463,8 @@ def main(argv=None) -> int:
     d_cap, d_ts, d_dl = cap.CaptionParams(), TextSpotParams(), DownloadParams()
     caption = replace(d_cap, min_complexity=a.min_complexity, require_action=not a.no_require_action,
                       max_caption_chars=a.max_caption_chars)
-    image = ImageStageParams(textspot=replace(d_ts, min_conf=a.min_conf, min_chars=a.min_chars),
+    image = ImageStageParams(textspot=replace(d_ts, min_conf=a.min_conf, min_chars=a.min_chars,
+                                              engine=a.textspot_engine),
                              shard_rows=a.shard_rows, max_pixels=a.max_pixels,
                              read_min_chars=min(ImageStageParams.read_min_chars, a.min_chars))  # read what it needs
     download = replace(d_dl, image_size=a.image_size, resize_mode=a.resize_mode, timeout=a.timeout,
@@ -375,10 +472,16 @@ def main(argv=None) -> int:
                        disallowed_header_directives=[] if a.ignore_opt_out else d_dl.disallowed_header_directives,
                        allow_private_addresses=a.allow_private_addresses)
     try:
+        score = ScoreParams(tuple(score_stage.parse_assignment(x, "--min-score") for x in a.min_score),
+                            tuple(score_stage.parse_assignment(x, "--score-top-fraction") for x in a.score_top_fraction))
+    except ValueError as e:
+        print(f"cat_filter: error: {e}", file=sys.stderr)
+        return 2
+    try:
         cat_filter(a.input, a.output, caption_col=a.caption_col, url_col=a.url_col, key_col=a.key_col,
                    image_col=a.image_col, input_format=a.input_format, stages=a.stages,
                    rows_per_part=a.rows_per_part, caption=caption, image=image, download=download,
-                   skip_bad_files=a.skip_bad_files, output_format=a.output_format)
+                   skip_bad_files=a.skip_bad_files, output_format=a.output_format, score=score)
     except (P.InputError, P.ParamsChanged, LockHeld, LockLost, P.StorageError, storage.StorageAccessError) as e:
         print(f"cat_filter: error: {e.strerror if isinstance(e, P.StorageError) else e}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """DiHT concept distillation as a data stage: sparse top-k concept pseudo-labels for filtered shards.
 
-    spark-submit jobs/distill_labels.py --input out/filter --output out/labels [--teacher SPEC] [--k 10]
+    .venv/bin/catcurate distill --input out/filter --output out/labels [--teacher SPEC] [--k 10]
     make distill [INPUT=out/filter] [LABELS=out/labels] [DISTILL_ARGS="--k 5"]
-    python -c "from jobs.distill_labels import distill_labels; distill_labels('out/filter', 'out/labels')"
+    .venv/bin/python -c "from jobs.distill_labels import distill_labels; distill_labels('out/filter', 'out/labels')"
 
 Three steps, each resumable:
   1. embed   (executors, one task per input shard, one frozen teacher per Python worker)
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ from pipeline.distill.concepts import VocabConfig  # noqa: E402
 from pipeline.distill.labels import (EMBED_STAGE, LABEL_STAGE, DistillConfig, embed_shard, label_bytes,  # noqa: E402
                               label_shard, train_classifiers)
 from pipeline.store.locks import LockHeld, LockLost, folder_lock  # noqa: E402
-from pipeline.store.partitions import (InputError, ParamsChanged, StorageError, as_storage_error,  # noqa: E402
+from pipeline.store.partitions import (InputError, ParamsChanged, check_apart, StorageError, as_storage_error,  # noqa: E402
                                  atomic_write_json, check_resume, list_parquet_files, remove_stale_temporaries)
 from pipeline.filter.report import no_pairs_reason  # noqa: E402
 from pipeline.distill.teacher import DEFAULT_TEACHER  # noqa: E402
@@ -111,6 +110,7 @@ def distill_labels(input: str, output: str, teacher: str = DEFAULT_TEACHER, k: i
     ("nothing_to_label"). One run per OUTPUT at a time (locks.LockHeld names the holder); a full disk
     raises one StorageError with the temporaries removed, and the same call resumes."""
     shards = input_shards(input)
+    check_apart({"INPUT": input}, {"OUTPUT": output})  # LABELS inside the filter OUTPUT (or around it): refused
     reason = nothing_to_label(input, shards)
     if reason is not None:
         return {"input": storage.normalize(input), "output": storage.normalize(output), "n_shards": len(shards),
@@ -169,6 +169,8 @@ def _distill_locked(input, output, shards, teacher, k, vocab_config, config, tea
         "shards_labelled": sorted(s["shard"] for s in labelled if not s["skipped"]),
         "shards_label_skipped": sorted(s["shard"] for s in labelled if s["skipped"]),
         "teacher_devices": sorted({s["teacher"]["device"] for s in embedded}),   # where the shards were embedded
+        "vocabulary_sizes": {"objects": report["objects"]["n_classes"], "attributes": report["attributes"]["n_classes"]},
+        "heldout_object_rows": report["objects"].get("n_heldout_rows"),
         "heldout_top5_objects": report["objects"].get("top5"),
         "baseline_top5_objects": report["objects"].get("baseline_top5"),
         "labels_storage": label_storage, "seconds": seconds,
@@ -219,8 +221,35 @@ def main(argv=None) -> None:
     if "nothing_to_label" in summary:
         print(f"distill_labels: {summary['nothing_to_label']}")
         return 0
-    print(json.dumps(summary, indent=2))
+    print_summary(summary)
     return 0
+
+
+MEANINGFUL_HELDOUT = 200   # held-out images below which a hit rate says nothing (one image moves it 0.5%+)
+
+
+def print_summary(summary: dict) -> None:
+    """What a person reads at the end of a run; the whole summary is in LABELS/manifest.json."""
+    out, st = summary["output"], summary["labels_storage"]
+    print("\n== concept distillation ==")
+    print(f"labelled {summary['n_labelled']:,} of {summary['n_rows']:,} rows in {summary['n_shards']} shard(s)"
+          + (f"; {summary['n_failed']:,} could not be embedded (LABELS/ledger/)" if summary["n_failed"] else ""))
+    vocab = summary.get("vocabulary_sizes") or {}
+    print(f"vocabularies: {vocab.get('objects', '?')} objects, {vocab.get('attributes', '?')} attributes")
+    top5, base, n_held = (summary.get("heldout_top5_objects"), summary.get("baseline_top5_objects"),
+                          summary.get("heldout_object_rows") or 0)
+    if top5 is not None:
+        print(f"held-out objects: top-5 hit rate {top5:.2f} vs {base:.2f} for always guessing the most frequent "
+              f"concepts, on {n_held:,} images")
+        if n_held < MEANINGFUL_HELDOUT:
+            print(f"  only {n_held} held-out images: too few for this rate to mean anything (>= {MEANINGFUL_HELDOUT} "
+                  f"needed); on the sample it only shows the stage runs")
+    print(f"labels: {st['sparse_bytes_per_sample']} B/sample sparse top-k vs {st['dense_float32_bytes_per_sample']} B "
+          f"dense float32")
+    if st["dense_float32_bytes_per_sample"] <= st["sparse_bytes_per_sample"]:
+        print("  the vocabularies are tiny on this input, so dense vectors are smaller than top-k labels; on web-scale "
+              "data they hold thousands of concepts and the sparse labels are what keeps them small")
+    print(f"outputs: {out}/{{shards,vocab.json,teacher.json}}  manifest.json (the whole summary)\n")
 
 
 if __name__ == "__main__":

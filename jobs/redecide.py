@@ -1,9 +1,9 @@
 """Re-decide a finished CAT filter output with new thresholds from its stored evidence, or sweep a grid.
 
     make redecide OUTPUT=out/filter INTO=out/filter-c2 DECIDE_ARGS="--min-complexity 2 --min-conf 0.7 --min-chars 4"
-    spark-submit jobs/redecide.py --source out/filter --into out/filter-c2 --min-complexity 2 --min-conf 0.7
-    spark-submit jobs/redecide.py --source out/filter --into out/sweep --sweep --grid-min-conf 0.5,0.6,0.7,0.8,0.9
-    python -c "from jobs.redecide import redecide; redecide('out/filter', 'out/filter-c2', min_complexity=2)"
+    .venv/bin/catcurate redecide --source out/filter --into out/filter-c2 --min-complexity 2 --min-conf 0.7
+    .venv/bin/catcurate redecide --source out/filter --into out/sweep --sweep --grid-min-conf 0.5,0.6,0.7,0.8,0.9
+    .venv/bin/python -c "from jobs.redecide import redecide; redecide('out/filter', 'out/filter-c2', min_complexity=2)"
 
 Nothing is parsed, downloaded or text-spotted again: the caption verdicts are re-taken from the
 stored parses (captions/), the text-spot rule is applied to every stored detection (ocr/), through
@@ -44,11 +44,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import schemas as S  # noqa: E402
 from jobs.cat_filter import _finalize, _read_ledger, _routes, _versions, print_funnel  # noqa: E402
 from jobs.spark import read_parquet  # noqa: E402
+from jobs.cat_filter import score_quantiles, write_datacomp_subset  # noqa: E402
+from pipeline.filter import datacomp  # noqa: E402
+from pipeline.filter import score_stage  # noqa: E402
 from pipeline.filter import finalize as fin  # noqa: E402
 from pipeline.store import storage  # noqa: E402
 from pipeline.store import partitions as P  # noqa: E402
 from pipeline.filter import redecide as R  # noqa: E402
-from pipeline.filter.image_stage import read_evidence, rows_from_chunk, rows_from_download_shard, run_image_part  # noqa: E402
+from pipeline.filter.image_stage import (ChangedImage, read_digests, read_evidence, rows_from_chunk,  # noqa: E402
+                                         rows_from_download_shard, run_image_part)
 
 DEFAULT_GRID = {"min_conf": [0.5, 0.6, 0.7, 0.8, 0.9], "min_chars": [3, 4, 5, 6, 8]}
 ENGINES = ("auto", "local", "spark")
@@ -76,10 +80,29 @@ def load_source(source: str) -> dict:
     path = storage.join(source, "manifest.json")
     if not storage.exists(path):
         raise R.NotRedecidable(f"{source} is not a filter output (no manifest.json)")
-    manifest = storage.read_json(path)
+    manifest = P.read_manifest(path)
     if "finished" not in manifest:
         raise R.NotRedecidable(f"{source} is not finished (resume it with make filter first)")
+    ident = manifest.get("resume_identity") or {}
+    missing = [k for k in ("input", "stages", "rows_per_part", "caption") if k not in ident]
+    missing += [f"input.{k}" for k in ("path", "fingerprint") if k not in (ident.get("input") or {})]
+    if missing:
+        raise R.NotRedecidable(f"{path} is not a manifest this product wrote (no {', '.join(missing)} in its "
+                               f"resume_identity); restore it or run the filter again")
     return manifest
+
+
+def check_evidence(source: str, parts: list[str], image_parts: list[str]) -> None:
+    """Every part's stored evidence is there (captions/, ledger/caption/, ocr/), before anything is written
+    into INTO: a deleted file is named, never read as zero rows."""
+    missing = []
+    for folder, names in ((("captions",), parts), (("ledger", S.STAGE_CAPTION), parts), (("ocr",), image_parts)):
+        present = set(storage.listdir(storage.join(source, *folder)))
+        missing += [storage.join(source, *folder, f"{p}.parquet") for p in names if f"{p}.parquet" not in present]
+    if missing:
+        raise R.NotRedecidable(f"{len(missing)} evidence file(s) of {source} are missing: "
+                               f"{', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}; "
+                               f"restore them or run the filter again")
 
 
 def replan(source: str, manifest: dict, need_input: bool = True) -> P.Plan | None:
@@ -90,6 +113,13 @@ def replan(source: str, manifest: dict, need_input: bool = True) -> P.Plan | Non
     if recorded and all(c == recorded[0] for c in recorded):  # same columns everywhere: name them
         names = {f"{k}_col": recorded[0].get(k) for k in ("caption", "url", "key", "image")}
     try:
+        changed = P.changed_files(ident["input"].get("content"),
+                                  P.input_content(ident["input"]["path"], ident["input"].get("format", "auto")))
+        if changed:   # checked before the input is planned (a text input would be converted again) or copied
+            raise R.NotRedecidable(
+                f"input file(s) changed since {source} was written: {', '.join(changed[:5])}"
+                f"{' and more' if len(changed) > 5 else ''} (under {ident['input']['path']}); its evidence describes "
+                f"the old content. Run the filter afresh on just the changed file(s) into a new OUTPUT.")
         plan = P.plan_input(ident["input"]["path"], ident["rows_per_part"], bool(manifest.get("bad_files")),
                             work_dir=source, input_format=ident["input"].get("format", "auto"), **names)
     except P.InputError as e:
@@ -130,12 +160,24 @@ def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None
         raise R.NotRedecidable("INTO must be another folder than the source output")
     manifest = load_source(source)
     identity = manifest["resume_identity"]
+    P.check_apart({"SOURCE": source, "the source's INPUT": identity["input"]["path"]}, {"INTO": into})
+    score_changes = {k: changes.pop(k) for k in ("min_score", "score_top_fraction") if k in changes}
     caption, image = R.apply_changes(*R.source_params(identity), changes)
     plan = replan(source, manifest)
     engine = choose_engine(engine, plan.n_rows)
     route = _routes(plan, identity["stages"])
     kinds = set(route.values())
     new_identity = {**identity, "caption": asdict(caption), "image": image.to_dict() if image else None}
+    score, score_rules, spark = _rescore(manifest, plan, score_changes, spark)
+    if score.enabled:   # a score stage added to a source without one runs first, as in a fresh run
+        new_identity["score"] = score.to_dict()
+        if identity["stages"] not in ("auto", "all") and S.STAGE_SCORE not in identity["stages"].split(","):
+            new_identity["stages"] = f"{S.STAGE_SCORE},{identity['stages']}"
+    image_parts = [c.part for c in plan.chunks if route[c.path] == "images"]
+    if "download" in kinds:
+        image_parts += ["d" + s[: -len(".parquet")]
+                        for s in storage.read_json(storage.join(source, "_done", "download.json"))["shards"]]
+    check_evidence(source, [c.part for c in plan.chunks], image_parts)
     P.check_resume(into, new_identity)
     storage.makedirs(into)
     P.remove_stale_temporaries(into)
@@ -145,26 +187,34 @@ def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None
                     "engine": engine, "argv": sys.argv, "versions": _versions(), "bad_files": plan.bad_files,
                     "columns": {f: asdict(c) for f, c in plan.columns.items()},
                     "evidence": R.evidence_summary(caption, image if kinds - {"caption"} else None)}
+    if score_rules:
+        out_manifest["score"] = score_stage.thresholds_record(score_rules)
     P.atomic_write_json(out_manifest, storage.join(into, "manifest.json"))
 
     spark = _spark(spark, "redecide") if engine == "spark" else None
+    rule_dicts = [r.to_dict() for r in score_rules]
     seconds = {}
     items = [(c.part, c.to_dict(), asdict(plan.columns[c.path])) for c in plan.chunks]
     _run_parts(spark, into, S.STAGE_CAPTION, items,
-               lambda it: R.redecide_caption_part(source, into, it[0], caption), "caption verdicts from stored parses",
+               lambda it: R.redecide_caption_part(source, into, it[0], caption,
+                                                  score=(it[1], rule_dicts) if rule_dicts else None,
+                                                  caption_rules=new_identity["stages"] != S.STAGE_SCORE),
+               "caption verdicts from stored parses",
                seconds)
     image_items = [it for it in items if route[it[1]["path"]] == "images"]
     if image_items:
         _run_parts(spark, into, S.STAGE_TEXTSPOT, image_items,
                    lambda it: run_image_part(it[0], rows_from_chunk(P.Chunk.from_dict(it[1]), P.Columns(**it[2]), into),
-                                             into, image, stored=read_evidence(source, it[0])),
+                                             into, image, stored=read_evidence(source, it[0]),
+                                             stored_digests=read_digests(source, it[0])),
                    "text-spot verdicts from stored detections, images from the input", seconds)
     if "download" in kinds:
         shards = [storage.join(source, "_work", "images", s)
                   for s in storage.read_json(storage.join(source, "_done", "download.json"))["shards"]]
         _run_parts(spark, into, S.STAGE_TEXTSPOT, [("d" + storage.basename(s)[: -len(".parquet")], s) for s in shards],
                    lambda it: run_image_part(it[0], rows_from_download_shard(it[1], into), into, image,
-                                             stored=read_evidence(source, it[0])),
+                                             stored=read_evidence(source, it[0]),
+                                             stored_digests=read_digests(source, it[0])),
                    "text-spot verdicts from stored detections, downloaded images", seconds)
     t = time.time()
     if engine == "spark":
@@ -172,6 +222,9 @@ def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None
     else:
         stats = fin.finalize(into, plan, kinds, examples_per_reason)
     seconds["finalize_and_report"] = round(time.time() - t, 2)
+    if datacomp.uid_keyed(plan.columns):   # the subset file, as the filter writes it
+        stats.update(write_datacomp_subset(spark, into, plan.columns, stats) if spark is not None
+                     else datacomp.write_subset(into, stats["n_kept"]))
     stats.update(seconds=round(time.time() - t0, 2), phase_seconds=seconds, derived_from=source, engine=engine)
     P.atomic_write_json(stats, storage.join(into, "stats.json"))
     out_manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -179,6 +232,42 @@ def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None
     P.atomic_write_json(out_manifest, storage.join(into, "manifest.json"))
     print_funnel(stats, into)
     return stats
+
+
+def _merge_score(old: score_stage.ScoreParams, changes: dict) -> score_stage.ScoreParams:
+    """The source's score filters with `changes` applied per column ({"min_score": [(column, threshold)],
+    "score_top_fraction": [(column, fraction)]}: a named column's value replaced or added)."""
+    fixed, top = dict(old.min_score), dict(old.top_fraction)
+    fixed.update(dict(changes.get("min_score") or []))
+    top.update(dict(changes.get("score_top_fraction") or []))
+    return score_stage.ScoreParams(tuple(fixed.items()), tuple(top.items()))
+
+
+def _rescore(manifest: dict, plan, changes: dict, spark):
+    """(score params, rules, spark) of INTO: the source's rules, or with `changes` new ones; a changed top
+    fraction's quantile computed over the input as the filter does (a Spark session started for it).
+    NotRedecidable when a change would pass rows the source never parsed or fetched."""
+    identity = manifest["resume_identity"]
+    old = score_stage.ScoreParams.from_dict(identity.get("score"))
+    old_rules = [score_stage.Rule.from_dict(r) for r in (manifest.get("score") or {}).get("rules", [])]
+    if not changes:
+        return old, old_rules, spark
+    new = _merge_score(old, changes)
+    score_stage.check_columns(plan, new)
+    known = {(r.column, r.fraction): r for r in old_rules if r.fraction is not None}
+    requests = [(c, 1 - f) for c, f in new.top_fraction if (c, f) not in known]
+    computed = {}
+    if requests:
+        spark = _spark(spark, "redecide")
+        computed = dict(zip(requests, score_quantiles(spark, plan.chunks, requests)))
+    quantiles = [known[(c, f)].threshold if (c, f) in known else computed[(c, 1 - f)] for c, f in new.top_fraction]
+    rules = score_stage.resolve_rules(new, [None if q is not None and q == float("inf") else q for q in quantiles])
+    caption_ran = identity["stages"] != S.STAGE_SCORE
+    problems = score_stage.check_redecidable(old, new, old_rules, rules, caption_ran)
+    if problems:
+        raise R.NotRedecidable("the stored evidence cannot support: " + "; ".join(problems)
+                               + ". Run the filter again (make filter) for these.")
+    return new, rules, spark
 
 
 def sweep(source: str, into: str, grid: dict[str, list] | None = None, *, noise_col: str = "noise",
@@ -305,6 +394,11 @@ def main(argv=None) -> int:
     g.add_argument("--min-chars", type=int)
     g.add_argument("--shard-rows", type=int)
     g.add_argument("--max-pixels", type=int, help="refused unless unchanged: decoding is part of the evidence")
+    g.add_argument("--min-score", action="append", default=[], metavar="COLUMN=THRESHOLD",
+                   help="score filter threshold for COLUMN (replaces the source's for that column; at least as "
+                        "strict unless the source ran --stages score alone)")
+    g.add_argument("--score-top-fraction", action="append", default=[], metavar="COLUMN=F",
+                   help="keep the top F of the input by COLUMN (at most the source's fraction, likewise)")
     g = ap.add_argument_group("sweep")
     g.add_argument("--sweep", action="store_true", help="count every grid point instead of writing one output")
     g.add_argument("--grid-min-complexity", type=_ints)
@@ -318,6 +412,15 @@ def main(argv=None) -> int:
     changes = {k: v for k, v in {"min_complexity": a.min_complexity, "max_caption_chars": a.max_caption_chars,
                                  "min_conf": a.min_conf, "min_chars": a.min_chars, "shard_rows": a.shard_rows,
                                  "max_pixels": a.max_pixels}.items() if v is not None}
+    try:
+        if a.min_score:
+            changes["min_score"] = [score_stage.parse_assignment(x, "--min-score") for x in a.min_score]
+        if a.score_top_fraction:
+            changes["score_top_fraction"] = [score_stage.parse_assignment(x, "--score-top-fraction")
+                                             for x in a.score_top_fraction]
+    except ValueError as e:
+        print(f"redecide: error: {e}", file=sys.stderr)
+        return 2
     if a.require_action or a.no_require_action:
         changes["require_action"] = bool(a.require_action)
     try:
@@ -327,8 +430,14 @@ def main(argv=None) -> int:
             sweep(a.source, a.into, grid or None, noise_col=a.noise_col, engine=a.engine)
         else:
             redecide(a.source, a.into, engine=a.engine, **changes)
-    except (R.NotRedecidable, P.InputError, P.ParamsChanged) as e:
+    except (R.NotRedecidable, P.InputError, P.ParamsChanged, ChangedImage) as e:
         print(f"redecide: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the same errors raised in a Spark task arrive wrapped in Java's
+        message = P.task_error(e, ("ChangedImage", "NotRedecidable", "InputError"))
+        if message is None:
+            raise
+        print(f"redecide: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,6 +1,6 @@
 """Image-caption sets in the papers' layouts, and writing them as training shards.
 
-    python -m model_training.caption_sets --coco-json captions.json --images DIR --out shards/ [--n-shards 4]
+    .venv/bin/python -m model_training.caption_sets --coco-json captions.json --images DIR --out shards/ [--n-shards 4]
 
 `load_coco` reads a COCO captions json (images + annotations); `load_karpathy` reads the Karpathy
 split files (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json: images[].{filepath?,

@@ -17,7 +17,8 @@ class LossConfig:
     hn_beta: float = 0.5             # HN-NCE hardness; 0 = uniform negatives (DiHT tunes ~0.5)
     contrastive_weight: float = 1.0
     momentum_weight: float = 0.0     # > 0 adds ConLIP's momentum-queue DCL term
-    queue_size: int = 12288          # ConLIP: 12,288 = 3x its batch of 4,096; independent of the batch (ring buffer)
+    queue_size: int = 0              # 0 = 3 x the global batch (batch x ranks x accum_steps): ConLIP's 12,288 is 3
+                                     # batches of 4,096, so keys are <= 3 steps old (effective_queue_size); > 0 = fixed
     queue_loss: str = "dcl"          # dcl (ConLIP) | infonce (positive kept in the denominator; ConLIP's comparison)
     momentum: float = 0.99           # EMA factor of the momentum encoder (ConLIP / MoCo)
     queue_temperature: float = 0.05  # fixed temperature of the queue term (ConLIP)
@@ -33,13 +34,16 @@ class LossConfig:
     itm_weight: float = 0.0          # > 0 adds binary image-text matching with in-batch hard negatives (ALBEF)
     fusion_layers: int = 2           # cross-attention blocks of the fusion module (ITM, representation terms)
     text_denoise_weight: float = 0.0   # > 0 adds text denoising (detect + restore replaced tokens)
-    text_noise_ratio: float = 0.15   # fraction of caption tokens replaced by random corpus tokens
+    text_noise_ratio: float = 0.15   # fraction of caption WORDS replaced (all their tokens) by words drawn from the
+                                     # training corpus's word frequencies
     image_denoise_weight: float = 0.0  # > 0 adds image denoising
     image_noise_std: float = 0.5     # Gaussian noise std in normalised-pixel units
     image_denoise_target: str = "ema"  # ema (noisy image attends to clean text; L1 to the EMA model's clean/clean
                                        # reconstruction: the proposal) | clean / noise (unimodal linear pixel head)
     repr_weight: float = 0.0         # > 0 matches corrupted-pair joint embeddings to an EMA target's clean pair
     repr_corruption: str = "noise"   # noise (representation denoising) | mask (masked representation modeling)
+    repr_target: str = "tokens"      # tokens (MAMO: the EMA target's multimodal token representations, plain L2) |
+                                     # pooled_cosine (squared L2 of the normalised joint embeddings, = 2 - 2 cos)
     repr_momentum: float = 0.995     # EMA factor of the shared EMA target model (representation, image-denoising
                                      # and feature-MIM targets; MAMO-style, slower than MoCo's)
 
@@ -60,6 +64,9 @@ class TrainConfig:
     run_dir: str = _f("runs/default", "where checkpoints, logs, plots and the export go")
     model: str = _f("catclip-tiny", "preset in model_training/configs, open_clip model name, or JSON config path")
     init_checkpoint: str = _f("", "local open_clip checkpoint to start from ('' = random init)")
+    text_attention: str = _f("causal", "text tower attention: causal (CLIP) | bidirectional (BERT-like, as ConLIP "
+                                       "and MAMO: no causal mask, SOT-token pooling; the masked/denoising presets "
+                                       "set it; exported as <model>-bidir, loads in open_clip)")
     batch_size: int = _f(64, "per-rank micro-batch; contrastive negatives = batch x ranks")
     accum_steps: int = _f(1, "micro-batches per optimizer step (note: negatives stay per micro-batch)")
     max_steps: int = _f(300, "optimizer steps; training is counted in steps, data cycles as needed")
@@ -92,3 +99,20 @@ class TrainConfig:
     stop_after: int = _f(0, "stop after this step as if preempted, schedule still spans max_steps (0 = off)")
     device: str = _f("auto", "auto | cpu | cuda")
     loss: LossConfig = field(default_factory=LossConfig)
+
+
+QUEUE_TO_BATCH = 3   # ConLIP: queue 12,288 = 3 x its global batch of 4,096
+
+
+def effective_queue_size(cfg: "TrainConfig", world_size: int = 1) -> int:
+    """The momentum queue's length for this run: an explicit --queue-size (> 0), else 3 x the global
+    batch, i.e. the keys of the last 3 optimizer steps (every micro-batch enqueues its keys)."""
+    if cfg.loss.queue_size > 0:
+        return cfg.loss.queue_size
+    return QUEUE_TO_BATCH * cfg.batch_size * world_size * cfg.accum_steps
+
+
+def with_effective_queue(cfg: "TrainConfig", world_size: int = 1) -> "TrainConfig":
+    """A copy of cfg whose loss.queue_size is the resolved length (recorded in run.json and checkpoints)."""
+    from dataclasses import replace
+    return replace(cfg, loss=replace(cfg.loss, queue_size=effective_queue_size(cfg, world_size)))

@@ -1,14 +1,14 @@
 """Retrieval (5 captions per image, the papers' protocol) and zero-shot classification.
 
-    python -m model_training.evaluate --model ViT-B-16 --checkpoint RUN/export/open_clip_model.pt \
+    .venv/bin/catcurate evaluate --model ViT-B-16 --checkpoint RUN/export/open_clip_model.pt \
         --karpathy-json dataset_coco.json --images coco/ --out RUN/eval_coco5k          # COCO 5k test
-    python -m model_training.evaluate --model ViT-B-16 --checkpoint ... \
+    .venv/bin/catcurate evaluate --model ViT-B-16 --checkpoint ... \
         --karpathy-json dataset_flickr30k.json --images flickr30k-images/ --out RUN/eval_f30k   # Flickr 1k
-    python -m model_training.evaluate --model catclip-tiny --checkpoint ... --coco-json captions.json --images DIR
-    python -m model_training.evaluate --model catclip-tiny --checkpoint ... --flickr8k ../shared/data/flickr8k \
+    .venv/bin/catcurate evaluate --model catclip-tiny --checkpoint ... --coco-json captions.json --images DIR
+    .venv/bin/catcurate evaluate --model catclip-tiny --checkpoint ... --flickr8k ../shared/data/flickr8k \
         --split dev --out RUN/eval_f8k_dev      # Flickr8k: distributed, dataset_flickr8k.json or Parquet layout
-    python -m model_training.evaluate --model ViT-B-32 --pretrained laion2b_s34b_b79k ...   # needs a model hub
-    python -m model_training.evaluate ... --imagefolder imagenet/val --out RUN/eval_zeroshot
+    .venv/bin/catcurate evaluate --model ViT-B-32 --pretrained laion2b_s34b_b79k ...   # needs a model hub
+    .venv/bin/catcurate evaluate ... --imagefolder imagenet/val --out RUN/eval_zeroshot
 
 `retrieval_metrics(image_emb, text_emb, text_to_image)` is the one function behind every retrieval
 number. Scores are plain dot products of the embeddings as given (pass L2-normalised embeddings for

@@ -1,7 +1,7 @@
 """A locked image tower (LiT, Zhai et al. 2022): frozen teacher features cached once per image.
 
-    python -m model_training.features --shards out/filter/shards --out feats/   # embed every distinct image once
-    python -m model_training.train --shards out/filter/shards --image-features feats/ --model catclip-tiny ...
+    .venv/bin/python -m model_training.features --shards out/filter/shards --out feats/   # embed every distinct image once
+    .venv/bin/catcurate train --shards out/filter/shards --image-features feats/ --model catclip-tiny ...
 
 Why: on a CPU the image tower is nearly all of a step's cost. LiT shows that a frozen, pretrained
 image tower with a trained text tower learns retrieval from little data; caching the frozen

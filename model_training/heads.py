@@ -13,7 +13,8 @@ not in DualEncoder, so they are dropped from the exported open_clip checkpoint b
 
 Image-side key/value sequences are [CLS, patch tokens]; the "CLS" given to a head is the joint
 (L2-normalised) embedding the contrastive loss aligns, i.e. the instance representation (ConLIP).
-Text-side sequences are [CLS, token states]; the text CLS is the EOT-pooled joint text embedding.
+Text-side sequences are [CLS, token states]; the text CLS is the pooled joint text embedding
+(EOT under a causal mask, SOT for a bidirectional text tower).
 
 EMA targets (representation denoising / masked representation modeling, multimodal image denoising,
 MAMO's feature MIM) share ONE frozen EMA copy of the dual encoder (`EmaEncoder`, in the objective's
@@ -119,11 +120,65 @@ class TiedVocabDecoder(nn.Module):
         return self.transform(hidden) @ token_embedding.T + self.bias
 
 
+class CorpusWords:
+    """The training corpus's word vocabulary for word-level text noise: every word (a run of BPE tokens
+    ending in an end-of-word token "...</w>", holding at least one letter) with its count, grouped by
+    its number of tokens. Built once from caption strings (denoise.corpus_words_from_shards reads them
+    from the training shards); `draw(n)` samples a word of n tokens with probability ~ its count."""
+
+    def __init__(self, tokenizer, captions):
+        vocab = len(tokenizer.decoder)
+        self.ends_word = torch.zeros(vocab, dtype=torch.bool)
+        self.has_letter = torch.zeros(vocab, dtype=torch.bool)
+        for i, piece in tokenizer.decoder.items():
+            self.ends_word[i] = piece.endswith("</w>")
+            self.has_letter[i] = any(ch.isalpha() for ch in piece.replace("</w>", ""))
+        counts: dict[tuple, int] = {}
+        for caption in captions:
+            ids = tokenizer.encode(caption)
+            for start, end in self._spans_of(ids):
+                word = tuple(ids[start:end])
+                counts[word] = counts.get(word, 0) + 1
+        self.counts = counts
+        by_len: dict[int, list] = {}
+        for word, n in sorted(counts.items()):
+            by_len.setdefault(len(word), []).append((word, n))
+        self.words = {n: [w for w, _ in items] for n, items in by_len.items()}
+        self.weights = {n: torch.tensor([c for _, c in items], dtype=torch.float) for n, items in by_len.items()}
+        if not counts:
+            raise ValueError("the corpus holds no words: text denoising needs captions to draw replacements from")
+
+    def _spans_of(self, ids: list[int]) -> list[tuple[int, int]]:
+        """[start, end) of each word in a list of caption token ids (a trailing cut-off word counts)."""
+        spans, start = [], 0
+        for pos, i in enumerate(ids):
+            if self.ends_word[i] or pos == len(ids) - 1:
+                if bool(self.has_letter[ids[start:pos + 1]].any()):
+                    spans.append((start, pos + 1))
+                start = pos + 1
+        return spans
+
+    def spans(self, ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per row of [B,L] token ids, the word spans (positions) among its caption tokens."""
+        out, words = [], word_positions(ids)
+        for row, ok in zip(ids.tolist(), words.tolist()):
+            first = ok.index(True) if True in ok else 0
+            n = sum(ok)
+            out.append([(first + a, first + b) for a, b in self._spans_of(row[first:first + n])])
+        return out
+
+    def draw(self, n_tokens: int) -> tuple | None:
+        """A corpus word of n_tokens tokens, drawn by frequency (None when the corpus has none)."""
+        if n_tokens not in self.weights:
+            return None
+        return self.words[n_tokens][int(torch.multinomial(self.weights[n_tokens], 1))]
+
+
 @dataclass
 class CorruptionConfig:
     text_mask_ratio: float = 0.15    # BERT / ConLIP
     image_mask_ratio: float = 0.5    # ConLIP's ConMIM ratio (SimMIM uses 0.6 with larger blocks)
-    text_noise_ratio: float = 0.15   # fraction of caption tokens replaced by random corpus tokens
+    text_noise_ratio: float = 0.15   # fraction of caption words replaced by random corpus words
     image_noise_std: float = 0.5     # Gaussian noise std in normalised-pixel units (data std = 1)
 
 
@@ -131,8 +186,9 @@ class Corruptor(nn.Module):
     """Owns the learnable mask embeddings (dropped with the heads) and makes masked / noisy inputs."""
 
     def __init__(self, text_width: int, vision_width: int, cfg: CorruptionConfig, text_masks: bool = True,
-                 image_masks: bool = True):
+                 image_masks: bool = True, words: "CorpusWords | None" = None):
         super().__init__()
+        self.words = words
         for name in ("text_mask_ratio", "image_mask_ratio", "text_noise_ratio"):
             if not 0.0 < getattr(cfg, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(cfg, name)}")
@@ -149,16 +205,29 @@ class Corruptor(nn.Module):
     def patch_mask(self, batch: int, n_patches: int, device):
         return sample_exact(torch.ones(batch, n_patches, dtype=torch.bool, device=device), self.cfg.image_mask_ratio)
 
-    def replace_tokens(self, ids):
-        """Replace a fraction of caption tokens by tokens drawn from the batch's captions (a frequency-
-        matched corpus sample). Returns (noisy ids, replaced mask): a draw equal to the original
-        does not count as replaced, so the detection target is exact."""
-        words = word_positions(ids)
-        chosen = sample_exact(words, self.cfg.text_noise_ratio)
-        pool = ids[words]
-        draw = pool[torch.randint(len(pool), ids.shape, device="cpu").to(ids.device)]
-        noisy = torch.where(chosen, draw, ids)
-        return noisy, chosen & (noisy != ids)
+    def replace_words(self, ids):
+        """Word-level text noise (the proposal): per caption, exactly max(1, round(text_noise_ratio x
+        n_words)) whole words are chosen and each is replaced, all its BPE tokens, by a word drawn from
+        the training corpus's word frequencies (self.words, a CorpusWords) among the corpus words with
+        the same number of tokens, so positions stay aligned and every replaced token has an original to
+        restore. Returns (noisy ids, replaced mask): every token of a replaced word is marked; a draw
+        equal to the original word is not a replacement, so the detection target is exact."""
+        if self.words is None:
+            raise ValueError("text denoising needs the training corpus's word vocabulary (CorpusWords)")
+        noisy, replaced = ids.clone(), torch.zeros_like(ids, dtype=torch.bool)
+        rows = ids.cpu()
+        for b, spans in enumerate(self.words.spans(rows)):
+            if not spans:
+                continue
+            k = max(1, round(self.cfg.text_noise_ratio * len(spans)))
+            for j in torch.randperm(len(spans))[:k].tolist():
+                start, end = spans[j]
+                draw = self.words.draw(end - start)
+                if draw is None or draw == tuple(rows[b, start:end].tolist()):
+                    continue
+                noisy[b, start:end] = torch.tensor(draw, dtype=ids.dtype, device=ids.device)
+                replaced[b, start:end] = True
+        return noisy, replaced
 
     def add_noise(self, images):
         noise = torch.randn_like(images) * self.cfg.image_noise_std
@@ -245,7 +314,7 @@ class Views:
         if "noisy" not in self._cache:
             images, texts, c = self.out["images"], self.out["texts"], self.corruptor
             noisy_images, noise = c.add_noise(images)
-            noisy_texts, replaced = c.replace_tokens(texts)
+            noisy_texts, replaced = c.replace_words(texts)
             img_emb, img_tok = self.model.encode_image(noisy_images, return_tokens=True)
             txt_emb, txt_tok = self.model.encode_text(noisy_texts, return_tokens=True)
             self._cache["noisy"] = {"noise": noise, "noisy_texts": noisy_texts, "replaced": replaced,

@@ -37,13 +37,15 @@ class FusionEncoder(nn.Module):
         self.joint_token = nn.Parameter(torch.randn(text_w) * 0.02)
         self.blocks = nn.ModuleList(CrossModalHead(text_w, vision_w, model.embed_dim, heads) for _ in range(layers))
 
-    def forward(self, image_emb, image_tokens, text_tokens, text_valid) -> torch.Tensor:
+    def forward(self, image_emb, image_tokens, text_tokens, text_valid, return_tokens: bool = False) -> torch.Tensor:
+        """The joint embedding [B, width], or with return_tokens every output token [B, 1 + L, width]
+        (the joint token, then the text positions: MAMO's multimodal token representations)."""
         b = text_tokens.shape[0]
         x = torch.cat([self.joint_token.to(text_tokens.dtype).expand(b, 1, -1), text_tokens], dim=1)
         valid = torch.cat([torch.ones_like(text_valid[:, :1]), text_valid], dim=1)
         for block in self.blocks:
             x, _ = block(x, valid, image_emb, image_tokens)
-        return x[:, 0]
+        return x if return_tokens else x[:, 0]
 
 
 @torch.no_grad()

@@ -64,11 +64,22 @@ def _hn_nce_one_way(s: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return (torch.logsumexp(terms, dim=1) - pos).mean()
 
 
-def hn_nce(image_emb, text_emb, logit_scale, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+def _check_hn_args(alpha: float, beta: float, allow_dcl: bool = False):
+    if not (0.0 < alpha <= 1.0 or (allow_dcl and alpha == 0.0)):
+        raise ValueError(f"HN-NCE alpha must be in (0, 1], got {alpha} (alpha = 0 is DCL: use --contrastive dcl)")
+    if not beta >= 0.0:
+        raise ValueError(f"HN-NCE beta must be >= 0 (0 = uniform negatives), got {beta}")
+
+
+def hn_nce(image_emb, text_emb, logit_scale, alpha: float = 1.0, beta: float = 0.0,
+           allow_dcl: bool = False) -> torch.Tensor:
     """HN-NCE (Radenovic et al. 2023): hard negatives up-weighted by beta, positive weighted by
-    alpha, both directions summed. alpha=1, beta=0 is info_nce; alpha=0, beta=0 is dcl."""
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    alpha, both directions summed. alpha=1, beta=0 is info_nce; alpha=0, beta=0 is dcl.
+
+    DiHT's ranges are checked: alpha in (0, 1] (the positive keeps some weight; 0 removes it, which is
+    DCL: ask for it by name, `dcl` / --contrastive dcl, or pass allow_dcl=True) and beta >= 0 (a
+    negative beta would DOWN-weight hard negatives)."""
+    _check_hn_args(alpha, beta, allow_dcl)
     s = _logits(image_emb, text_emb, logit_scale)
     _check_batch(s)
     return _hn_nce_one_way(s, alpha, beta) + _hn_nce_one_way(s.T, alpha, beta)
@@ -114,6 +125,8 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         if kind not in ("infonce", "hn_nce", "dcl"):
             raise ValueError(f"contrastive kind must be infonce | hn_nce | dcl, got {kind!r}")
+        if kind == "hn_nce":
+            _check_hn_args(alpha, beta)   # at build time: a bad --hn-alpha fails before any training
         self.kind, self.alpha, self.beta = kind, alpha, beta
 
     def forward(self, out: dict) -> dict:
@@ -126,12 +139,20 @@ class ContrastiveLoss(nn.Module):
 
 
 class MomentumQueueContrastive(nn.Module):
-    """ConLIP's instance-level loss: DCL (or InfoNCE, ConLIP's comparison) of the online embeddings
-    against a MoCo-style momentum encoder's keys of the current (global) batch plus image and text
-    queues of past keys. The queue size is independent of the batch (a ring buffer; ConLIP: 12,288 =
-    3x its batch of 4,096); unfilled slots are not used, so no random vectors act as negatives at the
-    start. Temperature is fixed (paper: 0.05), as in MoCo. `kind` "dcl" leaves the positive out of the
-    denominator, "infonce" keeps it in."""
+    """ConLIP's instance-level loss (Luo et al. 2022, eq. 9-11): each online embedding is contrasted
+    with the momentum encoder's key of its own pair (the positive) and, as negatives, the entries of
+    the other modality's queue only (q_j in Q), never the batch's other momentum keys. `kind` "dcl"
+    (ConLIP) leaves the positive out of the denominator, "infonce" (ConLIP's comparison) keeps it in:
+
+        dcl:     L_i = log sum_{q in Q} e^{s(x_i, q)/tau} - s(x_i, k_i)/tau
+        infonce: L_i = log (e^{s(x_i, k_i)/tau} + sum_{q in Q} e^{s(x_i, q)/tau}) - s(x_i, k_i)/tau
+
+    image->text (queries: online image embeddings, keys: momentum text keys and the text queue) plus
+    text->image. The queues are initialised as in MoCo with random unit vectors, so the term is
+    defined from the first step; the current batch's keys are enqueued AFTER the loss (they are
+    negatives from the next step on). Queue size: 3 x the global batch by default (ConLIP: 12,288 =
+    3 x 4,096; resolved by config.effective_queue_size), so keys are at most 3 optimizer steps old.
+    Temperature is fixed (paper: 0.05), as in MoCo."""
 
     def __init__(self, model: nn.Module, embed_dim: int, queue_size: int = 12288,
                  momentum: float = 0.99, temperature: float = 0.05, kind: str = "dcl"):
@@ -144,10 +165,9 @@ class MomentumQueueContrastive(nn.Module):
         self.momentum, self.temperature, self.kind = momentum, temperature, kind
         self.ema = copy.deepcopy(model)
         self.ema.requires_grad_(False)
-        self.register_buffer("image_queue", torch.zeros(queue_size, embed_dim))
-        self.register_buffer("text_queue", torch.zeros(queue_size, embed_dim))
+        self.register_buffer("image_queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1))
+        self.register_buffer("text_queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self, model: nn.Module):
@@ -163,27 +183,24 @@ class MomentumQueueContrastive(nn.Module):
         self.image_queue[idx] = keys_i.to(self.image_queue.dtype)
         self.text_queue[idx] = keys_t.to(self.text_queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys_i.shape[0]) % q)
-        self.queue_filled.copy_(torch.clamp(self.queue_filled + keys_i.shape[0], max=q))
 
-    def _against(self, query: torch.Tensor, batch_keys: torch.Tensor, queue: torch.Tensor):
-        # positives are the diagonal of the batch block; the queue block holds only negatives
+    def _against(self, query: torch.Tensor, positive_keys: torch.Tensor, queue: torch.Tensor):
+        """Mean over queries of eq. 9-11: positive = the pair's own momentum key, negatives = the queue."""
         t = self.temperature
-        s_batch = query @ batch_keys.T / t
-        if self.kind == "dcl":
-            eye = torch.eye(s_batch.shape[0], dtype=torch.bool, device=s_batch.device)
-            s_batch = s_batch.masked_fill(eye, float("-inf"))
-        denominator = torch.cat([s_batch, query @ queue.T / t], dim=1)
-        return (torch.logsumexp(denominator, dim=1) - (query * batch_keys).sum(-1) / t).mean()
+        pos = (query * positive_keys).sum(-1) / t                           # [B]
+        s_queue = query @ queue.T / t                                       # [B, Q]
+        if self.kind == "infonce":
+            s_queue = torch.cat([pos[:, None], s_queue], dim=1)
+        return (torch.logsumexp(s_queue, dim=1) - pos).mean()
 
     def forward(self, out: dict) -> dict:
         with torch.no_grad():
             k_img = gather_no_grad(self.ema.encode_image(out["images"]).float())
             k_txt = gather_no_grad(self.ema.encode_text(out["texts"]).float())
-        n = int(self.queue_filled)
         img, txt = _up(out["image_emb"]), _up(out["text_emb"])
         # clones: backward needs the queues as they were, and _enqueue below overwrites them in place
-        loss = (self._against(img, k_txt, self.text_queue[:n].clone())
-                + self._against(txt, k_img, self.image_queue[:n].clone()))
+        loss = (self._against(img, k_txt, self.text_queue.clone())
+                + self._against(txt, k_img, self.image_queue.clone()))
         if self.training:
             self._enqueue(k_img, k_txt)
         return {f"momentum_{self.kind}": loss}
@@ -217,6 +234,34 @@ class ConceptDistillation(nn.Module):
             "concept_attributes": self.soft_ce(self.attribute_head(emb), c["attribute_indices"],
                                                c["attribute_probs"], mask),
         }
+
+
+# Version of the objective modules' state (the checkpoint's "trainee" part). A checkpoint of an older
+# version that no longer loads is refused with one line naming the change (check_objective_format).
+OBJECTIVE_FORMAT = 2
+FORMAT_CHANGES = {
+    2: "issue #24: ConLIP queues start from random unit keys and give only queue negatives (no queue_filled), "
+       "image denoising decodes to patch pixels, word-level text noise, token-level representation targets",
+}
+
+
+def check_objective_format(ckpt, state: dict, trainee: nn.Module):
+    """Refuse, in one line naming the change, a checkpoint written before the current objective format
+    whose state no longer fits the objective (one that still fits loads as before)."""
+    written = int(state.get("objective_format", 1))
+    if written >= OBJECTIVE_FORMAT:
+        return
+    missing, unexpected = [], []
+    own = trainee.state_dict()
+    for k, v in state["trainee"].items():
+        if k not in own or own[k].shape != v.shape:
+            unexpected.append(k)
+    missing = [k for k in own if k not in state["trainee"]]
+    if missing or unexpected:
+        changes = "; ".join(FORMAT_CHANGES[v] for v in range(written + 1, OBJECTIVE_FORMAT + 1))
+        names = ", ".join((unexpected + missing)[:3]) + (" ..." if len(unexpected + missing) > 3 else "")
+        raise ValueError(f"{ckpt} was written by an older objective (format {written}, now {OBJECTIVE_FORMAT}: "
+                         f"{changes}) and no longer loads ({names}); start a new run (another --run, or --overwrite)")
 
 
 STAT_PREFIX = "stat_"   # terms named stat_* are logged (e.g. ConLIP's attention statistic), never optimised
@@ -266,12 +311,19 @@ class Objective(nn.Module):
         return self.parts["momentum"] if "momentum" in self.parts else None
 
 
-def build_objective(cfg: LossConfig, model: nn.Module, n_objects: int = 0, n_attributes: int = 0) -> Objective:
+def build_objective(cfg: LossConfig, model: nn.Module, n_objects: int = 0, n_attributes: int = 0,
+                    caption_shards: list[str] | None = None, holdout_fraction: float = 0.0,
+                    corpus_words=None) -> Objective:
+    """The enabled terms. Text denoising draws replacement words from the training corpus: pass the
+    training shards (caption_shards; held-out keys excluded) or a prebuilt heads.CorpusWords."""
     parts, weights = {}, {}
     if cfg.contrastive != "none" and cfg.contrastive_weight > 0:
         parts["contrastive"] = ContrastiveLoss(cfg.contrastive, cfg.hn_alpha, cfg.hn_beta)
         weights["contrastive"] = cfg.contrastive_weight
     if cfg.momentum_weight > 0:
+        if cfg.queue_size < 1:
+            raise ValueError("queue_size 0 means 3 x the global batch: resolve it first with "
+                             "config.effective_queue_size / with_effective_queue (the trainer does)")
         parts["momentum"] = MomentumQueueContrastive(model, model.embed_dim, cfg.queue_size, cfg.momentum,
                                                      cfg.queue_temperature, cfg.queue_loss)
         weights["momentum"] = cfg.momentum_weight
@@ -280,11 +332,18 @@ def build_objective(cfg: LossConfig, model: nn.Module, n_objects: int = 0, n_att
             raise ValueError("concept_weight > 0 needs label shards and a vocab.json (--labels LABELS)")
         parts["concepts"] = ConceptDistillation(model.embed_dim, n_objects, n_attributes)
         weights["concepts"] = cfg.concept_weight
-    shared = _build_token_objectives(cfg, model, parts, weights)
+    if cfg.text_denoise_weight > 0 and corpus_words is None:
+        if not caption_shards:
+            raise ValueError("text denoising draws replacement words from the training corpus: build the objective "
+                             "with caption_shards (the training shards) or corpus_words")
+        from model_training.denoise import corpus_words_from_shards
+        from model_training.models import get_tokenizer
+        corpus_words = corpus_words_from_shards(caption_shards, get_tokenizer(model.name), holdout_fraction)
+    shared = _build_token_objectives(cfg, model, parts, weights, corpus_words)
     return Objective(parts, weights, shared)
 
 
-def _build_token_objectives(cfg: LossConfig, model: nn.Module, parts: dict, weights: dict) -> dict:
+def _build_token_objectives(cfg: LossConfig, model: nn.Module, parts: dict, weights: dict, corpus_words=None) -> dict:
     """Adds the enabled token-level terms to parts/weights; returns the modules they share."""
     from model_training.denoise import ImageDenoising, RepresentationTarget, TextDenoising
     from model_training.heads import CorruptionConfig, Corruptor, EmaEncoder
@@ -313,13 +372,15 @@ def _build_token_objectives(cfg: LossConfig, model: nn.Module, parts: dict, weig
                                         CorruptionConfig(cfg.text_mask_ratio, cfg.image_mask_ratio,
                                                          cfg.text_noise_ratio, cfg.image_noise_std),
                                         text_masks=cfg.mlm_weight > 0 or repr_masked or (cfg.mim_weight > 0 and conditioned),
-                                        image_masks=cfg.mim_weight > 0 or repr_masked or (cfg.mlm_weight > 0 and conditioned))
+                                        image_masks=cfg.mim_weight > 0 or repr_masked or (cfg.mlm_weight > 0 and conditioned),
+                                        words=corpus_words)
     if cfg.itm_weight > 0 or cfg.repr_weight > 0:
         shared["fusion"] = FusionEncoder(model, cfg.fusion_layers, cfg.head_heads)
     for name, (weight, make) in token_terms.items():
         if weight > 0:
             parts[name], weights[name] = make(), weight
     if cfg.repr_weight > 0:
-        parts["representation"] = RepresentationTarget(shared["fusion"], cfg.repr_momentum, cfg.repr_corruption)
+        parts["representation"] = RepresentationTarget(shared["fusion"], cfg.repr_momentum, cfg.repr_corruption,
+                                                       cfg.repr_target)
         weights["representation"] = cfg.repr_weight
     return shared

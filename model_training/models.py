@@ -17,6 +17,8 @@ single place that knows the config directory. Configs are open_clip's format:
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 import shutil
 from pathlib import Path
 
@@ -40,14 +42,54 @@ def model_config(name: str) -> dict:
     return cfg
 
 
-def register_config(path_or_name: str) -> str:
-    """Accept a preset name or a path to an open_clip JSON config; return the registered name."""
+BIDIR_SUFFIX = "-bidir"
+TEXT_ATTENTION = ("causal", "bidirectional")
+_derived_dir: Path | None = None
+
+
+def bidirectional_config(cfg: dict) -> dict:
+    """The same model with a BERT-like text tower: no causal mask (every token attends to the whole
+    sequence, as ConLIP's and MAMO's BERT encoders do) and pooling on the first token (SOT, BERT's
+    [CLS] position; under a causal mask only the EOT saw the whole caption, now every token does).
+    open_clip's CLIP applies no padding mask in this mode, so padding positions are attended too;
+    the trainer computes exactly what open_clip computes when it loads the export."""
+    return {**cfg, "text_cfg": {**cfg["text_cfg"], "no_causal_mask": True, "pool_type": "first"}}
+
+
+def _register_derived(name: str, cfg: dict) -> str:
+    """Register a config built in code (a JSON file in a per-process folder; open_clip's public API)."""
+    global _derived_dir
+    if open_clip.get_model_config(name) == cfg:
+        return name
+    if _derived_dir is None:
+        import atexit
+        import tempfile
+        _derived_dir = Path(tempfile.mkdtemp(prefix="catclip-configs-"))
+        atexit.register(shutil.rmtree, _derived_dir, True)
+    path = _derived_dir / f"{name}.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    open_clip.add_model_config(path)
+    return name
+
+
+def register_config(path_or_name: str, text_attention: str = "causal") -> str:
+    """Accept a preset name or a path to an open_clip JSON config; return the registered name.
+    text_attention="bidirectional" (or a name ending in -bidir, as exports of such runs are named)
+    registers <name>-bidir: the same config with bidirectional_config's text tower."""
+    if text_attention not in TEXT_ATTENTION:
+        raise ValueError(f"text_attention must be causal | bidirectional, got {text_attention!r}")
     p = Path(path_or_name)
     if p.suffix == ".json" and p.is_file():
         open_clip.add_model_config(p)
-        return p.stem
-    model_config(path_or_name)  # raises a clear error for unknown names
-    return path_or_name
+        name = p.stem
+    elif path_or_name.endswith(BIDIR_SUFFIX) and open_clip.get_model_config(path_or_name) is None:
+        name = register_config(path_or_name[:-len(BIDIR_SUFFIX)], "bidirectional")
+    else:
+        model_config(path_or_name)  # raises a clear error for unknown names
+        name = path_or_name
+    if text_attention == "bidirectional" and not name.endswith(BIDIR_SUFFIX):
+        name = _register_derived(name + BIDIR_SUFFIX, bidirectional_config(model_config(name)))
+    return name
 
 
 class DualEncoder(nn.Module):
@@ -144,13 +186,33 @@ class LockedImageDualEncoder(DualEncoder):
         return (emb, None) if return_tokens else emb
 
 
+class _RandomInitFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init():
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" for every model built with
+    pretrained=None; from scratch that is the intent (train.py says "random initial weights" once)."""
+    root, quiet = logging.getLogger(), _RandomInitFilter()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def build_model(name: str, init_checkpoint: str | None = None, device: str | torch.device = "cpu",
-                image_feature_dim: int = 0) -> DualEncoder:
+                image_feature_dim: int = 0, text_attention: str = "causal") -> DualEncoder:
     """Build a preset (or open_clip model name, or JSON config path) with random weights, or
     initialise from a local open_clip checkpoint (a state dict, or a dict with 'state_dict').
-    image_feature_dim > 0 builds the LiT variant over cached frozen image features."""
-    name = register_config(name)
-    clip = open_clip.create_model(name, pretrained=None, device=device)
+    image_feature_dim > 0 builds the LiT variant over cached frozen image features.
+    text_attention="bidirectional" builds <name>-bidir (see bidirectional_config); the weights have the
+    same shapes, so a causal checkpoint can initialise it."""
+    name = register_config(name, text_attention)
+    with _quiet_random_init():   # random weights are what pretrained=None asks for, not a warning
+        clip = open_clip.create_model(name, pretrained=None, device=device)
     if init_checkpoint:
         if not Path(init_checkpoint).is_file():
             raise FileNotFoundError(f"init checkpoint {init_checkpoint} does not exist (a local path is required: "

@@ -1,6 +1,6 @@
 """Objective presets: model_training/configs/objectives/<name>.json, selected with --preset NAME.
 
-    python -m model_training.train --shards ... --preset conlip --model catclip-tiny   # size x objective
+    .venv/bin/catcurate train --shards ... --preset conlip --model catclip-tiny   # size x objective
     from model_training.presets import list_presets, load_preset
     load_preset("conlip")   # {"name", "description", "loss": {LossConfig fields}, "train": {...}, "needs_labels"}
 
@@ -9,10 +9,14 @@ Keys are checked against LossConfig / TrainConfig so a typo fails loudly instead
 training a different objective. Presets set objective values only; the model size comes from
 --model, so every preset composes with every model config. Flags given explicitly override a preset.
 
-Preset values are the papers': ConLIP's queues hold 12,288 keys, 3x its batch of 4,096
-(CONLIP_QUEUE_TO_BATCH); at another global batch keep the ratio (--queue-size 3 x batch), as
-`make ablate` does at toy size. MAMO (`masked`) predicts the EMA encoder's clean visual tokens, ConLIP
-predicts pixels; `denoise` denoises the image through the multimodal head against the EMA model.
+Preset values are the papers'. ConLIP's queues hold 12,288 keys = 3 x its global batch of 4,096: the
+presets give queue_size 0, which the trainer resolves to 3 x the global batch (batch x ranks x
+accumulation steps; config.effective_queue_size) and records in the run's config; --queue-size N fixes
+it. MAMO (`masked`) predicts the EMA encoder's clean visual tokens, ConLIP predicts pixels; `denoise`
+reconstructs the image's pixels through the multimodal head, anchored to the clean patches, with the
+EMA model's clean reconstruction as the noisy pass's target. The presets that mask or noise text (and
+ConLIP's CL baseline, to differ from ConLIP only by the heads) set train.text_attention =
+"bidirectional" (BERT-like text tower, as ConLIP and MAMO use).
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from model_training.config import LossConfig, TrainConfig
+from model_training.config import QUEUE_TO_BATCH, LossConfig, TrainConfig
 
 OBJECTIVE_DIR = Path(__file__).resolve().parent / "configs" / "objectives"
-CONLIP_QUEUE_TO_BATCH = 3    # ConLIP: queue 12,288 / batch 4,096
+CONLIP_QUEUE_TO_BATCH = QUEUE_TO_BATCH    # ConLIP: queue 12,288 / batch 4,096
 
 
 def list_presets() -> list[str]:

@@ -1,6 +1,6 @@
 """DiHT's few-shot linear probe: projected gradient descent (PGD) from the zero-shot classifier.
 
-    python -m model_training.probe --model catclip-tiny --checkpoint RUN/export/open_clip_model.pt \
+    .venv/bin/python -m model_training.probe --model catclip-tiny --checkpoint RUN/export/open_clip_model.pt \
         --imagefolder data/fewshot --out RUN/probe [--ks 1,2,4,8] [--seeds 5]
     from model_training.probe import few_shot_comparison
     rows = few_shot_comparison(feats, labels, text_weights, ks=(1, 2, 4, 8))

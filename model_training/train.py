@@ -1,12 +1,12 @@
-"""Pre-train a CLIP-like dual encoder on Parquet shards. One straight-line loop, nanoGPT style.
+r"""Pre-train a CLIP-like dual encoder on Parquet shards. One straight-line loop, nanoGPT style.
 
-    python -m model_training.train --shards out/filter/shards --run runs/tiny --max-steps 300
-    python -m model_training.train --shards ... --run runs/tiny --resume latest          # continue
-    python -m model_training.train --shards ... --run runs/conlip --preset conlip --model catclip-tiny
-    torchrun --nproc_per_node 8 -m model_training.train --model ViT-B-16 --batch-size 256 \
+    .venv/bin/catcurate train --shards out/filter/shards --run runs/tiny --max-steps 300
+    .venv/bin/catcurate train --shards ... --run runs/tiny --resume latest          # continue
+    .venv/bin/catcurate train --shards ... --run runs/conlip --preset conlip --model catclip-tiny
+    .venv/bin/torchrun --nproc_per_node 8 -m model_training.train --model ViT-B-16 --batch-size 256 \
         --shards /data/laion-cat/shards --labels /data/laion-cat/labels --contrastive hn_nce \
         --concept-weight 1.0 --max-steps 100000 --warmup-steps 2000 --lr 5e-4 --run runs/b16
-    python -m model_training.train --help
+    .venv/bin/catcurate train --help
 
 DDP: under torchrun each rank reads its own shard files; image and text embeddings are
 all-gathered WITH gradient so the contrastive losses see the global batch (gloo on CPU, nccl on GPU).
@@ -22,13 +22,19 @@ file and the space needed / free, temporaries removed; the same command then res
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:]):
+    # answer --help before torch and open_clip are imported (seconds on a loaded machine)
+    from model_training.options import parse_args as _parse_args
+    _parse_args(sys.argv[1:], description=__doc__)
+
 import argparse
 import csv
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -40,13 +46,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model_training.data import ShardStream, check_sharding, list_shards, make_loader, read_vocab
-from model_training.config import LossConfig, TrainConfig  # noqa: F401 (TrainConfig is imported from here too)
-from model_training.losses import STAT_PREFIX, build_objective, gather_with_grad
-from model_training.presets import load_preset
+from model_training.config import LossConfig, TrainConfig, with_effective_queue  # noqa: F401 (TrainConfig is imported from here too)
+from model_training.losses import (OBJECTIVE_FORMAT, STAT_PREFIX, build_objective, check_objective_format,
+                                   gather_with_grad)
+from model_training.options import parse_args  # noqa: F401 (train_eval and others import it from here)
 from model_training.models import build_model, get_tokenizer
 from pipeline.store import storage
 from pipeline.store.locks import LockHeld, LockLost, folder_lock
-from pipeline.store.partitions import StorageError, as_storage_error, atomic_write_json, writing
+from pipeline.store.partitions import StorageError, as_storage_error, atomic_write_json, check_apart, writing
 from model_training.run_dir import (RUN_MANIFEST, RunFolderError, check_checkpoint_config, delete_checkpoint,
                                    export_checked, find_checkpoint, list_checkpoints, prepare_run_dir,
                                    remove_run_temporaries, run_identity, save_checkpoint, staged_run)
@@ -179,6 +186,9 @@ def train(cfg: TrainConfig, on_checkpoint=None) -> dict:
     Rank 0 holds RUN's lock throughout; a full disk raises one StorageError with the temporaries removed.
     A RUN in an object store (s3://...) is trained in a local mirror and pushed after every checkpoint
     (run_dir.staged_run); `on_checkpoint` is called on rank 0 after each checkpoint is complete."""
+    given = [cfg.shards] if isinstance(cfg.shards, (str, Path)) and "{" not in str(cfg.shards) else []
+    check_apart({"--shards": [*map(str, given), *list_shards(cfg.shards)], "--labels": cfg.labels or ""},
+                {"--run": cfg.run_dir})   # RUN inside (or around) its data: refused
     if storage.is_remote(cfg.run_dir):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RunFolderError(f"--run {cfg.run_dir}: a RUN in an object store is supported for one process; "
@@ -209,6 +219,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
     torch.manual_seed(cfg.seed)
     shards = list_shards(cfg.shards)
     check_sharding(len(shards), cfg.num_workers, world)   # fail here, not in a worker or a hung rank
+    cfg = with_effective_queue(cfg, world)   # queue 3 x global batch unless --queue-size: recorded as resolved
     identity = run_identity(cfg, shards)
     resume = prepare_run_dir(run_dir, identity, cfg, rank)
     if rank == 0:
@@ -225,9 +236,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
             raise ValueError(f"--image-features (a locked image tower) gives no image tokens or pixels; "
                              f"{', '.join('--' + n.replace('_', '-') for n in needs_tokens)} need the full tower")
         features = FeatureCache(cfg.image_features)
-    model = build_model(cfg.model, cfg.init_checkpoint or None, image_feature_dim=features.dim if features else 0
+    model = build_model(cfg.model, cfg.init_checkpoint or None, image_feature_dim=features.dim if features else 0,
+                        text_attention=cfg.text_attention
                         ).to(device)
-    objective = build_objective(cfg.loss, model, n_obj, n_att).to(device)
+    objective = build_objective(cfg.loss, model, n_obj, n_att, caption_shards=shards,   # shards: text noise's words
+                                holdout_fraction=cfg.holdout_fraction).to(device)
     trainee = Trainee(model, objective)
     optimizer = make_optimizer(trainee, cfg)
 
@@ -235,8 +248,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
     ckpt = find_checkpoint(run_dir, resume) if resume else None
     if resume and ckpt is None:
         print(f"[train] --resume {resume}: no checkpoint in {run_dir / 'checkpoints'}; starting fresh")
+    if ckpt is None and rank == 0:
+        print(f"[train] {cfg.model}: " + (f"weights from {cfg.init_checkpoint}" if cfg.init_checkpoint else
+                                          "random initial weights (training from scratch)"))
     if ckpt is not None:
         state = torch.load(ckpt, map_location=device, weights_only=True)
+        check_objective_format(ckpt, state, trainee)   # a checkpoint of an older objective: one line naming the change
         check_checkpoint_config(ckpt, state, identity)
         trainee.load_state_dict(state["trainee"])
         optimizer.load_state_dict(state["optimizer"])
@@ -334,7 +351,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
             else:
                 all_pos = [mine]
             if rank == 0:
-                save_checkpoint(run_dir, {"step": done, "trainee": trainee.state_dict(),
+                save_checkpoint(run_dir, {"step": done, "trainee": trainee.state_dict(), "objective_format": OBJECTIVE_FORMAT,
                                           "optimizer": optimizer.state_dict(), "data_positions": all_pos,
                                           "samples_seen": samples_seen, "skipped": skipped, "config": asdict(cfg),
                                           "data": identity["data"],
@@ -362,68 +379,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
     return summary
 
 
-# ------------------------------------------------------------------ CLI
-def _help(text: str) -> str:
-    """Help text + the default argparse will really use (after set_defaults: a caller's or a preset's)."""
-    return text.replace("%", "%%") + " (default: %(default)r)"
-
-
-def _add_dataclass_args(ap: argparse.ArgumentParser, cls, title: str):
-    group = ap.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = _help(f.metadata.get("help", ""))
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            group.add_argument(flag, type=type(default), default=default, help=help_text)
-
-
-_LOSS_HELP = {
-    "contrastive": "in-batch term: infonce | hn_nce | dcl | none", "hn_alpha": "HN-NCE positive weight",
-    "hn_beta": "HN-NCE hardness (0 = uniform negatives)", "contrastive_weight": "weight of the in-batch term",
-    "momentum_weight": "> 0 adds ConLIP's momentum-queue DCL term", "queue_size": "momentum queue length",
-    "momentum": "momentum-encoder EMA factor", "queue_temperature": "fixed temperature of the queue term",
-    "concept_weight": "> 0 adds concept distillation (needs --labels)",
-    "mlm_weight": "> 0 adds masked language modeling", "mim_weight": "> 0 adds masked image modeling",
-    "masked_heads": "conditioned (ConMLM/ConMIM: other modality's CLS complete, tokens masked) | vanilla",
-    "text_mask_ratio": "fraction of caption tokens masked", "image_mask_ratio": "fraction of patches masked",
-    "head_heads": "attention heads of the light heads and fusion blocks",
-    "itm_weight": "> 0 adds binary ITM with in-batch hard negatives", "fusion_layers": "fusion module depth",
-    "text_denoise_weight": "> 0 adds text denoising", "text_noise_ratio": "fraction of caption tokens replaced",
-    "image_denoise_weight": "> 0 adds image denoising", "image_noise_std": "noise std (normalised pixels)",
-    "image_denoise_target": "ema (multimodal head, EMA target) | clean | noise (unimodal pixel head)",
-    "repr_weight": "> 0 adds representation matching to an EMA target",
-    "repr_corruption": "noise (representation denoising) | mask (masked representation modeling)",
-    "repr_momentum": "EMA factor of the EMA target model",
-    "queue_loss": "dcl | infonce: the queue term", "mim_target": "pixels | ema_features: what MIM predicts"}
-
-
-def parse_args(argv=None, defaults: dict | None = None, description: str = __doc__) -> TrainConfig:
-    """argv -> TrainConfig. `defaults` replaces TrainConfig's defaults (a preset's values still win over
-    them, explicit flags over both), and --help shows them."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", dest="run_dir", default=argparse.SUPPRESS, help="alias of --run-dir")
-    _add_dataclass_args(ap, TrainConfig, "training")
-    lg = ap.add_argument_group("objective")
-    for f in dataclasses.fields(LossConfig):
-        lg.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        help=_help(_LOSS_HELP.get(f.name, "")))
-    ap.set_defaults(**(defaults or {}))
-    known, _ = ap.parse_known_args(argv)
-    if known.preset:   # the preset's values become defaults, so flags given explicitly still win
-        preset = load_preset(known.preset)
-        ap.set_defaults(**preset["loss"], **preset["train"])
-    a = vars(ap.parse_args(argv))
-    loss = LossConfig(**{f.name: a.pop(f.name) for f in dataclasses.fields(LossConfig)})
-    if not a.get("shards"):
-        ap.error("--shards is required")
-    return TrainConfig(**a, loss=loss)
-
-
+# ------------------------------------------------------------------ CLI (parsing: model_training/options.py)
 # errors a user can act on: RUN refusals, a full disk, a held lock, missing or unusable data
 USER_ERRORS = (RunFolderError, StorageError, storage.StorageAccessError, LockHeld, LockLost, FileNotFoundError,
                ValueError)
@@ -447,7 +403,7 @@ def one_line_errors(prog: str):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, description=__doc__)
     with one_line_errors("train"):
         summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

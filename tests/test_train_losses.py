@@ -22,7 +22,7 @@ def test_hn_nce_special_cases():
     img, txt = _pair()
     scale = torch.tensor(14.0)
     assert torch.allclose(hn_nce(img, txt, scale, alpha=1.0, beta=0.0), info_nce(img, txt, scale), atol=1e-5)
-    assert torch.allclose(hn_nce(img, txt, scale, alpha=0.0, beta=0.0), dcl(img, txt, scale), atol=1e-5)
+    assert torch.allclose(hn_nce(img, txt, scale, alpha=0.0, beta=0.0, allow_dcl=True), dcl(img, txt, scale), atol=1e-5)
     # DCL drops the positive from the denominator, so it is strictly below InfoNCE
     assert dcl(img, txt, scale) < info_nce(img, txt, scale)
 
@@ -80,10 +80,13 @@ def test_concept_soft_ce_matches_dense_cross_entropy():
     assert torch.allclose(head.soft_ce(logits, idx, probs, mask), expected, atol=1e-6)
 
 
-def test_momentum_queue_is_independent_of_batch_and_ema_moves():
+def test_momentum_queue_starts_with_random_unit_keys_wraps_and_ema_moves():
     torch.manual_seed(0)
     model = build_model("catclip-micro")
     mq = MomentumQueueContrastive(model, model.embed_dim, queue_size=10, momentum=0.9, temperature=0.05)
+    # MoCo's initialisation: the queue holds random unit keys from the start, so the term is defined at step 0
+    assert torch.allclose(mq.image_queue.norm(dim=1), torch.ones(10), atol=1e-5)
+    assert float((mq.image_queue @ mq.image_queue.T - torch.eye(10)).abs().max()) < 0.9   # not one repeated key
     images, texts = torch.randn(4, 3, 48, 48), torch.randint(1, 1000, (4, 24))
     texts[:, -1] = 49407
     for step in range(3):   # 3 batches of 4 into a queue of 10: wraps around
@@ -91,11 +94,13 @@ def test_momentum_queue_is_independent_of_batch_and_ema_moves():
                "text_emb": model.encode_text(texts)}
         loss = mq(out)["momentum_dcl"]
         assert torch.isfinite(loss)
-        if step == 0:   # empty queue: only in-batch momentum keys serve as negatives
+        if step == 0:
             loss.backward()
             assert model.clip.visual.conv1.weight.grad is not None
-    assert int(mq.queue_filled) == 10 and int(mq.queue_ptr) == 12 % 10
-    assert torch.allclose(mq.image_queue.norm(dim=1), torch.ones(10), atol=1e-5)
+    assert int(mq.queue_ptr) == 12 % 10
+    with torch.no_grad():   # the last batch's keys sit in slots 8, 9, 0, 1
+        keys = mq.ema.encode_image(images)
+    assert torch.allclose(mq.image_queue[[8, 9, 0, 1]], keys, atol=1e-5)
     # EMA: after an update the momentum weights move (1 - m) of the way to the online weights
     p_online = model.clip.text_projection
     with torch.no_grad():
@@ -107,9 +112,10 @@ def test_momentum_queue_is_independent_of_batch_and_ema_moves():
 
 
 @pytest.mark.parametrize("kind", ["dcl", "infonce"])
-def test_queue_term_matches_the_definition_per_query(kind):
-    # ConLIP: query q_i (online), positive k_i (momentum key of the same pair), negatives: the other keys of
-    # the batch and every queued key; DCL leaves e^{pos} out of the denominator, InfoNCE keeps it in.
+def test_queue_term_matches_conlip_eq_9_to_11_per_query(kind):
+    # ConLIP eq. 9-11: query x_i (online), positive k_i (the momentum key of the same pair), negatives: the
+    # entries q_j of the other modality's QUEUE only (not the batch's other momentum keys). DCL leaves
+    # e^{pos} out of the denominator, InfoNCE keeps it in. Reference: a loop over queries.
     torch.manual_seed(0)
     model = build_model("catclip-micro")
     mq = MomentumQueueContrastive(model, model.embed_dim, queue_size=6, momentum=0.9, temperature=0.05, kind=kind)
@@ -121,34 +127,59 @@ def test_queue_term_matches_the_definition_per_query(kind):
     mq.eval()    # no enqueue: fill the queue by hand with unit vectors
     mq.image_queue.copy_(F.normalize(torch.randn(6, model.embed_dim), dim=-1))
     mq.text_queue.copy_(F.normalize(torch.randn(6, model.embed_dim), dim=-1))
-    mq.queue_filled.fill_(5)           # the sixth slot is unfilled: it must not act as a negative
     out = {"images": images, "texts": texts, "image_emb": model.encode_image(images), "text_emb": model.encode_text(texts)}
     value = mq(out)[f"momentum_{kind}"]
     with torch.no_grad():
         keys = {"image": mq.ema.encode_image(images), "text": mq.ema.encode_text(texts)}
-        expected = 0.0
+        expected, with_batch = 0.0, 0.0
         for query_side, key_side in (("image", "text"), ("text", "image")):
-            queries, queue = out[f"{query_side}_emb"], getattr(mq, f"{key_side}_queue")[:5]
-            per_query = []
+            queries, queue = out[f"{query_side}_emb"], getattr(mq, f"{key_side}_queue")
+            per_query, per_query_batch = [], []
             for i in range(4):
                 pos = math.exp(float(queries[i] @ keys[key_side][i]) / 0.05)
-                neg = sum(math.exp(float(queries[i] @ keys[key_side][j]) / 0.05) for j in range(4) if j != i)
-                neg += sum(math.exp(float(queries[i] @ q) / 0.05) for q in queue)
+                neg = sum(math.exp(float(queries[i] @ q) / 0.05) for q in queue)
                 per_query.append(-math.log(pos / ((pos if kind == "infonce" else 0.0) + neg)))
+                batch = sum(math.exp(float(queries[i] @ keys[key_side][j]) / 0.05) for j in range(4) if j != i)
+                per_query_batch.append(-math.log(pos / ((pos if kind == "infonce" else 0.0) + neg + batch)))
             expected += sum(per_query) / 4
+            with_batch += sum(per_query_batch) / 4
     assert math.isclose(float(value.detach()), expected, rel_tol=1e-4)
+    assert not math.isclose(float(value.detach()), with_batch, rel_tol=1e-3)   # the old batch+queue negatives
 
 
-def test_conlip_presets_use_the_papers_queue_and_both_queue_losses_build():
-    from model_training.presets import CONLIP_QUEUE_TO_BATCH, load_preset
+def test_queue_defaults_to_three_global_batches_and_presets_leave_it_to_the_run():
+    from model_training.config import TrainConfig, effective_queue_size, with_effective_queue
+    from model_training.presets import load_preset
     for name in ("cl", "conlip", "conlip-vanilla"):
         loss = load_preset(name)["loss"]
-        assert loss["queue_size"] == 12288 == CONLIP_QUEUE_TO_BATCH * 4096 and loss["queue_loss"] == "dcl"
+        assert loss["queue_size"] == 0 and loss["queue_loss"] == "dcl"    # 0 = 3 x the global batch
+    # ConLIP: 12,288 = 3 x 4,096 = 3 x (batch per rank x ranks x accumulation steps)
+    assert effective_queue_size(TrainConfig(batch_size=256, accum_steps=2), world_size=8) == 12288
+    assert effective_queue_size(TrainConfig(batch_size=64), world_size=1) == 192
+    explicit = TrainConfig(batch_size=64, loss=LossConfig(queue_size=500))
+    assert effective_queue_size(explicit, world_size=4) == 500                # --queue-size wins
+    resolved = with_effective_queue(TrainConfig(batch_size=8, accum_steps=3), world_size=2)
+    assert resolved.loss.queue_size == 144 and TrainConfig().loss.queue_size == 0
     model = build_model("catclip-micro")
-    assert build_objective(LossConfig(contrastive="none", momentum_weight=1.0, queue_loss="infonce"),
+    with pytest.raises(ValueError, match="3 x the global batch"):
+        build_objective(LossConfig(contrastive="none", momentum_weight=1.0), model)
+    assert build_objective(LossConfig(contrastive="none", momentum_weight=1.0, queue_size=12, queue_loss="infonce"),
                            model).parts["momentum"].kind == "infonce"
     with pytest.raises(ValueError, match="queue_loss"):
-        build_objective(LossConfig(contrastive="none", momentum_weight=1.0, queue_loss="nce"), model)
+        build_objective(LossConfig(contrastive="none", momentum_weight=1.0, queue_size=12, queue_loss="nce"), model)
+
+
+def test_hn_nce_checks_its_arguments():
+    img, txt = _pair()
+    for alpha in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            hn_nce(img, txt, 10.0, alpha=alpha, beta=0.5)
+    with pytest.raises(ValueError, match="beta"):
+        hn_nce(img, txt, 10.0, alpha=1.0, beta=-0.1)
+    with pytest.raises(ValueError, match="alpha"):   # at build time, before any training
+        build_objective(LossConfig(contrastive="hn_nce", hn_alpha=0.0), build_model("catclip-micro"))
+    # DCL asked for by name: alpha = 0 allowed
+    assert torch.allclose(hn_nce(img, txt, 10.0, alpha=0.0, beta=0.0, allow_dcl=True), dcl(img, txt, 10.0), atol=1e-5)
 
 
 def test_objective_composes_weighted_terms():

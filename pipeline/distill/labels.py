@@ -71,8 +71,11 @@ def sqrt_sampling_weights(offsets: np.ndarray, indices: np.ndarray, rows: np.nda
     """Per-row sampling weights for square-root upsampling of rare concepts.
 
     Sampling a concept with probability ~ sqrt(freq) and then a row containing it uniformly gives
-    a row the probability sum_c t_c * sqrt(f_c) / f_c = sum_c t_c / sqrt(f_c), with t the row's
-    soft target (Mahajan et al. 2018, as used by DiHT). Normalised to mean 1.
+    a row the probability sum_c t_c * sqrt(f_c) / f_c = sum_c t_c / sqrt(f_c) (Mahajan et al. 2018, as
+    used by DiHT). Here t_c = 1 / n_r for each of the row's n_r concepts (uniform over the concepts
+    the row has, whatever their soft-target values), so a row's weight is the MEAN of 1 / sqrt(f_c)
+    over its concepts, not their sum: a row with many concepts is not up-weighted for having many.
+    Normalised to mean 1.
     """
     inv_sqrt = 1.0 / np.sqrt(np.maximum(counts, 1).astype(np.float64))
     w = np.empty(len(rows), dtype=np.float64)

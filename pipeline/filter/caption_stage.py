@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 
 import schemas as S
 from pipeline.filter import captions as cap
+from pipeline.filter import score_stage
 from pipeline.store import storage
 from pipeline.store.keys import content_key, duplicate_key
-from pipeline.store.partitions import Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
+from pipeline.store.partitions import UID_COLUMN, Chunk, Columns, atomic_write_parquet, read_chunk_salvaging, write_marker
 
 LEDGER_CAPTION_CHARS = 1000   # the ledger is read by people; full captions stay in captions/
 
@@ -65,18 +66,24 @@ def read_duplicates(out: str, part: str) -> dict[int, tuple[int, bool]]:
 
 
 def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionParams,
-                     final: bool, download: bool = False) -> dict:
+                     final: bool, download: bool = False, score_rules: list[dict] | None = None,
+                     caption_rules: bool = True) -> dict:
+    """score_rules (score_stage.Rule dicts): the score stage runs first, on this part's score columns;
+    caption_rules False (--stages score): rows the score stage passes are kept, nothing is parsed."""
     dups = read_duplicates(out, chunk.part)
     table, unreadable = _read(chunk, cols)  # corrupt row groups fail their rows, not the job
     n = table.num_rows
     keys, _ = part_keys(chunk, table, cols, unreadable)
     urls = _strings(table, cols.url) if cols.url else [None] * n
     texts, failures = _decode_captions(table, cols.caption)
+    scored = score_stage.decide_part(chunk, [score_stage.Rule.from_dict(r) for r in score_rules or []])
     rows = []   # CAPTIONS rows
     to_parse = []
     for i in range(n):
         row = {"key": keys[i], "url": urls[i], "caption": texts[i], "source_file": chunk.source_file,
                "source_row": chunk.file_row_offset + i, "passed": False, "reason": None}
+        if cols.key == UID_COLUMN:  # DataComp: the uid goes through img2dataset as its own column
+            row["uid"] = keys[i]
         key_occ, repeated = dups.get(row["source_row"], (1, False))
         if i in unreadable:
             row["reason"], row["error_message"] = S.R_READ_ERROR, unreadable[i]
@@ -84,7 +91,11 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
             continue
         if key_occ > 1:  # the key is taken (e.g. two img2dataset runs merged): a new, traceable one
             row["key"] = duplicate_key(keys[i], key_occ)
-        if repeated:     # same url + caption as an earlier row: a re-crawl, dropped
+        if i in scored:  # the score stage comes first: nothing else is looked at
+            row["reason"], row["score_verdict"] = scored[i]["reason"], scored[i]
+        elif not caption_rules:
+            row["passed"] = True
+        elif repeated:     # same url + caption as an earlier row: a re-crawl, dropped
             row["reason"] = S.R_DUPLICATE
         elif i in failures:
             row["reason"], row["caption"] = failures[i]
@@ -102,11 +113,18 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
         rows[i].update(parse.to_row(), passed=keep, reason=reason)
 
     ledger, download_rows = [], []
+    score_ledger = []
     for r in rows:
-        if not r["passed"]:
+        verdict = r.pop("score_verdict", None)
+        if verdict is not None:
+            score_ledger.append(_ledger_row(r, verdict["status"], S.STAGE_SCORE, verdict["reason"],
+                                            **{k: v for k, v in verdict.items() if k not in ("status", "reason")}))
+        elif not r["passed"]:
             status = S.FAILED if r["reason"] in (S.R_NON_STRING, S.R_INVALID_UTF8, S.R_READ_ERROR) else S.DROPPED
             ledger.append(_ledger_row(r, status, S.STAGE_CAPTION, r["reason"],
                                       error_message=r.pop("error_message", None)))
+        elif not caption_rules:  # --stages score: kept by the score stage
+            score_ledger.append(_ledger_row(r, S.KEPT, S.STAGE_SCORE, None))
         elif final:
             ledger.append(_ledger_row(r, S.KEPT, S.STAGE_CAPTION, None))
         elif download:
@@ -114,12 +132,16 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
                 ledger.append(_ledger_row(r, S.FAILED, S.STAGE_DOWNLOAD, S.R_BAD_URL,
                                           error_message=f"not an http(s) URL: {str(r['url'])[:200]!r}"))
             else:
-                download_rows.append({"url": r["url"], "caption": r["caption"], "cat_key": r["key"],
-                                      "cat_part": chunk.part})
+                download_rows.append({"url": r["url"], "caption": r["caption"], "uid": r.pop("uid", None),
+                                      "cat_key": r["key"], "cat_part": chunk.part})
 
     atomic_write_parquet(S.CAPTIONS.from_rows(rows), storage.join(out, "captions", f"{chunk.part}.parquet"))
     atomic_write_parquet(S.LEDGER.from_rows(ledger),
                          storage.join(out, "ledger", S.STAGE_CAPTION, f"{chunk.part}.parquet"))
+    if score_rules:  # the score stage's rows (and with --stages score its kept ones)
+        atomic_write_parquet(S.LEDGER.from_rows(score_ledger),
+                             storage.join(out, "ledger", S.STAGE_SCORE, f"{chunk.part}.parquet"))
+    ledger = score_ledger + ledger
     if download and download_rows:  # img2dataset wants no empty input files
         atomic_write_parquet(pa.Table.from_pylist(download_rows, schema=DOWNLOAD_INPUT),
                              storage.join(out, "_work", "download_input", f"{chunk.part}.parquet"))
@@ -128,8 +150,9 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
     return counts
 
 
-# img2dataset's input for the download stage: cat_key / cat_part come back in its output shards
-DOWNLOAD_INPUT = pa.schema([("url", pa.string()), ("caption", pa.string()),
+# img2dataset's input for the download stage: uid (DataComp's, null for other inputs; saved as DataComp's
+# download_upstream saves it), cat_key and cat_part come back in its output shards
+DOWNLOAD_INPUT = pa.schema([("url", pa.string()), ("caption", pa.string()), ("uid", pa.string()),
                             ("cat_key", pa.string()), ("cat_part", pa.string())])
 
 

@@ -2,7 +2,7 @@
 
     shards = run_download(out, DownloadParams(), distributor="multiprocessing")
 
-Input is OUTPUT/_work/download_input/*.parquet (url, caption, cat_key, cat_part), written by the
+Input is OUTPUT/_work/download_input/*.parquet (url, caption, uid, cat_key, cat_part), written by the
 caption stage for its passed rows only (on LAION most rows fail the caption rules, so most of the
 bandwidth is saved). Output is img2dataset's own Parquet layout in OUTPUT/_work/images/, whose
 cat_key / cat_part columns lead each image back to its caption parse. img2dataset's incremental mode
@@ -176,7 +176,7 @@ def _download(out: str, params: DownloadParams, distributor: str, rows_per_shard
 
     download(
         url_list=storage.join(out, "_work", "download_input"), input_format="parquet", url_col="url",
-        caption_col="caption", save_additional_columns=["cat_key", "cat_part"],
+        caption_col="caption", save_additional_columns=["uid", "cat_key", "cat_part"],
         output_folder=storage.join(out, "_work", "images"), output_format="parquet",  # fsspec: s3:// works
         number_sample_per_shard=rows_per_shard, distributor=distributor, incremental_mode="incremental",
         enable_wandb=False, **params.img2dataset_kwargs(),

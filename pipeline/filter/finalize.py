@@ -61,10 +61,15 @@ def duplicate_keys_error(keys: list[str]) -> RuntimeError:
     return RuntimeError(f"ledger invariant broken: keys with several ledger rows: {keys}")
 
 
-def build_stats(counts: list[dict], n_rows: int, kinds: set[str]) -> dict:
+def build_stats(counts: list[dict], n_rows: int, kinds: set[str], score: bool = False, caption: bool = True) -> dict:
     """stats.json's counts from ledger counts [{stage, status, reason, count}]: totals, and per stage
-    in pipeline order the rows in, kept, and dropped / failed per reason."""
-    order = [S.STAGE_CAPTION] + ([S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT] if kinds - {"caption"} else [])
+    in pipeline order the rows in, passed (went on to the next stage, or kept after the last), kept
+    (final status kept), and dropped / failed per reason. score: the score stage ran first; caption
+    False: --stages score (no caption rules)."""
+    score = score or any(c["stage"] == S.STAGE_SCORE for c in counts)
+    caption = caption or not score or any(c["stage"] == S.STAGE_CAPTION for c in counts)
+    order = ([S.STAGE_SCORE] if score else []) + ([S.STAGE_CAPTION] if caption else []) + \
+        ([S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT] if kinds - {"caption"} else [])
     by_stage = {s: {"in": 0, "kept": 0, "dropped": {}, "failed": {}} for s in order}
     totals = {S.KEPT: 0, S.DROPPED: 0, S.FAILED: 0}
     for c in counts:
@@ -79,6 +84,9 @@ def build_stats(counts: list[dict], n_rows: int, kinds: set[str]) -> dict:
         st = by_stage[s]
         st["in"] = remaining
         remaining -= st["kept"] + sum(st["dropped"].values()) + sum(st["failed"].values())
+        # rows that went on to the next stage (the last stage: the kept rows); "kept" stays the rows
+        # whose final status is kept, which only the last stage has
+        st["passed"] = remaining + st["kept"]
     n_input = sum(totals.values())
     return {"n_input": n_input, "n_input_rows_planned": n_rows, "n_kept": totals[S.KEPT],
             "n_dropped": totals[S.DROPPED], "n_failed": totals[S.FAILED], "routes": sorted(kinds),
@@ -87,7 +95,13 @@ def build_stats(counts: list[dict], n_rows: int, kinds: set[str]) -> dict:
 
 def finish_stats(output: str, counts: list[dict], plan, kinds: set[str]) -> dict:
     """build_stats plus what the output folder and the plan add; written to OUTPUT/stats.json."""
-    stats = build_stats(sorted(counts, key=_count_order), plan.n_rows, kinds)
+    manifest_path = storage.join(output, "manifest.json")   # written before any stage ran
+    manifest = storage.read_json(manifest_path) if storage.exists(manifest_path) else {}
+    stages = str(manifest.get("resume_identity", {}).get("stages", "auto")).split(",")
+    stats = build_stats(sorted(counts, key=_count_order), plan.n_rows, kinds, score=bool(manifest.get("score")),
+                        caption=stages != [S.STAGE_SCORE])
+    if manifest.get("score"):   # the score stage's thresholds (top fractions: the pool's quantiles)
+        stats["score"] = manifest["score"]
     stats["bad_files"] = plan.bad_files
     stats["n_shards"] = len(storage.files(storage.join(output, "shards"), ".parquet"))
     atomic_write_json(stats, storage.join(output, "stats.json"))

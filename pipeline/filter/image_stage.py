@@ -97,17 +97,20 @@ def rows_from_chunk(chunk: Chunk, cols: Columns, out: str) -> list[dict]:
     passed = sorted(_passed_captions(out, chunk.part).values(), key=lambda r: r["source_row"])
     if not passed:
         return []
-    wanted = [c for c in (cols.image, cols.status, cols.error, cols.key) if c]
+    # tar members are named by img2dataset's key, also where another column (DataComp's uid) is our key
+    member = "key" if chunk.tar and cols.key != "key" and "key" in storage.parquet_file(
+        chunk.path).schema_arrow.names else cols.key
+    wanted = list(dict.fromkeys(c for c in (cols.image, cols.status, cols.error, cols.key, member) if c))
     table, _ = read_chunk_salvaging(chunk, wanted)  # rows of corrupt row groups never passed
     local = [r["source_row"] - chunk.file_row_offset for r in passed]
     sub = table.take(local).to_pylist()
-    tar_images = _tar_images(chunk.tar, {s[cols.key] for s in sub}) if chunk.tar and cols.key else {}
+    tar_images = _tar_images(chunk.tar, {str(s[member]) for s in sub}) if chunk.tar and member else {}
     for r, s in zip(passed, sub):
-        r["jpg"] = s.get(cols.image) if cols.image else tar_images.get(str(s.get(cols.key)))
+        r["jpg"] = s.get(cols.image) if cols.image else tar_images.get(str(s.get(member)))
         r["status"] = s.get(cols.status) if cols.status else "success"
         r["error_message"] = s.get(cols.error) if cols.error else None
         if r["jpg"] is None and r["status"] == "success" and chunk.tar:
-            r["error_message"] = f"image for key {s.get(cols.key)} not found in {storage.basename(chunk.tar)}"
+            r["error_message"] = f"image for key {s.get(member)} not found in {storage.basename(chunk.tar)}"
     return passed
 
 
@@ -140,10 +143,16 @@ def rows_from_download_shard(shard_path: str, out: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["source_file"], r["source_row"]))
 
 
+class ChangedImage(ValueError):
+    """Re-deciding: an image differs from the one whose detections are stored (the input changed)."""
+
+
 def run_image_part(part: str, rows: list[dict], out: str, params: ImageStageParams,
-                   stored: dict[str, list[tuple[str, float]]] | None = None) -> dict:
+                   stored: dict[str, list[ts.Detection]] | None = None,
+                   stored_digests: dict[str, bytes] | None = None) -> dict:
     """Decide one part of images. With `stored` (key -> stored detections, read_evidence) nothing is
-    spotted: the rule is applied to the detections an earlier run stored (jobs/redecide.py)."""
+    spotted: the rule is applied to the detections an earlier run stored (jobs/redecide.py); with
+    `stored_digests` (read_digests) every image must be the one those detections came from (ChangedImage)."""
     if stored is None:
         import torch
         # one Spark task per core: torch's own thread pool on top would oversubscribe the cores
@@ -175,8 +184,10 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
             raise RuntimeError(f"part {part}: no stored OCR detections for {len(missing)} images "
                                f"(e.g. key {missing[0]!r}); this output cannot be re-decided")
         found = [stored[r["key"]] for r, _ in decoded]
+        _check_digests(part, decoded, stored_digests or {})
     clock = time.process_time()
-    atomic_write_parquet(S.OCR.from_rows([{"key": r["key"], "detections": [{"text": t, "conf": c} for t, c in dets]}
+    atomic_write_parquet(S.OCR.from_rows([{"key": r["key"], "detections": [evidence_row(d) for d in dets],
+                                           "digest": img.image_digest(r["jpg"])}
                                           for (r, _), dets in zip(decoded, found)]),
                          storage.join(out, "ocr", f"{part}.parquet"))
     cpu["write"] += time.process_time() - clock
@@ -189,10 +200,10 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
         if res.match is not None:
             ledger.append(ledger_row(r["key"], S.DROPPED, S.STAGE_TEXTSPOT, S.R_TEXT_SPOTTED, **evidence,
                                      ocr_text=res.match.text, ocr_conf=float(res.match.conf),
-                                     matched_span=res.match.span))
+                                     matched_span=res.match.span, ocr_engine=rule.engine))
             _add_thumb(thumbs, r["key"], S.R_TEXT_SPOTTED, d.image, params)
             continue
-        ledger.append(ledger_row(r["key"], S.KEPT, S.STAGE_TEXTSPOT, None, **evidence,
+        ledger.append(ledger_row(r["key"], S.KEPT, S.STAGE_TEXTSPOT, None, **evidence, ocr_engine=rule.engine,
                                  ocr_text=best[0] if best else None, ocr_conf=float(best[1]) if best else None))
         _add_thumb(thumbs, r["key"], "kept", d.image, params)
         jpg = r["jpg"] if d.source_format == "JPEG" else img.to_jpeg(d.image)
@@ -248,14 +259,51 @@ def _spot_unique_images(decoded: list, params: ImageStageParams,
     return [spotted[j] for j in slot], len(images)
 
 
-def read_evidence(out: str, part: str) -> dict[str, list[tuple[str, float]]]:
-    """The stored detections of one image part (OUTPUT/ocr/<part>.parquet): key -> [(text, conf)]."""
+def _check_digests(part: str, decoded: list, digests: dict[str, bytes]) -> None:
+    changed = [r for r, _ in decoded if digests.get(r["key"]) not in (None, img.image_digest(r["jpg"]))]
+    if changed:
+        files = sorted({str(r.get("source_file")) for r in changed})
+        r = changed[0]
+        raise ChangedImage(f"part {part}: {len(changed)} image(s) differ from the ones whose text was spotted (e.g. "
+                           f"key {r['key']!r}, {r.get('source_file')} row {r.get('source_row')}): the input changed "
+                           f"since; refusing to copy unchecked images. Run the filter afresh on "
+                           f"{', '.join(files[:3])}{' and more' if len(files) > 3 else ''} into a new OUTPUT.")
+
+
+def read_digests(out: str, part: str) -> dict[str, bytes]:
+    """key -> digest of the image bytes whose detections OUTPUT/ocr/<part>.parquet stores ({} before digests
+    were recorded)."""
+    t = storage.read_parquet(storage.join(out, "ocr", f"{part}.parquet"), schema=S.OCR.arrow, columns=None)
+    return {k: d for k, d in zip(t.column("key").to_pylist(), t.column("digest").to_pylist()) if d is not None}
+
+
+def evidence_row(d) -> dict:
+    """A detection (textspot.Detection, or a (text, conf) pair) as a schemas.OCR detections element."""
+    box = d[2] if len(d) > 2 and d[2] is not None else (None,) * 4
+    line = d[3] if len(d) > 3 else -1
+    return {"text": d[0], "conf": float(d[1]), "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "line": line}
+
+
+def detections_from_evidence(rows) -> list[ts.Detection]:
+    """schemas.OCR detections elements (dicts) back to Detections (rows stored before boxes and lines
+    were recorded: each word a line of its own, the rule they were decided with)."""
+    out = []
+    for d in rows or []:
+        d = d.asDict() if hasattr(d, "asDict") else d   # Spark Rows (jobs/redecide.py's joins) or dicts
+        box = None if d.get("x0") is None else (d["x0"], d["y0"], d["x1"], d["y1"])
+        line = d.get("line")
+        out.append(ts.Detection(d["text"], d["conf"], box, -1 if line is None else line))
+    return out
+
+
+def read_evidence(out: str, part: str) -> dict[str, list[ts.Detection]]:
+    """The stored detections of one image part (OUTPUT/ocr/<part>.parquet): key -> [Detection]."""
     path = storage.join(out, "ocr", f"{part}.parquet")
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} is missing: {out} stores no OCR detections for part {part} "
                                 f"(written before detections were stored?); run the filter again")
     t = storage.read_parquet(path, schema=S.OCR.arrow).to_pydict()
-    return {k: [(d["text"], d["conf"]) for d in dets or []] for k, dets in zip(t["key"], t["detections"])}
+    return {k: detections_from_evidence(dets) for k, dets in zip(t["key"], t["detections"])}
 
 
 def _add_thumb(thumbs, key, reason, image: Image.Image, params: ImageStageParams) -> None:

@@ -16,8 +16,9 @@ have computed nothing the source did not:
   min_chars          >= read_min_chars    narrower boxes were never read (recording setting, default 3)
   shard_rows, thumbs_per_reason, thumb_size   any (output layout only)
 
-Everything else describes how the evidence was computed - the parser's settings, the detector and
-recogniser (canvas_size, heat-map thresholds, box filters, re-read margins, max_boxes, bf16), the
+Everything else describes how the evidence was computed - the parser's settings, the engine
+(easyocr | ppocr), the detector and recogniser (canvas_min, canvas_size, line_gap, heat-map
+thresholds, box filters, re-read margins, max_boxes, bf16), the
 recording settings read_min_chars / reread_below, max_pixels, the download options, the input - and
 is refused with the reason; changing those needs a fresh `make filter`.
 """
@@ -31,11 +32,12 @@ from typing import Iterable
 
 import schemas as S
 from pipeline.filter import captions as cap
+from pipeline.filter import score_stage
 from pipeline.store import storage
 from pipeline.filter import textspot as ts
 from pipeline.filter.caption_stage import _count, _ledger_row
-from pipeline.filter.image_stage import ImageStageParams
-from pipeline.store.partitions import atomic_write_parquet, write_marker
+from pipeline.filter.image_stage import ImageStageParams, detections_from_evidence
+from pipeline.store.partitions import Chunk, atomic_write_parquet, write_marker
 
 CAPTION_THRESHOLDS = ("min_complexity", "require_action", "max_caption_chars")
 TEXT_THRESHOLDS = ("min_conf", "min_chars")
@@ -127,14 +129,34 @@ def caption_verdict(row: dict, params: cap.CaptionParams) -> tuple[bool, str | N
     return cap.keep_caption(cap.CaptionParse.from_row(row), params.min_complexity, params.require_action)
 
 
-def redecide_caption_part(src: str, into: str, part: str, params: cap.CaptionParams) -> dict:
+def redecide_caption_part(src: str, into: str, part: str, params: cap.CaptionParams,
+                          score: tuple[dict, list[dict]] | None = None, caption_rules: bool = True) -> dict:
     """INTO/captions/<part> and INTO/ledger/caption/<part> as a fresh caption stage with `params` writes
-    them: rows whose verdict changed get a new ledger row, the others keep the source's, in row order."""
+    them: rows whose verdict changed get a new ledger row, the others keep the source's, in row order.
+    score (the part's input chunk dict, score_stage.Rule dicts): the score stage first, re-decided from
+    the input's own score columns (INTO/ledger/score/<part>); caption_rules False: --stages score."""
     rows = storage.read_parquet(storage.join(src, "captions", f"{part}.parquet"), schema=S.CAPTIONS.arrow).to_pylist()
     old_ledger = {r["key"]: r for r in storage.read_parquet(storage.join(src, "ledger", S.STAGE_CAPTION, f"{part}.parquet"),
                                                             schema=S.LEDGER.arrow).to_pylist()}
-    ledger = []
+    ledger, score_ledger = [], []
+    if score is not None:
+        chunk = Chunk.from_dict(score[0])
+        scored = score_stage.decide_part(chunk, [score_stage.Rule.from_dict(d) for d in score[1]])
     for r in rows:
+        if score is not None and r["reason"] != S.R_READ_ERROR:
+            verdict = scored.get(r["source_row"] - chunk.file_row_offset)
+            if verdict is not None:   # dropped (or failed) by the score stage: never parsed in a fresh run
+                r.update(dict.fromkeys(_PARSE), passed=False, reason=verdict["reason"])
+                score_ledger.append(_ledger_row(r, verdict["status"], S.STAGE_SCORE, verdict["reason"],
+                                                **{k: v for k, v in verdict.items() if k not in ("status", "reason")}))
+                continue
+            if r["reason"] in (S.R_SCORE_BELOW, S.R_SCORE_MISSING):
+                if caption_rules:  # refused before (score_stage.check_redecidable): the row was never parsed
+                    raise NotRedecidable(f"key {r['key']!r} passes the score stage now but was never parsed")
+                r["passed"], r["reason"] = True, None
+            if not caption_rules:  # --stages score: kept by the score stage
+                score_ledger.append(_ledger_row(r, S.KEPT, S.STAGE_SCORE, None))
+                continue
         before = (r["passed"], r["reason"])
         if r["passed"] or r["reason"] in PARSED_REASONS:
             r["passed"], r["reason"] = caption_verdict(r, params)
@@ -146,7 +168,10 @@ def redecide_caption_part(src: str, into: str, part: str, params: cap.CaptionPar
             ledger.append(old_ledger[r["key"]])
     atomic_write_parquet(S.CAPTIONS.from_rows(rows), storage.join(into, "captions", f"{part}.parquet"))
     atomic_write_parquet(S.LEDGER.from_rows(ledger), storage.join(into, "ledger", S.STAGE_CAPTION, f"{part}.parquet"))
-    counts = _count(ledger, len(rows), sum(bool(r["passed"]) for r in rows))
+    if score is not None:
+        atomic_write_parquet(S.LEDGER.from_rows(score_ledger),
+                             storage.join(into, "ledger", S.STAGE_SCORE, f"{part}.parquet"))
+    counts = _count(score_ledger + ledger, len(rows), sum(bool(r["passed"]) for r in rows))
     write_marker(into, S.STAGE_CAPTION, part, counts)
     return counts
 
@@ -174,7 +199,7 @@ def count_outcomes(rows: Iterable[dict], points: list[dict], caption: cap.Captio
         if old[0] is None:
             raise RuntimeError(f"key {row['key']!r} has no ledger row in the source output")
         parsed = row["c_passed"] or row["c_reason"] in PARSED_REASONS
-        detections = [(d["text"], d["conf"]) for d in row.get("detections") or []]
+        detections = detections_from_evidence(row.get("detections"))   # words with their boxes and lines
         verdicts, matches = {}, {}
         for i, (c, im) in enumerate(params):
             outcome = old

@@ -69,12 +69,16 @@ def _e(value) -> str:
 
 
 def funnel_stages(stats: dict) -> list[str]:
-    """The stages to show, in pipeline order. Download only when some input was downloaded: inputs that
-    hold their images pass straight from the caption stage to text spotting."""
+    """The stages to show, in pipeline order. Download only when some input was downloaded or a row ended
+    there (an input holding images whose row has none): otherwise inputs that hold their images pass
+    straight from the caption stage to text spotting."""
     by_stage = stats.get("by_stage", {})
     shown = [s for s in STAGES if s in by_stage] + sorted(s for s in by_stage if s not in STAGES)
-    if "routes" in stats and STAGE_DOWNLOAD not in stats["routes"]:
-        shown = [s for s in shown if s != STAGE_DOWNLOAD]
+    def decided_rows(stage: str) -> int:
+        st = by_stage[stage]
+        return sum(st.get("dropped", {}).values()) + sum(st.get("failed", {}).values())
+    if "routes" in stats and STAGE_DOWNLOAD not in stats["routes"]:   # shown still when a row ended there
+        shown = [s for s in shown if s != STAGE_DOWNLOAD or decided_rows(s)]
     return shown
 
 
@@ -158,13 +162,21 @@ def _legend(colours: dict) -> str:
     return f"<div class='legend'>{''.join(items)}</div>"
 
 
+def stage_passed(st: dict) -> int:
+    """Rows that left a stage towards the next one (after the last stage: kept). Outputs written before
+    stats.json had "passed" derive it from in - dropped - failed."""
+    if "passed" in st:
+        return int(st["passed"])
+    return int(st.get("in", 0)) - sum(st.get("dropped", {}).values()) - sum(st.get("failed", {}).values())
+
+
 def _counts_table(stats: dict) -> str:
-    rows = ["<table><tr><th>stage</th><th>in</th><th>kept</th><th>status</th><th>reason</th><th>rows</th></tr>"]
+    rows = ["<table><tr><th>stage</th><th>in</th><th>passed</th><th>status</th><th>reason</th><th>rows</th></tr>"]
     for stage in funnel_stages(stats):
         s = stats["by_stage"][stage]
         reasons = [(st, r, n) for st in ("dropped", "failed") for r, n in sorted(s.get(st, {}).items())] or [("", "", "")]
         for i, (status, reason, n) in enumerate(reasons):
-            head = (f"<td>{_e(stage)}</td><td>{int(s.get('in', 0)):,}</td><td>{int(s.get('kept', 0)):,}</td>"
+            head = (f"<td>{_e(stage)}</td><td>{int(s.get('in', 0)):,}</td><td>{stage_passed(s):,}</td>"
                     if i == 0 else "<td></td><td></td><td></td>")
             link = f"<a href='#{_e(reason)}'>{_e(reason)}</a>" if reason else ""
             rows.append(f"<tr>{head}<td>{_e(status)}</td><td>{link}</td><td>{'' if n == '' else f'{n:,}'}</td></tr>")
@@ -198,6 +210,10 @@ def _card(row: dict) -> str:
     evidence = [f"{_e(row.get('status'))} at {_e(row.get('stage'))}"]
     if row.get("complexity") is not None:
         evidence.append(f"complexity C{_e(row['complexity'])}")
+    if row.get("score_column"):   # the score stage: column, value, threshold
+        value = "missing" if row.get("score") is None else f"{float(row['score']):.4g}"
+        limit = "" if row.get("score_threshold") is None else f" (threshold {float(row['score_threshold']):.4g})"
+        evidence.append(f"{_e(row['score_column'])} = {_e(value)}{_e(limit)}")
     if row.get("ocr_text"):
         conf = f" (conf {float(row['ocr_conf']):.2f})" if row.get("ocr_conf") is not None else ""
         evidence.append(f"OCR: \u201c{_e(row['ocr_text'])}\u201d{conf}")

@@ -1,7 +1,7 @@
 """The embedded default sample, and converters that turn image folders into filter inputs.
 
-    python -m pipeline.filter.sample --output data/sample/captions.parquet       # what `make sample` runs
-    python -m pipeline.filter.sample --coco ../shared/data/coco-mini --output data/coco/coco.parquet
+    .venv/bin/catcurate sample --output data/sample/captions.parquet       # what `make sample` runs
+    .venv/bin/catcurate sample --coco ../shared/data/coco-mini --output data/coco/coco.parquet
 
 The sample is img2dataset-style Parquet (key, url, caption, status, error_message, jpg, width,
 height) made entirely by this code: web-style captions of every kind the filter must handle (scene

@@ -46,21 +46,32 @@ import time
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from rapidfuzz.distance import LCSseq
 
 
 # ---------------------------------------------------------------- the caption rule
+class Detection(NamedTuple):
+    """One recognised word: its text, recogniser confidence, box (x0, y0, x1, y1) in the image's pixels
+    and the line it sits on (same baseline, gaps up to ~line_gap x its height; -1: a line of its own).
+    Plain (text, conf) pairs are accepted wherever detections are: each is a line of its own."""
+    text: str
+    conf: float
+    box: tuple | None = None
+    line: int = -1
+
+
 @dataclass(frozen=True)
 class TextMatch:
-    text: str          # the OCR detection that matched, as recognised
-    conf: float        # its recogniser confidence
+    text: str          # the detections that matched, as recognised (a word, or words of one line joined by spaces)
+    conf: float        # their lowest recogniser confidence
     span: str          # the caption substring it matches (original characters, for <mark> in reports)
     n_chars: int       # shared characters (letters/digits) of the longest common window
     start: int         # span = caption[start:end]
     end: int
+    n_words: int = 1   # detections joined into `text`
 
 
 def normalise(text: str) -> tuple[str, list[int]]:
@@ -90,37 +101,97 @@ def _longest_common_window(text: str, caption: str, min_chars: int) -> tuple[int
     return best_len, best_start
 
 
-def caption_match(detections: Sequence[tuple[str, float]], caption: str | None,
+def confident_runs(detections: Sequence, min_conf: float) -> list[list]:
+    """The candidate texts of the rule: per line (detections sharing a line id >= 0, in reading order by
+    box x0; a detection without a line is a line of its own), each maximal run of consecutive words
+    whose every confidence is >= min_conf. A window inside a run therefore has only confident words,
+    and a single confident word is a run (or part of one) too."""
+    lines: dict[int, list] = defaultdict(list)
+    alone = []
+    for d in detections:
+        line = d[3] if len(d) > 3 and d[3] is not None else -1
+        (lines[line] if line >= 0 else alone).append(d)
+    runs = []
+    for words in [sorted(ws, key=lambda d: d[2][0] if d[2] is not None else 0.0) for ws in lines.values()] + \
+            [[d] for d in alone]:
+        run: list = []
+        for d in [*words, None]:
+            if d is not None and d[0] and d[1] >= min_conf:
+                run.append(d)
+            elif run:
+                runs.append(run)
+                run = []
+    return runs
+
+
+def caption_match(detections: Sequence, caption: str | None,
                   min_conf: float = 0.8, min_chars: int = 5) -> TextMatch | None:
-    """The DiHT text-spotting rule: the best detection (conf >= min_conf) sharing a window of
-    >= min_chars normalised characters with the caption, or None (keep the pair)."""
+    """The DiHT text-spotting rule on lines: the best run of confident words of one line (each word's
+    conf >= min_conf; confident_runs) sharing a window of >= min_chars normalised characters with the
+    caption, or None (keep the pair). Detections are Detection tuples or (text, conf) pairs (lines of
+    their own: the word-level rule). Best = most shared characters, then highest (lowest-word) confidence."""
     if not caption or min_chars < 1:
         return None
     norm_caption, origin = normalise(caption)
     best: TextMatch | None = None
-    for text, conf in detections:
-        if conf < min_conf or not text:
-            continue
+    for run in confident_runs(detections, min_conf):
+        text = " ".join(d[0] for d in run)
+        conf = min(float(d[1]) for d in run)
         n_chars, start = _longest_common_window(normalise(text)[0], norm_caption, min_chars)
         if n_chars < min_chars:
             continue
         if best is None or (n_chars, conf) > (best.n_chars, best.conf):
             lo, hi = origin[start], origin[start + n_chars - 1] + 1
-            best = TextMatch(text, float(conf), caption[lo:hi], n_chars, lo, hi)
+            best = TextMatch(text, conf, caption[lo:hi], n_chars, lo, hi, len(run))
     return best
 
 
+def assign_lines(boxes: Sequence[tuple], line_gap: float = 1.0) -> list[int]:
+    """Line ids for word boxes (x0, y0, x1, y1), the way easyocr's readtext merges words into lines:
+    two boxes share a line when their vertical centres differ by < half the smaller height, their
+    heights by < 2x, and the horizontal gap between them is < line_gap x the larger height (about one
+    character). Transitive (a line is a chain of such neighbours); ids number lines by their first box."""
+    n = len(boxes)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        x0, y0, x1, y1 = boxes[i]
+        hi, ci = y1 - y0, (y0 + y1) / 2
+        for j in range(i + 1, n):
+            u0, v0, u1, v1 = boxes[j]
+            hj, cj = v1 - v0, (v0 + v1) / 2
+            if min(hi, hj) <= 0 or max(hi, hj) > 2 * min(hi, hj) or abs(ci - cj) >= min(hi, hj) / 2:
+                continue
+            gap = max(u0 - x1, x0 - u1)   # < 0 when they overlap horizontally
+            if gap < line_gap * max(hi, hj) and gap > -0.5 * min(x1 - x0, u1 - u0):
+                parent[root(j)] = root(i)
+    ids: dict[int, int] = {}
+    return [ids.setdefault(root(i), len(ids)) for i in range(n)]
+
+
 # ---------------------------------------------------------------- parameters
+ENGINES = ("easyocr", "ppocr")
+# per engine, the detector canvas's long side (min, max): measured on the labelled real-text set at the
+# download stage's sizes (bench/bench_textspot.py --policy; docs/text-spotting.md)
+ENGINE_CANVAS = {"easyocr": (384, 640), "ppocr": (320, 640)}
+
 @dataclass(frozen=True)
 class TextSpotParams:
     min_conf: float = 0.8         # DiHT: only confident detections count
     min_chars: int = 5            # DiHT: >= 5 shared characters; shorter overlaps are common words by chance
-    canvas_size: int = 320        # detector input long side at most (multiple of 32): 4x fewer CRAFT pixels than
-                                  # a 640x480 native; boxes match easyocr's at the same canvas (bench_textspot)
-    detect_scale: float = 0.625   # and at most this x the image's long side: never upscaled (readtext runs a
-                                  #   256-px image at 256). CRAFT is ~90% of the cost at the download stage's
-                                  #   256 px; at 160 it takes 0.1 instead of 0.33 CPU s with the same drop
-                                  #   recall on the Flickr8k set (text legible at 256 px is >= ~16 canvas px)
+    engine: str = "easyocr"       # easyocr (CRAFT + english_g2, torch) | ppocr (PP-OCRv4 det + rec, ONNX Runtime;
+                                  #   pipeline.filter.ppocr). Default: the benchmark's pick (ENGINES, docs/text-spotting.md)
+    canvas_min: int | None = None # detection-scale policy: the detector's canvas long side is the image's long
+    canvas_size: int | None = None #  side clamped to [canvas_min, canvas_size] (small images upscaled, large ones
+                                  #   capped); None = the engine's measured default (ENGINE_CANVAS). Real text at
+                                  #   the download stage's 256 px is 6-12 px high: shrunk to 160 px (the old
+                                  #   "never upscale x0.625") CRAFT missed 5 of 8 signs (bench/results/textspot.json)
     batch_size: int = 16          # canvases per CRAFT forward: little gain on CPU, the big one on GPU
     text_threshold: float = 0.7   # easyocr's defaults for the CRAFT heat maps: the weights were tuned
     low_text: float = 0.4         #   with them
@@ -128,10 +199,11 @@ class TextSpotParams:
     min_box_side: int = 8         # canvas px; easyocr drops boxes < 20 px at 640 (~10 px on our canvas)
     min_char_aspect: float = 0.25 # a character is >= ~0.25 box heights wide ('i', 'l'): boxes narrower
                                   #   than min_chars * this * height cannot hold a match; not recognised
-    merge_gap: float = 0.1        # join CRAFT boxes closer than this x box height: word-level detections, as
-                                  #   text spotters report words. easyocr's 0.5 joins a line into one detection
-                                  #   whose confidence (a product over its characters) falls below 0.8 even when
-                                  #   read exactly ("sitting on top ofa" 0.68 in the labelled set) -> lost recall
+    merge_gap: float = 0.1        # join CRAFT boxes closer than this x box height: word-level detections, each with
+                                  #   its own confidence (easyocr's 0.5 joins a line into one detection whose
+                                  #   confidence, a product over its characters, falls below 0.8 even when read
+                                  #   exactly); lines are formed afterwards (assign_lines) for the rule
+    line_gap: float = 1.0         # words share a line across gaps < this x their height (about one character)
     box_margin: float = 0.1       # easyocr's add_margin (box height fraction added around each box)
     reread_margins: tuple = (0.1, 0.2)  # a box read with confidence < min_conf is read again from crops this
                                   #   much larger (x box height; its best reading is kept, as easyocr's own
@@ -147,14 +219,29 @@ class TextSpotParams:
                                   #   confidences drop ("colorful" 0.80 -> 0.70). GPU: fp32
 
     def __post_init__(self):
-        if self.canvas_size % 32 or self.canvas_size < 64:
-            raise ValueError(f"canvas_size must be a multiple of 32 and >= 64, got {self.canvas_size}")
-        if not 0 < self.detect_scale <= 1:
-            raise ValueError(f"detect_scale must be in (0, 1], got {self.detect_scale}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        for name in ("canvas_min", "canvas_size"):
+            v = getattr(self, name)
+            if v is not None and (v % 32 or v < 64):
+                raise ValueError(f"{name} must be a multiple of 32 and >= 64, got {v}")
         if self.batch_size < 1 or self.recog_batch_size < 1 or self.min_chars < 1 or not 0 <= self.min_conf <= 1:
             raise ValueError(f"invalid text-spot parameters: {self}")
         if any(m < 0 for m in self.reread_margins):
             raise ValueError(f"reread_margins must be >= 0, got {self.reread_margins}")
+
+    def canvas_bounds(self) -> tuple[int, int]:
+        """(min, max) of the detector canvas's long side: the fields, or the engine's measured defaults."""
+        lo, hi = ENGINE_CANVAS[self.engine]
+        hi = self.canvas_size if self.canvas_size is not None else hi
+        lo = min(self.canvas_min if self.canvas_min is not None else lo, hi)
+        return lo, hi
+
+    def canvas_scale(self, h: int, w: int) -> float:
+        """Resize factor from an h x w image to its detector canvas (upscale below min, cap above max)."""
+        lo, hi = self.canvas_bounds()
+        long_side = max(h, w)
+        return min(hi, max(lo, long_side)) / long_side
 
 
 # ---------------------------------------------------------------- easyocr reader (one per process)
@@ -242,8 +329,8 @@ class TextSpotter:
         self.cpu_seconds = {"detect": 0.0, "recognise": 0.0}
 
     def spot(self, images: Sequence[np.ndarray], captions: Sequence[str | None] | None = None
-             ) -> list[list[tuple[str, float]]]:
-        """Per image (H x W x 3 uint8 RGB), the recognised texts with their confidences.
+             ) -> list[list[Detection]]:
+        """Per image (H x W x 3 uint8 RGB), the recognised words: Detection(text, conf, box, line).
 
         All boxes of all images are read in batched recogniser forwards; boxes read with confidence
         < min_conf are read again from wider crops (reread_margins), the better reading kept. With
@@ -256,21 +343,25 @@ class TextSpotter:
         detected = time.process_time()
         self.cpu_seconds["detect"] += detected - clock
         greys = [cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2GRAY) if (h or f) else None
-                 for im, (h, f) in zip(images, boxes)]
-        # one job per box: (image, horizontal box or None, free box or None)
-        jobs = [(i, b, None) for i, (h, _f) in enumerate(boxes) for b in h] + \
-               [(i, None, f) for i, (_h, fs) in enumerate(boxes) for f in fs]
-        readings = self._read([self._crop(greys[i], h, f, 0.0) for i, h, f in jobs])
+                 for im, (h, f, _l) in zip(images, boxes)]
+        # one job per box: (image, horizontal box or None, free box or None, line id)
+        jobs = [(i, b, None, line) for i, (h, _f, lines) in enumerate(boxes) for b, line in zip(h, lines)] + \
+               [(i, None, f, -1) for i, (_h, fs, _l) in enumerate(boxes) for f in fs]
+        readings = self._read([self._crop(greys[i], h, f, 0.0) for i, h, f, _l in jobs])
+
+        def as_detections(pairs):
+            return [Detection(t, c, _job_box(h, f), line) for (_i, h, f, line), (t, c) in pairs]
+
         for margin in p.reread_margins:
             settled = set()
             if captions is not None:
                 per_image = defaultdict(list)
-                for (i, _h, _f), r in zip(jobs, readings):
-                    per_image[i].append(r)
+                for job, r in zip(jobs, readings):
+                    per_image[job[0]].append((job, r))
                 settled = {i for i, found in per_image.items()
-                           if caption_match(found, captions[i], p.min_conf, p.min_chars)}
+                           if caption_match(as_detections(found), captions[i], p.min_conf, p.min_chars)}
             # free-form (rotated) boxes come from a perspective warp whose edges are not the problem
-            redo = [k for k, (i, h, _f) in enumerate(jobs)
+            redo = [k for k, (i, h, _f, _l) in enumerate(jobs)
                     if h is not None and readings[k][1] < p.min_conf and i not in settled]
             if not redo:
                 break
@@ -278,9 +369,9 @@ class TextSpotter:
             for k, r in zip(redo, again):
                 if r[1] > readings[k][1]:
                     readings[k] = r
-        results: list[list[tuple[str, float]]] = [[] for _ in images]
-        for (i, _h, _f), r in zip(jobs, readings):
-            results[i].append(r)
+        results: list[list[Detection]] = [[] for _ in images]
+        for job, r in zip(jobs, readings):
+            results[job[0]].extend(as_detections([(job, r)]))
         self.cpu_seconds["recognise"] += time.process_time() - detected  # crops, recogniser, re-reads
         return results
 
@@ -357,8 +448,9 @@ class TextSpotter:
         features = model.AdaptiveAvgPool(features.permute(0, 3, 1, 2)).squeeze(3)
         return model.Prediction(model.SequenceModeling(features).contiguous())
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[tuple[list, list]]:
-        """Per image, easyocr's (horizontal boxes, free-form boxes) in original pixel coordinates."""
+    def detect(self, images: Sequence[np.ndarray]) -> list[tuple[list, list, list]]:
+        """Per image, easyocr's (horizontal boxes [x0, x1, y0, y1], free-form boxes, each horizontal box's
+        line id) in original pixel coordinates."""
         import cv2
         from easyocr.imgproc import normalizeMeanVariance
         p = self.params
@@ -369,7 +461,7 @@ class TextSpotter:
             h, w = image.shape[:2]
             if min(h, w) < 4:
                 continue  # a few pixels hold no readable text
-            scale = min(p.canvas_size / max(h, w), p.detect_scale)
+            scale = p.canvas_scale(h, w)   # the detection-scale policy: small images upscaled, large ones capped
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
             # INTER_AREA when shrinking keeps thin strokes that INTER_LINEAR would alias away
             resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -378,7 +470,7 @@ class TextSpotter:
             canvas[:nh, :nw] = resized
             canvases[i], scales[i] = canvas, scale
             buckets[shape].append(i)  # same-shape canvases share a forward pass (4:3, 3:4, 1:1, ...)
-        out: list[tuple[list, list]] = [([], []) for _ in images]
+        out: list[tuple[list, list, list]] = [([], [], []) for _ in images]
         for indices in buckets.values():
             for b in range(0, len(indices), p.batch_size):
                 chunk = indices[b:b + p.batch_size]
@@ -396,32 +488,56 @@ class TextSpotter:
             y, _features = self.detector(x)
         return y.float().cpu().numpy()  # N x H/2 x W/2 x (text score, link score)
 
-    def _boxes(self, heat: np.ndarray, scale: float) -> tuple[list, list]:
+    def _boxes(self, heat: np.ndarray, scale: float) -> tuple[list, list, list]:
         from easyocr.craft_utils import getDetBoxes
         from easyocr.utils import group_text_box
         p = self.params
         boxes, _polys, _ = getDetBoxes(heat[:, :, 0], heat[:, :, 1], p.text_threshold, p.link_threshold, p.low_text)
         if len(boxes) == 0:
-            return [], []
+            return [], [], []
         to_original = 2.0 / scale  # heat maps are at half the canvas resolution
         polys = [(np.asarray(box) * to_original).astype(np.int32).reshape(-1) for box in boxes]
-        # easyocr's grouping (slope, centre, height thresholds: its readtext defaults); words not lines
+        # easyocr's grouping (slope, centre, height thresholds: its readtext defaults); words, lines below
         horizontal, free = group_text_box(polys, 0.1, 0.5, 0.5, p.merge_gap, p.box_margin, True)
         min_side = p.min_box_side / scale
-        min_aspect = p.min_chars * p.min_char_aspect
-        horizontal = [b for b in horizontal
-                      if max(b[1] - b[0], b[3] - b[2]) >= min_side and (b[1] - b[0]) >= min_aspect * (b[3] - b[2])]
+        horizontal = [b for b in horizontal if max(b[1] - b[0], b[3] - b[2]) >= min_side]
+        horizontal, lines = keep_readable(horizontal, [_job_box(b, None) for b in horizontal], p)
         free = [f for f in free if max(np.ptp([c[0] for c in f]), np.ptp([c[1] for c in f])) >= min_side]
         # largest first: overlaid titles and captions are the big text, so an early match comes sooner
-        horizontal = sorted(horizontal, key=lambda b: -(b[1] - b[0]) * (b[3] - b[2]))[:p.max_boxes]
-        free = free[:max(0, p.max_boxes - len(horizontal))]
-        return horizontal, free
+        order = sorted(range(len(horizontal)), key=lambda k: -(horizontal[k][1] - horizontal[k][0]) *
+                       (horizontal[k][3] - horizontal[k][2]))[:p.max_boxes]
+        free = free[:max(0, p.max_boxes - len(order))]
+        return [horizontal[k] for k in order], free, [lines[k] for k in order]
+
+
+def _job_box(h, f) -> tuple[float, float, float, float] | None:
+    """(x0, y0, x1, y1) of an easyocr horizontal box [x0, x1, y0, y1] or free-form box (4 points)."""
+    if h is not None:
+        return (float(h[0]), float(h[2]), float(h[1]), float(h[3]))
+    if f is not None:
+        xs, ys = [float(c[0]) for c in f], [float(c[1]) for c in f]
+        return (min(xs), min(ys), max(xs), max(ys))
+    return None
+
+
+def keep_readable(items: list, boxes: list[tuple], p: TextSpotParams) -> tuple[list, list[int]]:
+    """The items whose box can take part in a match, with their line ids (assign_lines over all boxes):
+    a box on a line with others is kept whatever its width (short words of a quoted phrase: "ON TOP OF
+    A"); a box alone on its line must be wide enough for min_chars characters (min_char_aspect x height
+    each), else it is not recognised at all."""
+    lines = assign_lines(boxes, p.line_gap)
+    count = defaultdict(int)
+    for line in lines:
+        count[line] += 1
+    min_aspect = p.min_chars * p.min_char_aspect
+    keep = [k for k, (x0, y0, x1, y1) in enumerate(boxes) if count[lines[k]] > 1 or x1 - x0 >= min_aspect * (y1 - y0)]
+    return [items[k] for k in keep], [lines[k] for k in keep]
 
 
 # ---------------------------------------------------------------- what the Spark job calls
 @dataclass(frozen=True)
 class TextSpotResult:
-    detections: list[tuple[str, float]]   # recognised texts of every box read (largest box first)
+    detections: list[Detection]           # every word read (text, conf, box, line; largest box first)
     match: TextMatch | None               # not None -> drop the pair (reason text_spotted)
 
     @property
@@ -432,17 +548,25 @@ class TextSpotResult:
 _SPOTTERS: dict = {}
 
 
-def get_spotter(params: TextSpotParams, gpu: bool | str | None = None) -> TextSpotter:
-    """The process's TextSpotter for these parameters on this task's device (see TextSpotter's gpu):
-    one per device, as a Python worker may run tasks on different GPUs (the reader is shared anyway)."""
+def make_spotter(params: TextSpotParams, gpu: bool | str | None = None):
+    """A new spotter of params.engine: TextSpotter (easyocr) or pipeline.filter.ppocr.PPOCRSpotter."""
+    if params.engine == "ppocr":
+        from pipeline.filter.ppocr import PPOCRSpotter
+        return PPOCRSpotter(gpu=gpu, params=params)
+    return TextSpotter(gpu=gpu, params=params)
+
+
+def get_spotter(params: TextSpotParams, gpu: bool | str | None = None):
+    """The process's spotter (engine per params.engine) for these parameters on this task's device (see
+    TextSpotter's gpu): one per device, as a Python worker may run tasks on different GPUs."""
     key = (params, _spot_device(gpu))
     if key not in _SPOTTERS:
-        _SPOTTERS[key] = TextSpotter(gpu=key[1], params=params)
+        _SPOTTERS[key] = make_spotter(params, gpu=key[1])
     return _SPOTTERS[key]
 
 
 def spot_and_match(images: Sequence[np.ndarray], captions: Sequence[str | None],
-                   params: TextSpotParams | None = None, spotter: TextSpotter | None = None) -> list[TextSpotResult]:
+                   params: TextSpotParams | None = None, spotter=None) -> list[TextSpotResult]:
     """Spot text in a partition's decoded images (batched) and apply the caption rule to each pair."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")

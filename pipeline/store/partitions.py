@@ -29,10 +29,13 @@ import pyarrow.parquet as pq
 from pipeline.store import storage
 from pipeline.store.storage import STORAGE_ERRNOS, StorageError, storage_error, writing  # noqa: F401 (re-exported)
 
-# columns recognised without configuration: LAION metadata (URL, TEXT) and img2dataset output
+# columns recognised without configuration: LAION metadata (URL, TEXT), img2dataset output and DataComp's
+# CommonPool metadata (uid, url, text; its img2dataset shards carry uid beside img2dataset's own key):
+# a uid, where present, is the key, so the ledger and the subset file speak DataComp's ids
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
 URL_COLUMNS = ("URL", "url")
-KEY_COLUMNS = ("key",)
+KEY_COLUMNS = ("uid", "key")
+UID_COLUMN = "uid"
 IMAGE_COLUMNS = ("jpg", "image", "webp", "png")
 
 # img2dataset's input formats that carry captions (txt has URLs only); any may end in .gz
@@ -168,6 +171,42 @@ def input_base(path: str) -> str:
     return path if storage.isdir(path) else storage.dirname(path) or "."
 
 
+def input_locations(path: str) -> list[str]:
+    """Where an input lives, for the check that no output overlaps it: the file or folder itself;
+    for a glob its matches, plus its fixed prefix when the pattern descends into sub-folders."""
+    if not storage.has_magic(path):
+        return [storage.normalize(path)]
+    pattern = storage.normalize(path)
+    base = input_base(pattern)
+    rest = pattern[len(base):].strip("/")
+    out = storage.glob(pattern)
+    if "**" in rest or "/" in rest:
+        out.append(base)
+    return out
+
+
+def check_apart(inputs: dict[str, str | list[str]], outputs: dict[str, str]) -> None:
+    """Refuse (InputError, naming both) an output that is, lies inside or contains an input: the run
+    would read its own outputs back as input and write into the input's folder. Symlinks and '..'
+    are resolved; on stores the same bucket and prefix count."""
+    import fnmatch
+    for out_name, out in outputs.items():
+        if not out:
+            continue
+        for in_name, given in inputs.items():
+            for where in [given] if isinstance(given, str) else given:
+                if not where:
+                    continue
+                matched = storage.has_magic(where) and fnmatch.fnmatch(storage.normalize(out), storage.normalize(where))
+                for loc in input_locations(where) if storage.has_magic(where) else [where]:
+                    how = storage.overlaps(out, loc)
+                    if how or matched:
+                        how = how or "matches"
+                        raise InputError(f"{out_name} {out} {how} {in_name} {loc if how != 'matches' else where}: "
+                                         f"outputs must lie apart from inputs (the run would read its own outputs "
+                                         f"back or write into the input); choose another {out_name}")
+
+
 def _relative(f: str, base: str) -> str:
     """f's name under base ('/'-separated), for fingerprints that survive moving the whole input."""
     base = base.rstrip("/") + "/"
@@ -205,6 +244,34 @@ class Plan:
     bad_files: list[dict]              # unreadable files skipped with --skip-bad-files
     fingerprint: str
     n_rows: int
+    content: dict[str, str] = None     # per input file (name relative to the input): its content tag
+
+
+HEAD_TAIL_BYTES = 1 << 20   # a Parquet file's content tag hashes its first and last MiB (the footer)
+
+
+def content_tag(f: str, fmt: str) -> str:
+    """What changes when a file's content changes, cheaply. Stores: size and the store's ETag / MD5 /
+    generation. Local text inputs (CSV, TSV, JSON): a hash of the whole file (it is read whole to convert
+    anyway). Local Parquet: size, mtime and hashes of the first and last MiB (the footer, which holds
+    every row group's offsets and statistics); an image replaced in place by one of the same length with
+    the mtime restored is caught when its row is copied (the stored image digest, pipeline.filter.image_stage)."""
+    if storage.is_remote(f):
+        return f"size {storage.size(f)}|version {storage.version_tag(f)}"
+    h = hashlib.blake2b(digest_size=16)
+    st = os.stat(f)
+    with open(f, "rb") as fh:
+        if fmt != "parquet" or st.st_size <= 2 * HEAD_TAIL_BYTES:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+            what = "blake2b"
+        else:
+            h.update(fh.read(HEAD_TAIL_BYTES))
+            fh.seek(st.st_size - HEAD_TAIL_BYTES)
+            h.update(fh.read(HEAD_TAIL_BYTES))
+            what = "head+tail blake2b"
+    mtime = f"|mtime_ns {st.st_mtime_ns}" if fmt == "parquet" and st.st_size > 2 * HEAD_TAIL_BYTES else ""
+    return f"size {st.st_size}{mtime}|{what} {h.hexdigest()}"
 
 
 def plan_input(path: str, rows_per_part: int, skip_bad_files: bool = False, work_dir: str | None = None,
@@ -212,16 +279,17 @@ def plan_input(path: str, rows_per_part: int, skip_bad_files: bool = False, work
     """Cut the input into parts from Parquet footers (no data pages are read). CSV / TSV / JSON(L)
     files are first converted once, streaming, to Parquet under work_dir/_work/input/ (reused by a
     rerun while the source is unchanged), so parts, resume and the ledger work as for Parquet."""
-    chunks, columns, bad, finger = [], {}, [], hashlib.sha256()
+    chunks, columns, bad, finger, content = [], {}, [], hashlib.sha256(), {}
     base = input_base(path)
     for file_idx, (f, fmt) in enumerate(list_input_files(path, input_format)):
         try:
+            tag = content[_relative(f, base)] = content_tag(f, fmt)
             if fmt == "parquet":
                 readable, cols = f, None
             else:
                 if work_dir is None:
                     raise InputError(f"{f}: {FORMAT_NAMES[fmt]} input needs a work folder to convert it in")
-                readable, cols = convert_to_parquet(f, fmt, work_dir, file_idx, rows_per_part, column_names)
+                readable, cols = convert_to_parquet(f, fmt, work_dir, file_idx, rows_per_part, column_names, tag)
             pf = storage.parquet_file(readable)
             meta, names = pf.metadata, pf.schema_arrow.names
         except (InputError, StorageError):
@@ -243,19 +311,36 @@ def plan_input(path: str, rows_per_part: int, skip_bad_files: bool = False, work
             raise InputError(f"nothing readable in {path!r}: all {len(bad)} input file(s) failed to read "
                              f"({listed}{'; ...' if len(bad) > 3 else ''}){' and the others hold no rows' if columns else ''}")
         raise InputError(f"input {path!r} holds no rows")
-    return Plan(chunks, columns, bad, finger.hexdigest()[:16], sum(c.num_rows for c in chunks))
+    return Plan(chunks, columns, bad, finger.hexdigest()[:16], sum(c.num_rows for c in chunks), content)
+
+
+def input_content(path: str, input_format: str = "auto") -> dict[str, str]:
+    """{file relative to the input: content_tag} of an input, as plan_input records it, without converting
+    or reading any rows (checked before anything is written from the input)."""
+    base = input_base(path)
+    return {_relative(f, base): content_tag(f, fmt) for f, fmt in list_input_files(path, input_format)}
+
+
+def changed_files(recorded: dict | None, now: dict) -> list[str]:
+    """Input files (relative names) whose content tag differs from the recorded one, or that appeared or
+    went; [] when nothing was recorded (outputs of earlier versions)."""
+    if not recorded:
+        return []
+    return sorted(n for n in set(recorded) | set(now) if recorded.get(n) != now.get(n))
 
 
 # ---------------------------------------------------------------- CSV / TSV / JSON(L) -> Parquet
 
 def convert_to_parquet(src: str, fmt: str, work_dir: str, file_idx: int, rows_per_part: int,
-                       column_names: dict) -> tuple[str, Columns]:
+                       column_names: dict, tag: str | None = None) -> tuple[str, Columns]:
     """Stream a URL list into OUTPUT/_work/input/<n>-<name>.parquet with the columns the filter uses.
     Caption and url are stored as bytes so a bad byte sequence fails its row (caption_invalid_utf8),
     not the file."""
     src_size = storage.size(src)
     group = max(1, min(rows_per_part, 65_536))
-    stamp = json.dumps({"size": src_size, "mtime_ns": _mtime_stamp(src), "format": fmt, "row_group": group,
+    # the source's content (content_tag: a hash of the whole text file), not its mtime: a same-length edit
+    # with the mtime put back must not serve the old rows
+    stamp = json.dumps({"size": src_size, "content": tag or content_tag(src, fmt), "format": fmt, "row_group": group,
                         "columns": {k: v for k, v in sorted(column_names.items()) if v}})
     dst = storage.join(work_dir, "_work", "input", f"{file_idx:05d}-{storage.basename(src)}.parquet")
     if storage.exists(dst):
@@ -280,11 +365,6 @@ def _write_converted(writer, batches, cols: Columns, schema: pa.Schema, group: i
     for records in batches:  # a header-only file gives an empty Parquet file with the right columns
         writer.write_table(_typed_table(records, cols).replace_schema_metadata(schema.metadata),
                            row_group_size=group)
-
-
-def _mtime_stamp(src: str):
-    """The source's version: mtime in ns on local disks (as before), the store's ETag / generation else."""
-    return os.stat(src).st_mtime_ns if not storage.is_remote(src) else storage.version_tag(src)
 
 
 def _typed_table(records: dict[str, list], cols: Columns) -> pa.Table:
@@ -459,6 +539,13 @@ def as_storage_error(exc: BaseException, folder: str) -> StorageError | None:
     return None
 
 
+def task_error(exc: BaseException, names: tuple[str, ...]) -> str | None:
+    """The one-line message of an error of one of the classes `names` raised in a Spark task, which
+    reaches the driver as text (the Python traceback inside a Java exception); None when it is not one."""
+    found = re.search(rf"\b({'|'.join(map(re.escape, names))}): ([^\n]*)", str(exc))
+    return found.group(2).strip() if found else None
+
+
 def atomic_write_parquet(table: pa.Table, path: str) -> None:
     """Readers see the whole file or nothing: local temporary + rename, or one PUT (storage.py)."""
     storage.write_parquet(table, path)
@@ -498,15 +585,37 @@ def check_resume(out: str, resume_identity: dict) -> None:
     path = storage.join(out, "manifest.json")
     if not storage.exists(path):
         return
-    previous = storage.read_json(path).get("resume_identity")
+    previous = read_manifest(path).get("resume_identity")
     if previous is None:
         return
     now = json.loads(json.dumps(resume_identity, default=str))
+    if isinstance(previous.get("input"), dict) and "content" not in previous["input"]:
+        now.get("input", {}).pop("content", None)   # written before content tags were recorded
+    changed = changed_files((previous.get("input") or {}).get("content"), (now.get("input") or {}).get("content") or {})
+    if changed:
+        raise ParamsChanged(
+            f"input file(s) changed since {out} was written: {', '.join(changed[:5])}"
+            f"{' and more' if len(changed) > 5 else ''}; refusing to resume (its finished parts were decided on "
+            f"the old content). Filter just the changed file(s) into a new OUTPUT, or delete {out} to start over.")
     diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in dict_differences(previous, now)]
     if diffs:
         raise ParamsChanged(
             f"{out} was written with other parameters or input; refusing to resume. Differences: "
             + "; ".join(diffs) + ". Use a new OUTPUT, or delete the old one to start over.")
+
+
+def read_manifest(path: str) -> dict:
+    """A manifest.json this product wrote, or InputError in one line when it is not one (garbage, edited
+    into something else than a JSON object)."""
+    try:
+        doc = json.loads(storage.read_bytes(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a manifest this product wrote (not JSON: {e}); restore it, or use a new "
+                         f"folder") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("resume_identity", {}), dict):
+        raise InputError(f"{path} is not a manifest this product wrote (no resume identity object); restore it, or "
+                         f"use a new folder")
+    return doc
 
 
 def dict_differences(a, b, prefix=""):

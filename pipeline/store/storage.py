@@ -199,6 +199,30 @@ def identity(uri: str) -> str:
     return f"{basename(uri)}|{size(uri)}|{version_tag(uri)}"
 
 
+def _containment_form(uri: str) -> str:
+    """A location as compared for containment: symlinks and '..' resolved on local disks; on stores
+    protocol aliases folded (s3a:// is s3://) and no trailing '/'."""
+    uri = normalize(uri)
+    if not is_remote(uri):
+        return os.path.realpath(uri)
+    proto, rest = uri.split("://", 1)
+    proto = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}.get(proto, proto)
+    return f"{proto}://{posixpath.normpath(rest).lstrip('/')}"
+
+
+def overlaps(a: str, b: str) -> str | None:
+    """How location a relates to b: 'is', 'is inside', 'contains', or None when they are apart."""
+    x, y = _containment_form(a), _containment_form(b)
+    if x == y:
+        return "is"
+    sep = "/" if is_remote(x) else os.sep
+    if x.startswith(y.rstrip(sep) + sep):
+        return "is inside"
+    if y.startswith(x.rstrip(sep) + sep):
+        return "contains"
+    return None
+
+
 # ---------------------------------------------------------------- reading
 
 def open(uri: str, mode: str = "rb", **kw):  # noqa: A001 - the module is used as `storage.open`
@@ -246,8 +270,16 @@ def read_parquet(uris: str | list[str], columns: list[str] | None = None, schema
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
     if schema is not None:
         target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-        tables = [t.select(target.names).cast(target) for t in tables]
+        tables = [_with_nullable_columns(t, target).select(target.names).cast(target) for t in tables]
     return pa.concat_tables(tables)
+
+
+def _with_nullable_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A file written before a nullable column was added to its schema reads with that column null."""
+    for field in schema:
+        if field.name not in table.column_names and field.nullable:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
 
 
 # ---------------------------------------------------------------- writing (write once, marker last)

@@ -1,8 +1,8 @@
 """Webdataset tars of the filter's kept pairs, in img2dataset's layout, for open_clip's trainer.
 
-    spark-submit jobs/cat_filter.py --input laion/ --output out/filter --output-format webdataset
-    python -m pipeline.store.webdataset out/filter        # tars for an OUTPUT filtered earlier (no Spark)
-    python -m open_clip_train.main --dataset-type webdataset \
+    .venv/bin/catcurate filter --input laion/ --output out/filter --output-format webdataset
+    .venv/bin/python -m pipeline.store.webdataset out/filter        # tars for an OUTPUT filtered earlier (no Spark)
+    .venv/bin/python -m open_clip_train.main --dataset-type webdataset \
         --train-data 'out/filter/webdataset/{00000..00003}.tar' --train-num-samples N ...
 
 The Parquet shards stay the canonical output (the ledger, distillation and our trainer use them);
@@ -23,8 +23,9 @@ them by key (model_training/data.py). No label file per tar is written.
 
 KEY is the row's key when it is made of [A-Za-z0-9_~-] only (the product's hash keys and
 img2dataset's numeric keys are); any other key is percent-encoded, with '.' encoded too: webdataset
-groups members by the name up to the first '.', so a dot in a key would split a sample. KEY.json
-and the sidecar hold the key itself.
+groups members by the name up to the first '.', so a dot in a key would split a sample. The empty
+key becomes '%empty' (no encoded key can: encoding writes upper-case hex). KEY.json and the sidecar
+hold the key itself, and KEY.json the member name it was given ("member").
 
 Commit protocol (object stores have no rename): every object is written once under its final name
 through pipeline.store.storage (fsspec: s3://, gs://, file:// and local paths alike), tar first (streamed:
@@ -54,9 +55,15 @@ _SAFE_KEY = re.compile(r"[A-Za-z0-9_~-]+")
 _PARSE = ("objects", "attributes", "actions", "complexity", "has_action")
 
 
+EMPTY_KEY_STEM = "%empty"   # '%e' is never produced by percent-encoding (upper-case hex digits): no key maps here
+
+
 def member_stem(key: str) -> str:
     """The tar member name of a key, without extension (see the module docstring). The encoding is
-    one-to-one: safe keys contain no '%', encoded ones always do."""
+    one-to-one: safe keys contain no '%', encoded ones always do. The empty key, which would give the
+    hidden, stem-less members '.jpg', '.txt' (webdataset readers skip them), is EMPTY_KEY_STEM."""
+    if key == "":
+        return EMPTY_KEY_STEM
     return key if _SAFE_KEY.fullmatch(key) else quote(key, safe="").replace(".", "%2E")
 
 
@@ -84,6 +91,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _sample_json(row: dict) -> bytes:
     doc = {k: row[k] for k in ("key", "url", "caption", "width", "height", *_PARSE)}
+    doc["member"] = member_stem(row["key"])   # the name the key was given in the tar
     return json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
 
 

@@ -1,0 +1,224 @@
+"""DataComp: CommonPool metadata in, score filters composed with the CAT stages, the filtering-track subset file.
+
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_datacomp.py
+
+Input: a CommonPool-shaped Parquet file (uid, url, text, original_width, original_height,
+clip_b32_similarity_score, clip_l14_similarity_score, face_bboxes, sha256) with 64 real LAION captions
+and urls from ../shared, synthetic uids (32 hex) and scores (a few null / NaN). The loopback tests reuse
+tests/test_download.py's HTTP server.
+"""
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import schemas as S
+from jobs.cat_filter import cat_filter
+from jobs.redecide import redecide
+from pipeline.filter import datacomp
+from pipeline.filter.download import DownloadParams
+from pipeline.filter.redecide import NotRedecidable
+from pipeline.filter.score_stage import ScoreParams, StagePlan, parse_stages
+from pipeline.store.partitions import InputError
+from tests.conftest import COCO_MINI, LAION_SAMPLE
+from tests.test_download import server  # noqa: F401 - the loopback HTTP server fixture
+
+N = 64
+B32, L14 = "clip_b32_similarity_score", "clip_l14_similarity_score"
+SCORE = ScoreParams(min_score=((B32, 0.2),), top_fraction=((L14, 0.5),))
+
+
+def uid_of(i: int, salt: str = "") -> str:
+    return hashlib.md5(f"commonpool-{salt}{i}".encode()).hexdigest()
+
+
+def commonpool_table(urls, texts, salt="", missing=(3, 17, 40), nan=(8,)) -> pa.Table:
+    rng = random.Random(7)
+    n = len(urls)
+    b32 = [round(rng.uniform(0.1, 0.4), 6) for _ in range(n)]
+    l14 = [round(rng.uniform(0.1, 0.4), 6) for _ in range(n)]
+    for i in missing:
+        if i < n:
+            b32[i] = None
+    for i in nan:
+        if i < n:
+            l14[i] = float("nan")
+    return pa.table({
+        "uid": [uid_of(i, salt) for i in range(n)], "url": urls, "text": texts,
+        "original_width": pa.array([640] * n, pa.int64()), "original_height": pa.array([480] * n, pa.int64()),
+        B32: pa.array(b32, pa.float64()), L14: pa.array(l14, pa.float64()),
+        "face_bboxes": pa.array([[] for _ in range(n)], pa.list_(pa.list_(pa.float64()))),
+        "sha256": [hashlib.sha256(u.encode()).hexdigest() for u in urls]})
+
+
+@pytest.fixture(scope="module")
+def commonpool(tmp_path_factory, shared_data):
+    laion = pq.read_table(LAION_SAMPLE, columns=["URL", "TEXT"]).slice(0, N).to_pydict()
+    path = tmp_path_factory.mktemp("commonpool") / "metadata" / "0000.parquet"
+    path.parent.mkdir()
+    pq.write_table(commonpool_table(laion["URL"], laion["TEXT"]), path, row_group_size=16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored_run(spark, commonpool, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dc") / "score-caption")
+    stats = cat_filter(str(commonpool.parent), out, spark=spark, stages="score,caption", rows_per_part=16, score=SCORE)
+    return out, stats
+
+
+def ledger_of(out) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(out, "ledger")).set_index("key")
+
+
+def test_commonpool_score_then_caption(scored_run, commonpool):
+    out, stats = scored_run
+    table = pq.read_table(commonpool).to_pandas().set_index("uid")
+    ledger = ledger_of(out)
+    assert sorted(ledger.index) == sorted(table.index)          # keyed by uid, one row per input row
+    assert stats["n_input"] == N == stats["n_kept"] + stats["n_dropped"] + stats["n_failed"]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    rules = manifest["score"]["rules"]
+    assert [(r["column"], r["fraction"]) for r in rules] == [(B32, None), (L14, 0.5)]
+    q = rules[1]["threshold"]                                   # the pool's median of l14 (exact at this size)
+    values = table[L14].dropna().to_numpy()
+    assert q in set(values) and abs((values >= q).sum() - 0.5 * len(values)) <= 1
+    assert stats["score"]["rules"] == rules
+    for uid, row in table.iterrows():
+        r = ledger.loc[uid]
+        if row[B32] != row[B32] or row[B32] is None:            # null b32: failed by the first rule
+            assert (r.status, r.stage, r.reason, r.score_column) == (S.FAILED, S.STAGE_SCORE, S.R_SCORE_MISSING, B32)
+        elif row[B32] < 0.2:
+            assert (r.status, r.stage, r.reason, r.score_column) == (S.DROPPED, S.STAGE_SCORE, S.R_SCORE_BELOW, B32)
+            assert r.score == row[B32] and r.score_threshold == 0.2
+        elif np.isnan(row[L14]):
+            assert (r.status, r.reason, r.score_column) == (S.FAILED, S.R_SCORE_MISSING, L14)
+        elif row[L14] < q:
+            assert (r.stage, r.reason, r.score, r.score_threshold) == (S.STAGE_SCORE, S.R_SCORE_BELOW, row[L14], q)
+        else:
+            assert r.stage == S.STAGE_CAPTION       # passed the score stage: the caption rules decided
+    score_rows = ledger[ledger.stage == S.STAGE_SCORE]
+    assert len(score_rows) and score_rows.complexity.isna().all()       # never parsed
+    assert stats["n_kept"] > 0 and (ledger[ledger.status == S.KEPT].stage == S.STAGE_CAPTION).all()
+    assert list(stats["by_stage"])[:2] == [S.STAGE_SCORE, S.STAGE_CAPTION]
+    assert stats["by_stage"][S.STAGE_SCORE]["in"] == N
+    html = open(os.path.join(out, "report.html")).read()
+    assert S.R_SCORE_BELOW in html and B32 in html
+
+
+def test_subset_file_is_the_kept_uids(scored_run):
+    out, stats = scored_run
+    ledger = ledger_of(out)
+    subset = np.load(os.path.join(out, "datacomp", "subset_uids.npy"))
+    assert subset.dtype == np.dtype("u8,u8")
+    kept = sorted(ledger[ledger.status == S.KEPT].index)
+    expected = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in kept], np.dtype("u8,u8"))
+    expected.sort()
+    assert np.array_equal(subset, expected) and stats["n_subset_uids"] == len(kept) > 0
+    # DataComp's lookup: np.searchsorted finds every kept uid and no dropped one
+    for uid, status in ledger.status.items():
+        pair = np.array([(int(uid[:16], 16), int(uid[16:32], 16))], np.dtype("u8,u8"))
+        i = int(np.searchsorted(subset, pair)[0])
+        assert (i < len(subset) and subset[i] == pair[0]) == (status == S.KEPT), uid
+    # the external sort with 8 buckets (the merge path) writes the same bytes; so does the module's CLI
+    first = open(os.path.join(out, "datacomp", "subset_uids.npy"), "rb").read()
+    assert datacomp.main([out, "--bucket-bits", "3"]) == 0
+    assert open(os.path.join(out, "datacomp", "subset_uids.npy"), "rb").read() == first
+
+
+def test_stages_option():
+    assert parse_stages("score", SCORE) == StagePlan(score=True, caption=False, images="none")
+    assert parse_stages("score,caption,download,textspot", SCORE) == StagePlan(True, True, "all")
+    assert parse_stages("auto", SCORE).score and not parse_stages("auto", ScoreParams()).score
+    for bad in ("caption,score", "score,caption", "caption,download", "download,textspot", "nonsense"):
+        with pytest.raises(InputError):
+            parse_stages(bad, ScoreParams() if bad == "score,caption" else SCORE)
+    with pytest.raises(InputError, match="leaves out the score stage"):
+        parse_stages("caption", SCORE)
+
+
+def test_score_stage_alone_and_redecide_equals_fresh(spark, scored_run, commonpool, tmp_path):
+    """--stages score keeps what the score stage passes, unparsed; a redecide with a stricter --min-score
+    (and a smaller top fraction) equals a fresh run, subset file included; a looser one is refused."""
+    out, _ = scored_run
+    alone = str(tmp_path / "alone")
+    stats = cat_filter(str(commonpool.parent), alone, spark=spark, stages="score", rows_per_part=16, score=SCORE)
+    ledger = ledger_of(alone)
+    assert set(ledger.stage) == {S.STAGE_SCORE} and ledger.complexity.isna().all()
+    assert stats["n_kept"] == len(ledger[ledger.status == S.KEPT]) > 0
+    assert list(stats["by_stage"]) == [S.STAGE_SCORE]
+    assert len(np.load(os.path.join(alone, "datacomp", "subset_uids.npy"))) == stats["n_kept"]
+
+    stricter = ScoreParams(min_score=((B32, 0.25),), top_fraction=((L14, 0.3),))
+    fresh = str(tmp_path / "fresh")
+    cat_filter(str(commonpool.parent), fresh, spark=spark, stages="score,caption", rows_per_part=16, score=stricter)
+    into = str(tmp_path / "into")
+    redecide(out, into, engine="local", min_score=[(B32, 0.25)], score_top_fraction=[(L14, 0.3)])
+    cols = ["status", "stage", "reason", "score_column", "score", "score_threshold", "complexity", "caption"]
+    a, b = ledger_of(fresh)[cols].sort_index(), ledger_of(into)[cols].sort_index()
+    pd.testing.assert_frame_equal(a, b)
+    assert (ledger_of(into).score_threshold == 0.25).any()
+    for f in ("datacomp/subset_uids.npy",):
+        assert open(os.path.join(fresh, f), "rb").read() == open(os.path.join(into, f), "rb").read()
+    ca = pd.read_parquet(os.path.join(fresh, "captions")).set_index("key").sort_index()
+    cb = pd.read_parquet(os.path.join(into, "captions")).set_index("key").sort_index()
+    pd.testing.assert_frame_equal(ca[["passed", "reason", "complexity"]], cb[["passed", "reason", "complexity"]])
+    with pytest.raises(NotRedecidable, match="min_score"):
+        redecide(out, str(tmp_path / "looser"), engine="local", min_score=[(B32, 0.1)])
+    # the score stage alone may be re-decided either way: nothing came after it
+    redecide(alone, str(tmp_path / "alone-looser"), engine="local", min_score=[(B32, 0.1)])
+    assert ledger_of(str(tmp_path / "alone-looser")).status.eq(S.KEPT).sum() >= stats["n_kept"]
+
+
+def test_uid_survives_download_and_datacomp_shards_are_input(spark, server, tmp_path):  # noqa: F811
+    """CommonPool rows with loopback URLs: img2dataset carries the uid (save_additional_columns) and the
+    kept pairs are keyed by it; DataComp-downloaded webdataset shards (sidecar with uid) are image input."""
+    base, photos = server
+    captions = ["A man riding a bike past a red building", "A woman holding an umbrella in the rain",
+                "A dog chasing a ball on the beach"]
+    urls = [f"{base}/img/{p}?dc" for p in photos[:2]] + [f"{base}/missing.jpg?dc"]
+    table = commonpool_table(urls, captions, salt="dl", missing=(), nan=())
+    inp = tmp_path / "pool" / "0000.parquet"
+    inp.parent.mkdir()
+    pq.write_table(table, inp)
+    out = str(tmp_path / "out")
+    cat_filter(str(inp.parent), out, spark=spark, rows_per_part=16,
+               download=DownloadParams(timeout=2, processes_count=1, thread_count=2, allow_private_addresses=True))
+    ledger = ledger_of(out)
+    uids = table.column("uid").to_pylist()
+    assert sorted(ledger.index) == sorted(uids)
+    assert ledger.loc[uids[2]].reason == S.R_DOWNLOAD_FAILED
+    kept = sorted(ledger[ledger.status == S.KEPT].index)
+    assert kept == sorted(uids[:2])
+    fetched = pd.read_parquet(os.path.join(out, "_work", "images"))
+    assert set(fetched.uid) == set(uids) and (fetched.uid == fetched.cat_key).all()
+    assert sorted(pd.read_parquet(os.path.join(out, "shards")).key) == kept
+    assert np.array_equal(np.load(os.path.join(out, "datacomp", "subset_uids.npy")), datacomp.uids_to_array(kept))
+
+    # DataComp's own download (img2dataset webdataset): tar members named by img2dataset's key, uid beside it
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    keys = ["000000000", "000000001"]
+    side = pa.table({"key": keys, "uid": uids[:2], "url": urls[:2], "caption": captions[:2],
+                     "status": ["success"] * 2, "error_message": [None, None]})
+    pq.write_table(side, shards / "00000.parquet")
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for k, u, c, p in zip(keys, uids, captions, photos):
+            for name, data in ((f"{k}.jpg", (COCO_MINI / "images" / p).read_bytes()), (f"{k}.txt", c.encode()),
+                               (f"{k}.json", json.dumps({"key": k, "uid": u, "caption": c}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out2 = str(tmp_path / "from-shards")
+    cat_filter(str(shards), out2, spark=spark)
+    ledger2 = ledger_of(out2)
+    assert sorted(ledger2.index) == sorted(uids[:2]) and (ledger2.status == S.KEPT).all(), ledger2.to_dict()
+    assert np.array_equal(np.load(os.path.join(out2, "datacomp", "subset_uids.npy")), datacomp.uids_to_array(uids[:2]))
