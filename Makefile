@@ -37,7 +37,7 @@ export PYTHONPATH := $(CURDIR)
 # the user's *_ARGS reach catcurate through this variable (catcurate/cli.py: EXTRA_ARGS_ENV)
 ARGS = CATCURATE_EXTRA_ARGS="$$CC_$(1)"
 
-.PHONY: setup sample filter distill train-eval experiment finetune ablate test bench clean redecide
+.PHONY: setup sample filter distill train-eval experiment experiment-budget finetune ablate test bench clean redecide
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup_env.sh
 	@bash scripts/setup_env.sh
@@ -63,6 +63,10 @@ train-eval: $(VENV)/.installed
 # The Flickr8k evidence experiment (experiments/flickr8k.py): ~30 min on 2 cores; EXPERIMENT_ARGS="--scale gpu" on a GPU
 experiment: $(VENV)/.installed
 	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment --out "$$CC_EXPERIMENT_OUT" --flickr8k "$$CC_FLICKR8K"
+
+# The experiment swept over training budgets (experiments/budget.py): when does filtering pay, and do models read?
+experiment-budget: $(VENV)/.installed
+	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment-budget --flickr8k "$$CC_FLICKR8K"
 
 # Fine-tuning protocol: start from CHECKPOINT (an open_clip state dict), train on Flickr8k train, evaluate on dev
 finetune: $(VENV)/.installed

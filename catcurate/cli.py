@@ -46,6 +46,8 @@ COMMANDS = {
                    "smoke run: a short training on the filter's shards, then retrieval on held-out pairs"),
     "evaluate": ("python", "model_training.evaluate", {}, "retrieval R@1/5/10 (COCO / Flickr protocol) of a checkpoint"),
     "experiment": ("python", "experiments.flickr8k", {}, "the Flickr8k evidence experiment (filter vs noisy vs random ...)"),
+    "experiment-budget": ("python", "experiments.budget", {},
+                          "the Flickr8k experiment over a sweep of training budgets, with the reading probe"),
     "finetune": ("python", "experiments.finetune", {}, "zero-shot vs fine-tuned retrieval on Flickr8k"),
     "ablate": ("python", "model_training.ablate", {}, "every objective preset at toy size: table and chart"),
     "sample": ("python", "pipeline.filter.sample", {"--output": str(SAMPLE)}, "write the embedded default sample"),

@@ -296,14 +296,27 @@ def textspot_scores(filters: dict[str, Path], noise_of: dict[str, str]) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), flickr8k: str | Path = DEFAULT_FLICKR8K,
-                   spark=None) -> dict:
-    from experiments.report import write_results
+@dataclass
+class Pool:
+    """What every arm and budget shares, made once per noisy pool (reused by a rerun): the noisy set, the
+    filter runs, the distillation labels, the arms' shards, dev and the image-feature cache."""
+    noisy: Path
+    info_path: Path
+    noise_of: dict
+    filters: dict
+    arms: dict
+    dev: object
+    features: Path
+    timings: dict
+
+
+def prepare_pool(out: Path, cfg: ExperimentConfig, flickr8k: str | Path, spark=None) -> Pool:
+    """Noise model -> real filter runs -> distillation -> arm shards -> dev -> feature cache (LiT), each
+    step skipped when its output is there."""
     from jobs.distill_labels import distill_labels
     from model_training.caption_sets import load_flickr8k
     from model_training.features import cache_features
 
-    out = Path(out)
     work = out / "work"
     t_start = time.time()
     timings = {}
@@ -339,6 +352,19 @@ def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), 
         cache_features([str(noisy)] + [str(a["shards"]) for a in arms.values()] + [str(work / "dev_images.parquet")],
                        features)
     timings["image_features"] = round(time.time() - t, 1)
+    return Pool(noisy, info_path, noise_of, filters, arms, dev, features, timings)
+
+
+def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), flickr8k: str | Path = DEFAULT_FLICKR8K,
+                   spark=None) -> dict:
+    from experiments.report import write_results
+
+    out = Path(out)
+    work = out / "work"
+    t_start = time.time()
+    pool = prepare_pool(out, cfg, flickr8k, spark)
+    timings, filters, arms, dev, features = pool.timings, pool.filters, pool.arms, pool.dev, pool.features
+    noise_of, info_path = pool.noise_of, pool.info_path
 
     results: dict[str, dict] = {a: {"n_pairs": spec["n_pairs"], "runs": [], "i2t": [], "t2i": []}
                                 for a, spec in arms.items()}

@@ -61,7 +61,7 @@ class NoiseConfig:
             raise ValueError("noise fractions must add up to at most 1")
 
 
-def _phrase(caption: str, rng: random.Random, cfg: NoiseConfig) -> str:
+def caption_phrase(caption: str, rng: random.Random, cfg: NoiseConfig) -> str:
     """1-4 consecutive words of the caption with >= 5 letters in all (else the rule can never match)."""
     words = caption.rstrip(" .").split()
     for _ in range(50):
@@ -82,7 +82,7 @@ def bare_noun_phrase(doc) -> str | None:
     return None
 
 
-def _encode(img: Image.Image, quality: int) -> bytes:
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -130,8 +130,8 @@ def make_noisy_set(out: str | Path, cfg: NoiseConfig = NoiseConfig(), flickr8k: 
         if kind == "text_shortcut":
             if i not in decoded:
                 decoded = {i: Image.open(io.BytesIO(jpg)).convert("RGB")}   # one photo at a time in memory
-            text = _phrase(caption, rng, cfg)
-            jpg = _encode(render_text(decoded[i], text, rng), cfg.jpeg_quality)
+            text = caption_phrase(caption, rng, cfg)
+            jpg = encode_jpeg(render_text(decoded[i], text, rng), cfg.jpeg_quality)
         elif kind == "misaligned":
             new_caption = rng.choice(web)
         elif kind == "low_complexity":

@@ -163,3 +163,64 @@ def test_feature_cache_embeds_each_distinct_image_once_and_refuses_pixel_objecti
     with pytest.raises(ValueError, match="mim-weight need the full tower"):
         train(TrainConfig(shards=str(tmp_path / "00000.parquet"), run_dir=str(tmp_path / "run"), model="catclip-micro",
                           image_features=str(tmp_path / "feats"), num_workers=0, loss=LossConfig(mim_weight=0.5)))
+
+
+# ---------------------------------------------------------------- the budget sweep and the reading probe
+
+@pytest.fixture(scope="module")
+def budget(smoke, spark):
+    """The sweep at smoke scale on the same pool as `smoke` (noise set, filter run and feature cache are
+    reused, as a rerun reuses them): 2 budgets, 1 seed, noisy / filtered / random, the probe on."""
+    from experiments.budget import parse_config, run_budget_sweep
+    out, _, _ = smoke
+    bcfg, _ = parse_config(["--scale", "smoke"])
+    return out, bcfg, run_budget_sweep(out, bcfg, FLICKR8K, spark=spark)
+
+
+def test_budget_sweep_runs_every_arm_at_every_budget(budget):
+    out, bcfg, summary = budget
+    cfg = bcfg.base
+    runs = summary["runs"]
+    assert len(runs) == len(cfg.arms) * len(bcfg.budgets) * cfg.seeds
+    steps = {b: {r["steps"] for r in runs if r["budget"] == b} for b in bcfg.budgets}
+    assert all(len(s) == 1 for s in steps.values())       # the same samples seen in every arm
+    lo, hi = (steps[b].pop() for b in bcfg.budgets)
+    assert hi == round(bcfg.budgets[1] * summary["n_pool_pairs"] / cfg.batch_size) and hi > lo
+    for r in runs:
+        assert r["samples_seen"] == r["steps"] * cfg.batch_size
+    assert [d["budget"] for d in summary["filtered_minus_noisy"]] == list(bcfg.budgets)
+    assert summary["crossover"]["statement"]
+    assert (out / "results" / "budget.png").stat().st_size > 0
+    assert len((out / "results" / "budget.csv").read_text().strip().splitlines()) == len(runs) + 1
+
+
+def test_reading_probe_draws_text_and_scores_every_model(budget):
+    from experiments.budget import PROBES, probe_sets
+    from model_training.caption_sets import load_flickr8k
+    from experiments.flickr8k import subset_images
+    out, bcfg, summary = budget
+    dev = subset_images(load_flickr8k(FLICKR8K, "dev"), bcfg.base.dev_images)
+    sets = probe_sets(dev, bcfg.base.noise.seed)
+    for name in PROBES:
+        assert sets[name].captions == dev.captions and sets[name].text_to_image == dev.text_to_image
+        assert all(sets[name].image_bytes(i) != dev.image_bytes(i) for i in range(len(dev.image_ids)))
+    assert sets["own_text"].image_paths != sets["unrelated_text"].image_paths
+    for r in summary["runs"]:
+        assert {"rsum", "own_text_rsum", "unrelated_text_rsum"} <= set(r)
+    assert len(summary["reading_index"]) == len(summary["runs"])   # one seed: one row per arm and budget
+    for r in summary["reading_index"]:
+        for name in PROBES:
+            assert r[name]["ci95"][0] <= r[name]["rsum_diff"] <= r[name]["ci95"][1]
+
+
+def test_crossover_is_interpolated_and_bracketed():
+    from experiments.budget import crossover
+    diffs = [{"budget": 0.125, "rsum_diff": 5.0, "ci95": [2.0, 8.0]},
+             {"budget": 0.5, "rsum_diff": 1.0, "ci95": [-1.0, 3.0]},
+             {"budget": 2.0, "rsum_diff": -3.0, "ci95": [-5.0, -1.0]},
+             {"budget": 8.0, "rsum_diff": -9.0, "ci95": [-12.0, -6.0]}]
+    c = crossover(diffs)
+    assert 0.5 < c["estimate"] < 2.0 and abs(c["estimate"] - 0.5 * 4 ** 0.25) < 1e-3   # a quarter of the log way
+    assert c["interval"] == [0.125, 2.0] and "wins below" in c["statement"]
+    none = crossover([{**d, "rsum_diff": -abs(d["rsum_diff"]) - 1} for d in diffs])
+    assert none["estimate"] is None and "loses at every budget" in none["statement"]
