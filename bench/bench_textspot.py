@@ -18,7 +18,7 @@ Paths, every one through the same DiHT rule (pipeline.filter.textspot.caption_ma
   easyocr            TextSpotter (this project, engine easyocr) with its defaults
   ppocr              PPOCRSpotter (this project, engine ppocr) with its defaults
   <engine>_recording the image stage's spotter (ImageStageParams().spotting(): what `make filter` runs)
-and --policy: each engine with canvas_min in POLICY_MINS on real@256 and rendered@256 (the recall/CPU
+and the policy sweep: each engine with canvas_min in POLICY_MINS (and the old 160-px canvas) on real@256 and rendered@256 (the recall/CPU
 curve the detection-scale defaults were chosen from). For each engine path also "word_rule": the
 same detections through the word-level rule (every detection a line of its own), i.e. without line
 matching. Speed: CPU seconds per image (time.process_time, whole process), one thread for torch and
@@ -43,12 +43,14 @@ import torch  # noqa: E402
 
 from bench.textspot_set import build_flickr_set, build_hard_rendered_set, build_realtext_set  # noqa: E402
 from pipeline.filter.image_stage import ImageStageParams  # noqa: E402
-from pipeline.filter.textspot import ENGINE_CANVAS, TextSpotParams, caption_match, get_reader, make_spotter  # noqa: E402
+from pipeline.filter.spotting import make_spotter  # noqa: E402
+from pipeline.filter.textspot import ENGINE_CANVAS, TextSpotParams, caption_match, get_reader  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "textspot.json"
 TABLE = RESULTS.with_suffix(".md")
 CHUNK = 16
-POLICY_MINS = (160, 256, 320, 384, 512)
+POLICY_MINS = (256, 320, 384, 448, 512, 640)
+POLICY_MINS_EASYOCR = (256, 384, 512)
 
 
 def machine() -> dict:
@@ -145,56 +147,112 @@ def gpu_figures(items) -> dict:
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="256 px only")
-    parser.add_argument("--no-policy", action="store_true", help="skip the detection-scale sweep")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    os.environ["CATCURATE_TASK_THREADS"] = "1"
-    sizes = [256] if args.quick else [256, 384, 512, None]
-    result = {"machine": machine(), "rule": {"min_conf": 0.8, "min_chars": 5},
-              "engine_canvas_defaults": {k: list(v) for k, v in ENGINE_CANVAS.items()},
-              "params": {e: dataclasses.asdict(TextSpotParams(engine=e)) for e in ("easyocr", "ppocr")},
-              "sets": {}, "cpu": {}, "policy": {}}
-    paths = {"easyocr_readtext": readtext_path(), "rapidocr_default": rapidocr_path(),
-             "easyocr": spotter_path(engine_params("easyocr")), "ppocr": spotter_path(engine_params("ppocr")),
-             "easyocr_recording": spotter_path(recording_params("easyocr")),
-             "ppocr_recording": spotter_path(recording_params("ppocr"))}
+SET_NAMES = ("real_256", "real_384", "real_512", "real_native", "rendered_256", "hard_256")
+MAIN_PATHS = ("easyocr_readtext", "rapidocr_default", "easyocr", "ppocr")
+
+
+def build_sets(names, subset: int | None) -> dict:
+    """The named sets; real sets at other sizes than 256 are cut to a stratified `subset` when given."""
     sets = {}
-    for size in sizes:
-        sets[f"real_{size or 'native'}"] = build_realtext_set(size)
-    sets["rendered_256"] = build_flickr_set(256)
-    sets["hard_256"] = build_hard_rendered_set(256)
+    for name in names:
+        if name.startswith("real_"):
+            size = name.split("_")[1]
+            sets[name] = build_realtext_set(None if size == "native" else int(size),
+                                            limit=None if size == "256" else subset)
+        elif name == "rendered_256":
+            sets[name] = build_flickr_set(256)
+        elif name == "hard_256":
+            sets[name] = build_hard_rendered_set(256)
+    return sets
+
+
+def measure_main(result: dict, sets: dict, path_names) -> None:
+    makers = {"easyocr_readtext": readtext_path, "rapidocr_default": rapidocr_path,
+              "easyocr": lambda: spotter_path(engine_params("easyocr")),
+              "ppocr": lambda: spotter_path(engine_params("ppocr")),
+              "easyocr_recording": lambda: spotter_path(recording_params("easyocr")),
+              "ppocr_recording": lambda: spotter_path(recording_params("ppocr"))}
+    paths = {name: makers[name]() for name in path_names}
     for name, items in sets.items():
         result["sets"][name] = {"n": len(items), "n_drop": sum(i.drop for i in items)}
-        result["cpu"][name] = {}
         for path, fn in paths.items():
             if name != "real_256" and path.endswith("_recording"):
                 continue
-            result["cpu"][name][path] = run_path(fn, items)
-            r = result["cpu"][name][path]
+            r = result["cpu"].setdefault(name, {})[path] = run_path(fn, items)
             print(f"{name:14s} {path:18s} P {r['precision']:.3f} R {r['recall']:.3f} {r['cpu_s_per_image']:.3f} CPU s/img",
-                  flush=True)
-    # the cost model's input (bench/cost_model.py): the stage's recording settings, default engine, 256 px
-    default = TextSpotParams().engine
-    result["cpu"]["256px_1thread"] = {"textspotter_recording": result["cpu"]["real_256"][f"{default}_recording"],
-                                      "engine": default}
-    if not args.no_policy:
-        for engine in ("easyocr", "ppocr"):
-            for lo in POLICY_MINS:
-                key = f"{engine}_min{lo}"
-                fn = spotter_path(engine_params(engine, canvas_min=lo))
-                result["policy"][key] = {"engine": engine, "canvas_min": lo, "canvas_max": ENGINE_CANVAS[engine][1]}
-                for name in ("real_256", "rendered_256"):
-                    r = run_path(fn, sets[name])
-                    result["policy"][key][name] = {k: r[k] for k in ("precision", "recall", "cpu_s_per_image")}
-                print(key, result["policy"][key], flush=True)
-    if torch.cuda.is_available():
-        result["gpu"] = {"textspotter": gpu_figures(sets["real_256"])[default]}
-        result["gpu"]["engines"] = gpu_figures(sets["real_256"])
+                  json.dumps({"set": name, "path": path, "result": r}), flush=True)
+
+
+def measure_policy(result: dict, engines, set_names) -> None:
+    sets = build_sets(set_names, None)
+    for engine in engines:
+        mins = POLICY_MINS if engine == "ppocr" else POLICY_MINS_EASYOCR   # easyocr: ~0.3-1 CPU s/image
+        for lo in (None, *mins):   # None: the old easyocr policy (x0.625, never upscaled: 160 px at 256)
+            key = f"{engine}_min{lo or 'legacy160'}"
+            kw = {"canvas_min": lo} if lo else {"canvas_min": 160, "canvas_size": 160}
+            fn = spotter_path(engine_params(engine, **kw))
+            row = result["policy"][key] = {"engine": engine, "canvas_min": kw["canvas_min"],
+                                           "canvas_max": kw.get("canvas_size", ENGINE_CANVAS[engine][1])}
+            for name, items in sets.items():
+                r = run_path(fn, items)
+                row[name] = {k: r[k] for k in ("precision", "recall", "cpu_s_per_image")}
+                row[name]["recall_word_rule"] = r.get("word_rule", {}).get("recall")
+            print(key, row, flush=True)
+
+
+def merge(files: list[str]) -> dict:
+    """Partial results (several processes, --sets / --policy-only) as one result."""
+    out = None
+    for f in files:
+        part = json.loads(Path(f).read_text())
+        if out is None:
+            out = part
+            continue
+        for key in ("sets", "cpu", "policy"):
+            for name, value in part.get(key, {}).items():
+                if isinstance(value, dict) and isinstance(out[key].get(name), dict):
+                    out[key][name].update(value)
+                else:
+                    out[key][name] = value
+        if part.get("gpu"):
+            out["gpu"] = part["gpu"]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default=",".join(SET_NAMES), help="comma-separated: " + ", ".join(SET_NAMES))
+    parser.add_argument("--paths", default=",".join(MAIN_PATHS + ("easyocr_recording", "ppocr_recording")))
+    parser.add_argument("--subset", type=int, default=None,
+                        help="real-text sets at sizes other than 256: a stratified subset of this many images")
+    parser.add_argument("--policy", default="easyocr,ppocr", help="engines to sweep the detection scale for ('' = none)")
+    parser.add_argument("--policy-sets", default="real_256,rendered_256")
+    parser.add_argument("--merge", nargs="+", help="combine partial result files into --out instead of measuring")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
     out = Path(args.out)
+    if args.merge:
+        result = merge(args.merge)
+    else:
+        torch.set_num_threads(1)
+        os.environ["CATCURATE_TASK_THREADS"] = "1"
+        result = {"machine": machine(), "rule": {"min_conf": 0.8, "min_chars": 5},
+                  "engine_canvas_defaults": {k: list(v) for k, v in ENGINE_CANVAS.items()},
+                  "default_engine": TextSpotParams().engine,
+                  "params": {e: dataclasses.asdict(TextSpotParams(engine=e)) for e in ("easyocr", "ppocr")},
+                  "subset_other_sizes": args.subset, "sets": {}, "cpu": {}, "policy": {}}
+        names = [s for s in args.sets.split(",") if s]
+        if names:
+            measure_main(result, build_sets(names, args.subset), [p for p in args.paths.split(",") if p])
+        if args.policy:
+            measure_policy(result, args.policy.split(","), args.policy_sets.split(","))
+        if torch.cuda.is_available():
+            engines = gpu_figures(build_realtext_set(256))
+            result["gpu"] = {"textspotter": engines[result["default_engine"]], "engines": engines}
+    # the cost model's input (bench/cost_model.py): the stage's recording settings, default engine, 256 px
+    recording = result["cpu"].get("real_256", {}).get(f"{result['default_engine']}_recording")
+    if recording:
+        result["cpu"]["256px_1thread"] = {"textspotter_recording": recording, "engine": result["default_engine"]}
     out.write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     print(f"-> {out}")
@@ -213,12 +271,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | {path} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cpu_s_per_image']:.3f} | {word} |")
     if result.get("policy"):
         lines += ["", "Detection-scale policy (canvas long side = image long side clamped to [canvas_min, canvas_max]):", "",
-                  "| engine | canvas_min | real@256 P | real@256 R | real@256 CPU s | rendered@256 R | rendered CPU s |",
+                  "| engine | canvas min..max | real@256 P | real@256 R | real@256 CPU s | rendered@256 R | rendered CPU s |",
                   "|---|---|---|---|---|---|---|"]
         for r in result["policy"].values():
-            a, b = r["real_256"], r["rendered_256"]
-            lines.append(f"| {r['engine']} | {r['canvas_min']} | {a['precision']:.3f} | {a['recall']:.3f} | "
-                         f"{a['cpu_s_per_image']:.3f} | {b['recall']:.3f} | {b['cpu_s_per_image']:.3f} |")
+            a, b = r["real_256"], r.get("rendered_256")
+            rendered = f"{b['recall']:.3f} | {b['cpu_s_per_image']:.3f}" if b else "- | -"
+            lines.append(f"| {r['engine']} | {r['canvas_min']}..{r['canvas_max']} | {a['precision']:.3f} | {a['recall']:.3f} | "
+                         f"{a['cpu_s_per_image']:.3f} | {rendered} |")
     if result.get("gpu"):
         lines += ["", "GPU images/s: " + ", ".join(f"{k} {v['images_per_s']}" for k, v in result["gpu"]["engines"].items())]
     return "\n".join(lines) + "\n"

@@ -6,9 +6,11 @@
     catcurate distill --input out/filter --output out/labels
     catcurate redecide --source out/filter --into out/c2 --min-complexity 2
     catcurate train --shards out/filter/shards --run runs/tiny --max-steps 300
-    catcurate train-eval | evaluate | experiment | finetune | ablate | sample   (each with --help)
+    catcurate retry-downloads --output out/filter              # only the transient download failures, again
+    catcurate datacomp-subset out/filter                       # OUTPUT/datacomp/subset_uids.npy
+    catcurate train-eval | evaluate | experiment | experiment-budget | finetune | ablate | sample   (--help)
 
-Spark jobs (filter, distill) go through the venv's spark-submit with the defaults the Makefile used
+Spark jobs (filter, distill, retry-downloads) go through the venv's spark-submit with the defaults the Makefile used
 (local[2], UI off, conf/log4j2.properties), so `--master` and `--conf` reach Spark and everything else
 reaches the job; the other commands run their module in this process, as `python -m MODULE` would.
 Everything a command is given is passed on verbatim: no value is ever handed to a shell.
@@ -38,6 +40,10 @@ COMMANDS = {
                "CAT filter: caption rules -> download -> text spotting; ledger, shards, report (Spark)"),
     "distill": ("spark", "jobs/distill_labels.py", {"--input": "out/filter", "--output": "out/labels"},
                 "sparse top-k concept labels from a frozen teacher for the filter's shards (Spark)"),
+    "retry-downloads": ("spark", "jobs/retry_downloads.py", {"--output": "out/filter"},
+                        "re-fetch only the rows whose download failed for a transient reason; finalise again"),
+    "datacomp-subset": ("python", "pipeline.filter.datacomp", {},
+                        "write OUTPUT/datacomp/subset_uids.npy (DataComp's filtering-track file) for an output"),
     "redecide": ("python", "jobs.redecide", {"--source": "out/filter", "--into": "out/redecided"},
                  "new thresholds from a filter output's stored evidence, or a threshold sweep (no OCR rerun)"),
     "train": ("python", "model_training.train", {}, "pre-train a dual encoder on shards (torchrun for DDP)"),

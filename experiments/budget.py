@@ -225,7 +225,7 @@ def budget_markdown(summary: dict) -> str:
     m, cfg = summary["machine"], summary["config"]["base"]
     lines = [f"# When does filtering pay? {summary['n_pool_pairs']:,} noisy Flickr8k pairs, budgets in samples seen",
              "", f"Model {cfg['model']} (image tower {cfg['image_tower']}), batch {cfg['batch_size']}, "
-             f"{cfg['seeds']} seeds; train pairs per arm: " + ", ".join(
+             f"{cfg['seeds']} seed(s); train pairs per arm: " + ", ".join(
                  f"{a} {n:,}" for a, n in summary["arm_pairs"].items()) + f"; machine {m['cpu']} ({m['cores']} cores), "
              f"{m['date']}; total {summary['timings_s']['total'] / 60:.1f} min.", "",
              "Dev RSUM, mean [95% band over seeds]:", "",

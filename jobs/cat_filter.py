@@ -10,6 +10,10 @@ driver plans parts from Parquet footers; every part is one Spark task that reads
 writes its own outputs atomically, so nothing is collected to the driver but per-part counts, and
 a killed job resumes where it stopped. OUTPUT gets captions/, ledger/ (one row per input row),
 shards/ (kept pairs with images), stats.json, manifest.json and report.html.
+
+DataComp's CommonPool metadata (uid, url, text, clip_*_similarity_score, ...) is recognised by its
+columns: the uid is the key, score filters (--min-score, --score-top-fraction) run first, and the
+kept uids go to OUTPUT/datacomp/subset_uids.npy (docs/webdataset-datacomp.md).
 """
 from __future__ import annotations
 
@@ -444,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=d_dl.image_size, help="side of the resized image, in pixels")
     g.add_argument("--resize-mode", default=d_dl.resize_mode, help="img2dataset's resize mode",
                    choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
-    g.add_argument("--timeout", type=int, default=d_dl.timeout, help="seconds per request")
+    g.add_argument("--timeout", type=int, default=d_dl.timeout, help="seconds per socket read (img2dataset's timeout)")
+    g.add_argument("--max-seconds", type=float, default=d_dl.max_seconds,
+                   help="total seconds per request: connect, headers and body, redirects included (ledger reason "
+                        "download_timeout)")
+    g.add_argument("--max-image-bytes", type=int, default=d_dl.max_image_bytes,
+                   help="larger responses are not read further (ledger reason too_large)")
     g.add_argument("--retries", type=int, default=d_dl.retries, help="retries per failed URL")
     g.add_argument("--processes", type=int, default=d_dl.processes_count, help="download processes")
     g.add_argument("--threads", type=int, default=d_dl.thread_count, help="download threads per process")
@@ -459,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    from jobs.spark import install_interrupt_handlers, user_stderr
+    install_interrupt_handlers()   # until the Spark session exists (which installs them again, with itself)
+    to_person = user_stderr()      # opened now: under spark-submit the JVM may be gone when it is needed
     from dataclasses import replace
     d_cap, d_ts, d_dl = cap.CaptionParams(), TextSpotParams(), DownloadParams()
     caption = replace(d_cap, min_complexity=a.min_complexity, require_action=not a.no_require_action,
@@ -470,7 +482,8 @@ def main(argv=None) -> int:
     download = replace(d_dl, image_size=a.image_size, resize_mode=a.resize_mode, timeout=a.timeout,
                        retries=a.retries, processes_count=a.processes, thread_count=a.threads,
                        disallowed_header_directives=[] if a.ignore_opt_out else d_dl.disallowed_header_directives,
-                       allow_private_addresses=a.allow_private_addresses)
+                       allow_private_addresses=a.allow_private_addresses, max_seconds=a.max_seconds,
+                       max_image_bytes=a.max_image_bytes)
     try:
         score = ScoreParams(tuple(score_stage.parse_assignment(x, "--min-score") for x in a.min_score),
                             tuple(score_stage.parse_assignment(x, "--score-top-fraction") for x in a.score_top_fraction))
@@ -485,6 +498,12 @@ def main(argv=None) -> int:
     except (P.InputError, P.ParamsChanged, LockHeld, LockLost, P.StorageError, storage.StorageAccessError) as e:
         print(f"cat_filter: error: {e.strerror if isinstance(e, P.StorageError) else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM (jobs.spark.install_interrupt_handlers): the lock is released
+        from jobs.spark import stop_quietly
+        stop_quietly()
+        print(f"cat_filter: interrupted; finished parts are kept and {a.output} is unlocked - rerun the same "
+              f"command to resume", file=to_person, flush=True)
+        return 130
     return 0
 
 

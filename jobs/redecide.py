@@ -198,7 +198,8 @@ def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None
     _run_parts(spark, into, S.STAGE_CAPTION, items,
                lambda it: R.redecide_caption_part(source, into, it[0], caption,
                                                   score=(it[1], rule_dicts) if rule_dicts else None,
-                                                  caption_rules=new_identity["stages"] != S.STAGE_SCORE),
+                                                  caption_rules=score_stage.caption_rules_run(new_identity["stages"]),
+                                                  final=route[it[1]["path"]] == "caption"),
                "caption verdicts from stored parses",
                seconds)
     image_items = [it for it in items if route[it[1]["path"]] == "images"]
@@ -255,6 +256,13 @@ def _rescore(manifest: dict, plan, changes: dict, spark):
     new = _merge_score(old, changes)
     score_stage.check_columns(plan, new)
     known = {(r.column, r.fraction): r for r in old_rules if r.fraction is not None}
+    caption_ran = identity["stages"] != S.STAGE_SCORE
+    provisional = score_stage.resolve_rules(new, [known[(c, f)].threshold if (c, f) in known else None
+                                                  for c, f in new.top_fraction])   # unknown quantiles: strictest
+    problems = score_stage.check_redecidable(old, new, old_rules, provisional, caption_ran)
+    if problems:   # refused before any quantile is computed
+        raise R.NotRedecidable("the stored evidence cannot support: " + "; ".join(problems)
+                               + ". Run the filter again (make filter) for these.")
     requests = [(c, 1 - f) for c, f in new.top_fraction if (c, f) not in known]
     computed = {}
     if requests:
@@ -262,7 +270,6 @@ def _rescore(manifest: dict, plan, changes: dict, spark):
         computed = dict(zip(requests, score_quantiles(spark, plan.chunks, requests)))
     quantiles = [known[(c, f)].threshold if (c, f) in known else computed[(c, 1 - f)] for c, f in new.top_fraction]
     rules = score_stage.resolve_rules(new, [None if q is not None and q == float("inf") else q for q in quantiles])
-    caption_ran = identity["stages"] != S.STAGE_SCORE
     problems = score_stage.check_redecidable(old, new, old_rules, rules, caption_ran)
     if problems:
         raise R.NotRedecidable("the stored evidence cannot support: " + "; ".join(problems)

@@ -59,7 +59,67 @@ def get_spark(app_name: str = "catcurate", master: str | None = None):
         conf.setIfMissing(key, value)
     spark = SparkSession.builder.config(conf=conf).getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("SPARK_LOG_LEVEL", "WARN"))
+    if _quiet_interrupts:   # a CLI asked for them (pyspark's context just replaced the SIGINT one)
+        install_interrupt_handlers()
     return spark
+
+
+_quiet_interrupts = False
+
+
+def install_interrupt_handlers() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM become one KeyboardInterrupt in the driver, py4j's logs silenced, so the
+    job's `finally` blocks (lock release) run and its CLI prints one line (after stop_quietly). Replaces
+    pyspark's own SIGINT handler (get_spark installs them again after the context starts). For command
+    lines only: it mutes stderr once interrupted. A no-op outside the main thread."""
+    import logging
+    import signal
+    import threading
+    global _quiet_interrupts
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _quiet_interrupts = True
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not interrupt the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # no py4j call here (one may be in flight); what py4j and pyspark's accumulator thread print as the
+        # connection breaks is noise: Python's logging and stderr are muted, the CLI writes to sys.__stderr__
+        logging.disable(logging.CRITICAL)
+        sys.stderr = open(os.environ.get("CATCURATE_MUTED_STDERR", os.devnull), "a")   # a file to debug with
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_quietly() -> None:
+    """After an interrupt, before the one line that says so: end the JVM this process started (python
+    jobs/...; under spark-submit the JVM is the parent and ends itself), so no late JVM message follows."""
+    try:
+        from pyspark import SparkContext
+        proc = getattr(SparkContext._gateway, "proc", None)   # the JVM this process started (not spark-submit's)
+        if proc is not None:
+            proc.kill()   # its tasks are being cancelled anyway; every finished part has its marker
+            proc.wait()
+    except Exception:  # noqa: BLE001 - the JVM may be gone already
+        pass
+
+
+def user_stderr():
+    """Where a line for the person goes after an interrupt (call it at start-up, while the parent lives).
+    Under spark-submit this process's stderr is a pipe through the JVM, whose forwarding thread ends with
+    the JVM on Ctrl-C: the JVM's own stderr (the terminal, or whoever started spark-submit) instead;
+    else sys.__stderr__."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/comm") as fh:
+            parent = fh.read().strip()
+        if os.environ.get("PYSPARK_GATEWAY_PORT") and parent == "java" and not os.isatty(2):
+            return open(f"/proc/{ppid}/fd/2", "w")
+    except OSError:
+        pass
+    return sys.__stderr__
 
 
 def read_parquet(spark, paths: str | list[str], schema):

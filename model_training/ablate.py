@@ -118,10 +118,9 @@ def evaluate_run(cfg: TrainConfig, summary: dict, eval_set: CaptionSet | None) -
     return result
 
 
-def _open(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.convert("RGB")
+def _open(item):
+    from model_training.caption_sets import open_image
+    return open_image(item)   # a path, or the bytes of a Parquet-layout set (Flickr8k)
 
 
 def _queue_size(run_dir: Path):
@@ -267,7 +266,7 @@ def main(argv=None):
     rows = []
     seeds = [None] if a.seeds <= 1 else list(range(a.seeds))
     for fraction in fractions:
-        for preset, seed in ((p, s) for p in presets for s in seeds):
+        for seed, preset in ((s, p) for s in seeds for p in presets):   # seed-major: every preset once first
             row = run_one(preset, fraction, a, passthrough, eval_set, seed)
             rows.append({k: v for k, v in row.items() if k not in ("eval", "train")})
             print(f"[ablate] {preset} @ {fraction:g}: rsum {row['rsum']} (t2i R@1 {row['t2i_r1']}, "

@@ -59,6 +59,8 @@ def _f(default, help_text):
 class TrainConfig:
     shards: str = _f("", "folder / glob / file of Parquet shards with key, caption, jpg")
     labels: str = _f("", "LABELS dir (shards/*.parquet + vocab.json) for concept distillation; '' = none")
+    allow_missing_labels: bool = _f(False, "train even when --labels has no label for some shard files (default: "
+                                           "refused, as labels distilled from another filter OUTPUT match no key)")
     image_features: str = _f("", "feature cache of a frozen image teacher (model_training.features): a locked "
                                  "image tower (LiT), only a head on the features trains; '' = full image tower")
     run_dir: str = _f("runs/default", "where checkpoints, logs, plots and the export go")

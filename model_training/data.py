@@ -253,6 +253,36 @@ class _Labels:
         return self._all
 
 
+def label_coverage(shards: list[str], labels_dir: str | Path) -> dict:
+    """How the shards' keys meet LABELS' keys, joined as the reader joins them (per shard, the same-named
+    label file, else all of them): counts of shards, shards with no label at all, keys, matched keys, and
+    the match rate. Reads key columns only."""
+    labels = _Labels(labels_dir)
+    n_keys = n_matched = 0
+    unlabelled = []
+    for shard in shards:
+        keys = [k for k in shard_keys(shard) if k is not None]
+        have = labels.for_shard(shard)
+        matched = sum(k in have for k in keys)
+        n_keys, n_matched = n_keys + len(keys), n_matched + matched
+        if keys and not matched:
+            unlabelled.append(storage.basename(shard))
+    return {"n_shards": len(shards), "n_shards_unlabelled": len(unlabelled), "unlabelled_shards": unlabelled[:20],
+            "n_keys": n_keys, "n_keys_labelled": n_matched, "match_rate": round(n_matched / max(1, n_keys), 4)}
+
+
+def check_label_coverage(coverage: dict, labels_dir: str, allow_missing: bool) -> None:
+    """Refuse labels that leave a shard with no label at all (made from another filter OUTPUT, or a
+    distillation that did not finish) unless allow_missing; ValueError with the counts."""
+    if coverage["n_shards_unlabelled"] and not allow_missing:
+        raise ValueError(
+            f"--labels {labels_dir} has no label for any row of {coverage['n_shards_unlabelled']} of "
+            f"{coverage['n_shards']} shard file(s) (e.g. {coverage['unlabelled_shards'][0]}; "
+            f"{coverage['n_keys_labelled']:,} of {coverage['n_keys']:,} keys labelled, "
+            f"{100 * coverage['match_rate']:.1f}%): were the labels distilled from another filter OUTPUT? Distill "
+            f"the OUTPUT these shards come from, or pass --allow-missing-labels to train with the labels that match")
+
+
 class ShardStream(IterableDataset):
     def __init__(self, shards: list[str | Path], tokenizer, image_size: int, batch_size: int, *, train: bool = True,
                  labels_dir: str | Path | None = None, seed: int = 0, shuffle_buffer: int = 2048,

@@ -127,12 +127,9 @@ class CorpusWords:
     from the training shards); `draw(n)` samples a word of n tokens with probability ~ its count."""
 
     def __init__(self, tokenizer, captions):
-        vocab = len(tokenizer.decoder)
-        self.ends_word = torch.zeros(vocab, dtype=torch.bool)
-        self.has_letter = torch.zeros(vocab, dtype=torch.bool)
-        for i, piece in tokenizer.decoder.items():
-            self.ends_word[i] = piece.endswith("</w>")
-            self.has_letter[i] = any(ch.isalpha() for ch in piece.replace("</w>", ""))
+        self.ends_word = {i for i, piece in tokenizer.decoder.items() if piece.endswith("</w>")}   # sets: fast lookups
+        self.has_letter = {i for i, piece in tokenizer.decoder.items()
+                           if any(ch.isalpha() for ch in piece.replace("</w>", ""))}
         counts: dict[tuple, int] = {}
         for caption in captions:
             ids = tokenizer.encode(caption)
@@ -152,8 +149,8 @@ class CorpusWords:
         """[start, end) of each word in a list of caption token ids (a trailing cut-off word counts)."""
         spans, start = [], 0
         for pos, i in enumerate(ids):
-            if self.ends_word[i] or pos == len(ids) - 1:
-                if bool(self.has_letter[ids[start:pos + 1]].any()):
+            if i in self.ends_word or pos == len(ids) - 1:
+                if any(j in self.has_letter for j in ids[start:pos + 1]):
                     spans.append((start, pos + 1))
                 start = pos + 1
         return spans

@@ -12,15 +12,21 @@ solves the constrained problem
     min_{W,b} CE(W, b)   s.t.   ||W - W0||_F <= r_W,   ||b - b0||_2 <= r_b
 
 by projected gradient descent: a plain (full-batch) gradient step on the k-shot cross-entropy, then
-W and b are each projected onto their ball. Both radii come from a grid search on HELD-OUT shots: for
-each seed, k training and k validation images per class are drawn and every remaining image is a test
-image; the (r_W, r_b) with the best validation accuracy is used on the test set. Radii are given per
-class (r_W = rW * sqrt(C), r_b = rb * sqrt(C): rW is the RMS distance of a row from its prompt), so a
-grid serves any number of classes. Reported on the same shots and test images:
+W and b are each projected onto their ball. A k-shot probe sees k labelled images per class and no
+more: for each seed k shots per class are drawn and every remaining image is a test image; the radii
+(r_W, r_b) are chosen by CROSS-VALIDATION within the k shots (cv_folds: k >= 2, min(k, 5) folds, each
+holding out the same number of shots of every class; k = 1, min(C, 5) folds over the classes, each
+holding out those classes' single shots), the grid point with the best pooled held-out accuracy is
+then fit on all k shots and tested. Radii are given per class (r_W = rW * sqrt(C), r_b = rb * sqrt(C):
+rW is the RMS distance of a row from its prompt), so a grid serves any number of classes.
+The logits use the MODEL's own logit scale (exp(logit_scale) of the checkpoint; main passes it), and
+the zero-shot classifier W0 is CLIP's prompt ensemble: per class the mean of the L2-normalised text
+embeddings of PROMPT_TEMPLATES (CLIP's 7 selected ImageNet templates + "a photo of a {}."),
+re-normalised. Reported on the same shots and test images:
     zero_shot      W0, b0 (no training)
     pgd            the constrained probe above
     unconstrained  the same steps from W0 without projection (what the balls buy)
-    scratch        the same steps from W = 0, b = 0 with weight decay on W, decay grid-searched the same way
+    scratch        the same steps from W = 0, b = 0 with weight decay on W, decay cross-validated the same way
 Accuracies are means over seeds. ImageFolder layout: root/<class name>/<images> ('_' -> ' ').
 """
 from __future__ import annotations
@@ -39,7 +45,8 @@ import torch.nn.functional as F
 class ProbeConfig:
     steps: int = 200                 # full-batch gradient steps (shots are few: the whole set is one batch)
     lr: float = 0.05                 # plain gradient step; PGD is defined with it (no Adam, no momentum)
-    scale: float = 20.0              # logit scale on cosine similarities (a CLIP-like temperature of 0.05)
+    scale: float = 20.0              # logit scale on cosine similarities; main uses the model's own exp(logit_scale)
+    max_folds: int = 5               # cross-validation folds within the k shots
     weight_radii: tuple = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)   # rW per class; the ball is ||W - W0||_F <= rW sqrt(C)
     bias_radii: tuple = (0.0, 0.25, 1.0, 4.0)           # rb per class; ||b||_2 <= rb sqrt(C), in logit units
     weight_decays: tuple = (0.0, 1e-3, 1e-2, 1e-1)      # scratch baseline's L2 penalty on W
@@ -85,16 +92,62 @@ def accuracy(feats, labels, w, b=None, scale: float = 20.0):
     return float(acc) if acc.dim() == 0 else acc
 
 
-def k_shot_split(labels: torch.Tensor, k: int, seed: int, held_out: bool = True):
-    """Per class k training shots and (held_out) k validation shots; the rest is the test set."""
+# CLIP's prompt ensemble for ImageNet (the 7 templates its notebook selected) + the plain "a photo of a {}."
+PROMPT_TEMPLATES = ("a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                    "a photo of the large {}.", "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
+
+
+def ensemble_prompts(embed_texts_fn, class_names: list[str], templates=PROMPT_TEMPLATES) -> torch.Tensor:
+    """Zero-shot classifier [C, D]: per class the mean of the L2-normalised embeddings of its prompts,
+    re-normalised (CLIP's prompt ensembling). embed_texts_fn(list of str) -> [N, D]."""
+    prompts = [t.format(c) for c in class_names for t in templates]
+    emb = F.normalize(embed_texts_fn(prompts).float(), dim=-1).reshape(len(class_names), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def cv_folds(labels: torch.Tensor, k: int, seed: int = 0, max_folds: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fit, held-out) index pairs over k shots per class (labels: the shots' classes). k >= 2: min(k,
+    max_folds) folds; each class's shots, in a seeded order, are dealt round-robin to the folds, so every
+    fold holds out the same number of shots of every class and fits on the rest (k - k/folds per class).
+    k = 1: a class's single shot cannot be split, so the classes are dealt to min(C, max_folds) folds; a
+    fold holds out those classes' shots and fits on the others (the radius then decides how far the
+    probe may move the held-out classes' prompts by training on other classes)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    fold_of = torch.empty(len(labels), dtype=torch.long)
+    if k >= 2:
+        n = min(k, max_folds)
+        for c in classes.tolist():
+            idx = (labels == c).nonzero().squeeze(1)
+            fold_of[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % n
+    else:
+        n = min(len(classes), max_folds)
+        order = classes[torch.randperm(len(classes), generator=g)]
+        for f, c in enumerate(order.tolist()):
+            fold_of[labels == c] = f % n
+    return [((fold_of != f).nonzero().squeeze(1), (fold_of == f).nonzero().squeeze(1)) for f in range(n)]
+
+
+def cv_scores(feats, labels, init_w, cfg: "ProbeConfig", folds, **grid) -> torch.Tensor:
+    """Pooled held-out accuracy (%) of every grid point over the folds (each held-out shot counts once)."""
+    correct, total = 0.0, 0
+    for fit, held in folds:
+        w, b = train_probe(feats[fit], labels[fit], init_w, cfg, **grid)
+        correct = correct + accuracy(feats[held], labels[held], w, b, cfg.scale) * len(held)
+        total += len(held)
+    return correct / total
+
+
+def k_shot_split(labels: torch.Tensor, k: int, seed: int, held_out: bool = False):
+    """Per class k training shots (and, only with held_out=True, k more validation shots: the old protocol,
+    which used 2k labels for a "k-shot" probe); the rest is the test set."""
     g = torch.Generator().manual_seed(seed)
     need = 2 * k if held_out else k
     train, val = [], []
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().squeeze(1)
         if len(idx) <= need:
-            raise ValueError(f"class {c} has {len(idx)} images; k={k} shots (+{k} held out) need at least "
-                             f"{need + 1} (one to test)")
+            raise ValueError(f"class {c} has {len(idx)} images; {need} shots need at least {need + 1} (one to test)")
         picked = idx[torch.randperm(len(idx), generator=g)[:need]]
         train.append(picked[:k])
         val.append(picked[k:])
@@ -128,29 +181,32 @@ def _comparison(feats, labels, text_weights, ks, seeds: int, cfg: ProbeConfig) -
     per_class = text_weights.shape[0] ** 0.5
     radii = list(itertools.product(cfg.weight_radii, cfg.bias_radii))
     r_w, r_b = (torch.tensor([r[i] for r in radii]) * per_class for i in (0, 1))
+    decays = torch.tensor(cfg.weight_decays)
     rows = []
     for k in ks:
         acc = {"zero_shot": [], "pgd": [], "unconstrained": [], "scratch": []}
         chosen = {"pgd_radii": [], "scratch_weight_decay": []}
         for seed in range(seeds):
-            tr, va, te = k_shot_split(labels, k, seed)
-            w, b = train_probe(feats[tr], labels[tr], text_weights, cfg, r_w, r_b)
-            best = grid_search(accuracy(feats[va], labels[va], w, b, cfg.scale))
+            tr, _, te = k_shot_split(labels, k, seed)
+            f_tr, l_tr = feats[tr], labels[tr]
+            folds = cv_folds(l_tr, k, seed, cfg.max_folds)
+            best = grid_search(cv_scores(f_tr, l_tr, text_weights, cfg, folds, weight_radius=r_w, bias_radius=r_b))
             chosen["pgd_radii"].append(list(radii[best]))
-            w_s, b_s = train_probe(feats[tr], labels[tr], torch.zeros_like(text_weights), cfg,
-                                   weight_decay=torch.tensor(cfg.weight_decays))
-            best_s = grid_search(accuracy(feats[va], labels[va], w_s, b_s, cfg.scale))
+            w, b = train_probe(f_tr, l_tr, text_weights, cfg, r_w[best], r_b[best])   # refit on all k shots
+            zeros = torch.zeros_like(text_weights)
+            best_s = grid_search(cv_scores(f_tr, l_tr, zeros, cfg, folds, weight_decay=decays))
             chosen["scratch_weight_decay"].append(cfg.weight_decays[best_s])
-            w_u, b_u = train_probe(feats[tr], labels[tr], text_weights, cfg)
+            w_s, b_s = train_probe(f_tr, l_tr, zeros, cfg, weight_decay=cfg.weight_decays[best_s])
+            w_u, b_u = train_probe(f_tr, l_tr, text_weights, cfg)
 
             def test(weights, bias):
                 return accuracy(feats[te], labels[te], weights, bias, cfg.scale)
             acc["zero_shot"].append(test(text_weights, None))
-            acc["pgd"].append(test(w[best], b[best]))
+            acc["pgd"].append(test(w, b))
             acc["unconstrained"].append(test(w_u, b_u))
-            acc["scratch"].append(test(w_s[best_s], b_s[best_s]))
+            acc["scratch"].append(test(w_s, b_s))
         rows.append({"k": k, **{name: round(sum(v) / len(v), 2) for name, v in acc.items()}, "seeds": seeds,
-                     **chosen})
+                     "labels_per_class": k, "logit_scale": round(cfg.scale, 3), **chosen})
     return rows
 
 
@@ -178,11 +234,13 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default="", help="open_clip state dict (RUN/export/open_clip_model.pt)")
     ap.add_argument("--imagefolder", required=True, help="root/<class name>/<images>")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--ks", default="1,2,4,8", help="shots per class (each class needs 2k + 1 images: k held out)")
+    ap.add_argument("--ks", default="1,2,4,8", help="shots per class (each class needs k + 1 images: one to test)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=ProbeConfig.steps, help="gradient steps per probe")
     ap.add_argument("--lr", type=float, default=ProbeConfig.lr, help="gradient step size")
-    ap.add_argument("--template", default="a photo of a {}.")
+    ap.add_argument("--templates", default="", help="file of prompt templates, one per line with {} for the class "
+                                                     "(default: CLIP's ImageNet ensemble, PROMPT_TEMPLATES)")
+    ap.add_argument("--scale", type=float, default=0.0, help="logit scale (default: the model's own exp(logit_scale))")
     a = ap.parse_args(argv)
     model = build_model(a.model, a.checkpoint or None).eval()
     root = Path(a.imagefolder)
@@ -194,18 +252,23 @@ def main(argv=None):
                 paths.append(p)
                 labels.append(c)
     feats = embed_images(model, paths, model.image_size)
-    text = embed_texts(model, get_tokenizer(model.name), [a.template.format(c.replace("_", " ")) for c in classes])
+    templates = ([t for t in Path(a.templates).read_text().splitlines() if "{}" in t] if a.templates
+                 else list(PROMPT_TEMPLATES))
+    tok = get_tokenizer(model.name)
+    text = ensemble_prompts(lambda prompts: embed_texts(model, tok, prompts), [c.replace("_", " ") for c in classes],
+                            templates)
     ks = [int(k) for k in a.ks.split(",")]
     smallest = min(labels.count(c) for c in range(len(classes)))
-    usable = [k for k in ks if 2 * k < smallest]
+    usable = [k for k in ks if k < smallest]
     if usable != ks:
         print(f"[probe] skipping k={sorted(set(ks) - set(usable))}: the smallest class has {smallest} images")
-    cfg = ProbeConfig(steps=a.steps, lr=a.lr)
+    scale = a.scale or float(model.logit_scale.detach().exp())   # the model's own temperature
+    cfg = ProbeConfig(steps=a.steps, lr=a.lr, scale=scale)
     rows = few_shot_comparison(feats, torch.tensor(labels), text, usable, a.seeds, cfg)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps({"classes": classes, "n_images": len(paths), "probe": asdict(cfg),
-                                                "rows": rows}, indent=2))
+                                                "templates": templates, "rows": rows}, indent=2))
     plot_probe(rows, out / "probe.png", f"few-shot probe ({len(classes)} classes)")
     print(json.dumps(rows, indent=2))
 

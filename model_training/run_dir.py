@@ -33,7 +33,7 @@ from pipeline.store.partitions import atomic_write_json, dict_differences, writi
 RUN_MANIFEST = "run.json"
 # settings that do not change what is trained: they may differ between a run and its resume. The data
 # enters the identity as a fingerprint of its files, not as paths (a moved folder holds the same data).
-NOT_IDENTITY = ("shards", "labels", "run_dir", "resume", "overwrite", "stop_after", "log_every",
+NOT_IDENTITY = ("shards", "labels", "allow_missing_labels", "run_dir", "resume", "overwrite", "stop_after", "log_every",
                 "checkpoint_every", "keep_checkpoints", "compile", "device")
 # what train and train_eval write into RUN: --overwrite removes these and nothing else (RUN may be ".")
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "export", "log.csv", "loss_curve.png", "train_summary.json",
@@ -91,6 +91,35 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path | None:
         return Path(spec)
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def _read_checkpoint(pt: Path, device) -> dict:
+    """A checkpoint's state, or RunFolderError in one line when the file is not one of this trainer's
+    (truncated, random bytes, a pickle with code in it: torch's weights_only loader refuses those)."""
+    try:
+        state = torch.load(pt, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise RunFolderError(f"{pt} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - RuntimeError, UnpicklingError, EOFError, IndexError, zip errors...
+        why = "unreadable" if not isinstance(e, __import__("pickle").UnpicklingError) else "holds more than tensors"
+        raise RunFolderError(f"{pt} is not a checkpoint of this trainer ({why}: {type(e).__name__})") from None
+    if not isinstance(state, dict) or not {"trainee", "optimizer", "step"} <= set(state):
+        raise RunFolderError(f"{pt} is not a checkpoint of this trainer (no trainee / optimizer / step in it)")
+    return state
+
+
+def load_checkpoint(run_dir: Path, spec: str, device) -> tuple[Path | None, dict | None]:
+    """(path, state) to resume from. 'latest': the newest checkpoint that loads - an unreadable newer one
+    (truncated by a crash, overwritten with other bytes) is named and passed over for the one before; a
+    path: that checkpoint, or RunFolderError in one line. (None, None) when RUN has none."""
+    if spec != "latest":
+        return Path(spec), _read_checkpoint(Path(spec), device)
+    for _, pt in reversed(list_checkpoints(run_dir)):
+        try:
+            return pt, _read_checkpoint(pt, device)
+        except RunFolderError as e:
+            print(f"[train] {e}; falling back to the checkpoint before it", flush=True)
+    return None, None
 
 
 def delete_checkpoint(pt: Path):

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model_training.data import ShardStream, check_sharding, list_shards, make_loader, read_vocab
+from model_training.data import (ShardStream, check_label_coverage, check_sharding, label_coverage, list_shards,
+                                 make_loader, read_vocab)
 from model_training.config import LossConfig, TrainConfig, with_effective_queue  # noqa: F401 (TrainConfig is imported from here too)
 from model_training.losses import (OBJECTIVE_FORMAT, STAT_PREFIX, build_objective, check_objective_format,
                                    gather_with_grad)
@@ -55,7 +56,7 @@ from pipeline.store import storage
 from pipeline.store.locks import LockHeld, LockLost, folder_lock
 from pipeline.store.partitions import StorageError, as_storage_error, atomic_write_json, check_apart, writing
 from model_training.run_dir import (RUN_MANIFEST, RunFolderError, check_checkpoint_config, delete_checkpoint,
-                                   export_checked, find_checkpoint, list_checkpoints, prepare_run_dir,
+                                   export_checked, find_checkpoint, list_checkpoints, load_checkpoint, prepare_run_dir,
                                    remove_run_temporaries, run_identity, save_checkpoint, staged_run)
 
 
@@ -219,6 +220,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
     torch.manual_seed(cfg.seed)
     shards = list_shards(cfg.shards)
     check_sharding(len(shards), cfg.num_workers, world)   # fail here, not in a worker or a hung rank
+    coverage = label_coverage(shards, cfg.labels) if cfg.labels else None   # labels of another OUTPUT match nothing
+    if coverage is not None:
+        check_label_coverage(coverage, cfg.labels, cfg.allow_missing_labels)
     cfg = with_effective_queue(cfg, world)   # queue 3 x global batch unless --queue-size: recorded as resolved
     identity = run_identity(cfg, shards)
     resume = prepare_run_dir(run_dir, identity, cfg, rank)
@@ -245,14 +249,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
     optimizer = make_optimizer(trainee, cfg)
 
     start_step, positions, samples_seen, skipped = 0, {}, 0, {}
-    ckpt = find_checkpoint(run_dir, resume) if resume else None
+    ckpt, state = load_checkpoint(run_dir, resume, device) if resume else (None, None)   # unreadable: the one before
     if resume and ckpt is None:
         print(f"[train] --resume {resume}: no checkpoint in {run_dir / 'checkpoints'}; starting fresh")
     if ckpt is None and rank == 0:
         print(f"[train] {cfg.model}: " + (f"weights from {cfg.init_checkpoint}" if cfg.init_checkpoint else
                                           "random initial weights (training from scratch)"))
     if ckpt is not None:
-        state = torch.load(ckpt, map_location=device, weights_only=True)
         check_objective_format(ckpt, state, trainee)   # a checkpoint of an older objective: one line naming the change
         check_checkpoint_config(ckpt, state, identity)
         trainee.load_state_dict(state["trainee"])
@@ -368,6 +371,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
     summary = {"steps": end_step, "samples_seen": samples_seen, "world_size": world,
                "final_terms": last_terms, "skipped_rows": skipped, "model": model.name,
                "finished": end_step == cfg.max_steps}
+    if coverage is not None:
+        summary["labels"] = coverage   # the shards' keys matched by --labels (metrics.json holds this summary)
     if rank == 0:
         if (run_dir / "log.csv").is_file():
             plot_losses(run_dir / "log.csv", run_dir / "loss_curve.png")

@@ -41,9 +41,12 @@ R_UNACCOUNTED = "missing_from_stage_output"  # failed: a stage returned no resul
 R_BLOCKED_ADDRESS = "url_blocked_address"    # failed: host is/resolves to a loopback, private, link-local... address
 R_SCORE_BELOW = "score_below_threshold"      # dropped: a metadata score (e.g. clip_l14_similarity_score) below its threshold
 R_SCORE_MISSING = "score_missing"            # failed: the score a filter needs is null or NaN
+R_DOWNLOAD_TIMEOUT = "download_timeout"      # failed: no complete response within the total deadline per request
+R_TOO_LARGE = "too_large"                    # failed: the response body exceeded --max-image-bytes (not read further)
 REASONS = (R_EMPTY_CAPTION, R_NON_STRING, R_INVALID_UTF8, R_DUPLICATE, R_NO_ACTION, R_LOW_COMPLEXITY,
            R_TOO_LONG, R_READ_ERROR, R_DOWNLOAD_FAILED, R_DECODE_ERROR, R_TEXT_SPOTTED, R_EMBED_FAILED,
-           R_BAD_URL, R_UNACCOUNTED, R_BLOCKED_ADDRESS, R_SCORE_BELOW, R_SCORE_MISSING)
+           R_BAD_URL, R_UNACCOUNTED, R_BLOCKED_ADDRESS, R_SCORE_BELOW, R_SCORE_MISSING, R_DOWNLOAD_TIMEOUT,
+           R_TOO_LARGE)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def _load_models(device: str) -> dict:
     import torch
 
     from pipeline.distill.teacher import cached_teacher
-    from pipeline.filter.textspot import TextSpotParams, get_spotter
+    from pipeline.filter.spotting import get_spotter
+    from pipeline.filter.textspot import TextSpotParams
     teacher = cached_teacher("efficientnet-lite0")
     spotter = get_spotter(TextSpotParams())
     size = teacher.preprocess.image_size

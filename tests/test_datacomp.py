@@ -4,8 +4,8 @@
 
 Input: a CommonPool-shaped Parquet file (uid, url, text, original_width, original_height,
 clip_b32_similarity_score, clip_l14_similarity_score, face_bboxes, sha256) with 64 real LAION captions
-and urls from ../shared, synthetic uids (32 hex) and scores (a few null / NaN). The loopback tests reuse
-tests/test_download.py's HTTP server.
+and urls from ../shared, synthetic uids (32 hex) and scores (a few null / NaN); two COCO photos as
+DataComp-downloaded shards. Nothing is fetched here (the download stage: tests/test_retry_downloads.py).
 """
 import hashlib
 import io
@@ -24,12 +24,10 @@ import schemas as S
 from jobs.cat_filter import cat_filter
 from jobs.redecide import redecide
 from pipeline.filter import datacomp
-from pipeline.filter.download import DownloadParams
 from pipeline.filter.redecide import NotRedecidable
 from pipeline.filter.score_stage import ScoreParams, StagePlan, parse_stages
 from pipeline.store.partitions import InputError
 from tests.conftest import COCO_MINI, LAION_SAMPLE
-from tests.test_download import server  # noqa: F401 - the loopback HTTP server fixture
 
 N = 64
 B32, L14 = "clip_b32_similarity_score", "clip_l14_similarity_score"
@@ -71,7 +69,7 @@ def commonpool(tmp_path_factory, shared_data):
 @pytest.fixture(scope="module")
 def scored_run(spark, commonpool, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dc") / "score-caption")
-    stats = cat_filter(str(commonpool.parent), out, spark=spark, stages="score,caption", rows_per_part=16, score=SCORE)
+    stats = cat_filter(str(commonpool.parent), out, spark=spark, stages="score,caption", rows_per_part=32, score=SCORE)
     return out, stats
 
 
@@ -137,6 +135,7 @@ def test_subset_file_is_the_kept_uids(scored_run):
 def test_stages_option():
     assert parse_stages("score", SCORE) == StagePlan(score=True, caption=False, images="none")
     assert parse_stages("score,caption,download,textspot", SCORE) == StagePlan(True, True, "all")
+    assert parse_stages("score,download,textspot", SCORE) == StagePlan(True, False, "all")   # no caption rules
     assert parse_stages("auto", SCORE).score and not parse_stages("auto", ScoreParams()).score
     for bad in ("caption,score", "score,caption", "caption,download", "download,textspot", "nonsense"):
         with pytest.raises(InputError):
@@ -150,7 +149,7 @@ def test_score_stage_alone_and_redecide_equals_fresh(spark, scored_run, commonpo
     (and a smaller top fraction) equals a fresh run, subset file included; a looser one is refused."""
     out, _ = scored_run
     alone = str(tmp_path / "alone")
-    stats = cat_filter(str(commonpool.parent), alone, spark=spark, stages="score", rows_per_part=16, score=SCORE)
+    stats = cat_filter(str(commonpool.parent), alone, spark=spark, stages="score", rows_per_part=32, score=SCORE)
     ledger = ledger_of(alone)
     assert set(ledger.stage) == {S.STAGE_SCORE} and ledger.complexity.isna().all()
     assert stats["n_kept"] == len(ledger[ledger.status == S.KEPT]) > 0
@@ -159,18 +158,21 @@ def test_score_stage_alone_and_redecide_equals_fresh(spark, scored_run, commonpo
 
     stricter = ScoreParams(min_score=((B32, 0.25),), top_fraction=((L14, 0.3),))
     fresh = str(tmp_path / "fresh")
-    cat_filter(str(commonpool.parent), fresh, spark=spark, stages="score,caption", rows_per_part=16, score=stricter)
-    into = str(tmp_path / "into")
-    redecide(out, into, engine="local", min_score=[(B32, 0.25)], score_top_fraction=[(L14, 0.3)])
+    cat_filter(str(commonpool.parent), fresh, spark=spark, stages="score,caption", rows_per_part=32, score=stricter)
     cols = ["status", "stage", "reason", "score_column", "score", "score_threshold", "complexity", "caption"]
-    a, b = ledger_of(fresh)[cols].sort_index(), ledger_of(into)[cols].sort_index()
-    pd.testing.assert_frame_equal(a, b)
-    assert (ledger_of(into).score_threshold == 0.25).any()
-    for f in ("datacomp/subset_uids.npy",):
-        assert open(os.path.join(fresh, f), "rb").read() == open(os.path.join(into, f), "rb").read()
-    ca = pd.read_parquet(os.path.join(fresh, "captions")).set_index("key").sort_index()
-    cb = pd.read_parquet(os.path.join(into, "captions")).set_index("key").sort_index()
-    pd.testing.assert_frame_equal(ca[["passed", "reason", "complexity"]], cb[["passed", "reason", "complexity"]])
+    fresh_stats = json.load(open(os.path.join(fresh, "stats.json")))
+    for engine in ("local", "spark"):
+        into = str(tmp_path / f"into-{engine}")
+        got = redecide(out, into, engine=engine, spark=spark, min_score=[(B32, 0.25)], score_top_fraction=[(L14, 0.3)])
+        pd.testing.assert_frame_equal(ledger_of(fresh)[cols].sort_index(), ledger_of(into)[cols].sort_index())
+        assert (ledger_of(into).score_threshold == 0.25).any()
+        assert {k: got[k] for k in ("n_kept", "n_dropped", "n_failed", "by_stage", "score", "n_subset_uids")} == \
+            {k: fresh_stats[k] for k in ("n_kept", "n_dropped", "n_failed", "by_stage", "score", "n_subset_uids")}
+        subset = "datacomp/subset_uids.npy"
+        assert open(os.path.join(fresh, subset), "rb").read() == open(os.path.join(into, subset), "rb").read()
+        ca = pd.read_parquet(os.path.join(fresh, "captions")).set_index("key").sort_index()
+        cb = pd.read_parquet(os.path.join(into, "captions")).set_index("key").sort_index()
+        pd.testing.assert_frame_equal(ca[["passed", "reason", "complexity"]], cb[["passed", "reason", "complexity"]])
     with pytest.raises(NotRedecidable, match="min_score"):
         redecide(out, str(tmp_path / "looser"), engine="local", min_score=[(B32, 0.1)])
     # the score stage alone may be re-decided either way: nothing came after it
@@ -178,37 +180,19 @@ def test_score_stage_alone_and_redecide_equals_fresh(spark, scored_run, commonpo
     assert ledger_of(str(tmp_path / "alone-looser")).status.eq(S.KEPT).sum() >= stats["n_kept"]
 
 
-def test_uid_survives_download_and_datacomp_shards_are_input(spark, server, tmp_path):  # noqa: F811
-    """CommonPool rows with loopback URLs: img2dataset carries the uid (save_additional_columns) and the
-    kept pairs are keyed by it; DataComp-downloaded webdataset shards (sidecar with uid) are image input."""
-    base, photos = server
+def test_datacomp_shards_are_image_input(spark, tmp_path):
+    """Shards DataComp's download_upstream.py wrote (img2dataset webdataset: tar members named by
+    img2dataset's key, the sidecar Parquet with uid beside it) are image input keyed by uid.
+    (The uid through our own download stage: tests/test_retry_downloads.py.)"""
+    photos = sorted(os.listdir(COCO_MINI / "images"))[:3]
     captions = ["A man riding a bike past a red building", "A woman holding an umbrella in the rain",
-                "A dog chasing a ball on the beach"]
-    urls = [f"{base}/img/{p}?dc" for p in photos[:2]] + [f"{base}/missing.jpg?dc"]
-    table = commonpool_table(urls, captions, salt="dl", missing=(), nan=())
-    inp = tmp_path / "pool" / "0000.parquet"
-    inp.parent.mkdir()
-    pq.write_table(table, inp)
-    out = str(tmp_path / "out")
-    cat_filter(str(inp.parent), out, spark=spark, rows_per_part=16,
-               download=DownloadParams(timeout=2, processes_count=1, thread_count=2, allow_private_addresses=True))
-    ledger = ledger_of(out)
-    uids = table.column("uid").to_pylist()
-    assert sorted(ledger.index) == sorted(uids)
-    assert ledger.loc[uids[2]].reason == S.R_DOWNLOAD_FAILED
-    kept = sorted(ledger[ledger.status == S.KEPT].index)
-    assert kept == sorted(uids[:2])
-    fetched = pd.read_parquet(os.path.join(out, "_work", "images"))
-    assert set(fetched.uid) == set(uids) and (fetched.uid == fetched.cat_key).all()
-    assert sorted(pd.read_parquet(os.path.join(out, "shards")).key) == kept
-    assert np.array_equal(np.load(os.path.join(out, "datacomp", "subset_uids.npy")), datacomp.uids_to_array(kept))
-
-    # DataComp's own download (img2dataset webdataset): tar members named by img2dataset's key, uid beside it
+                "Stainless Steel Water Bottle 750ml"]   # no action: the caption rules drop it
+    uids = [uid_of(i, "shards") for i in range(3)]
     shards = tmp_path / "shards"
     shards.mkdir()
-    keys = ["000000000", "000000001"]
-    side = pa.table({"key": keys, "uid": uids[:2], "url": urls[:2], "caption": captions[:2],
-                     "status": ["success"] * 2, "error_message": [None, None]})
+    keys = ["000000000", "000000001", "000000002"]
+    side = pa.table({"key": keys, "uid": uids, "url": [f"http://pool.invalid/{k}.jpg" for k in keys],
+                     "caption": captions, "status": ["success"] * 3, "error_message": [None] * 3})
     pq.write_table(side, shards / "00000.parquet")
     with tarfile.open(shards / "00000.tar", "w") as tar:
         for k, u, c, p in zip(keys, uids, captions, photos):
@@ -217,8 +201,16 @@ def test_uid_survives_download_and_datacomp_shards_are_input(spark, server, tmp_
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    out2 = str(tmp_path / "from-shards")
-    cat_filter(str(shards), out2, spark=spark)
-    ledger2 = ledger_of(out2)
-    assert sorted(ledger2.index) == sorted(uids[:2]) and (ledger2.status == S.KEPT).all(), ledger2.to_dict()
-    assert np.array_equal(np.load(os.path.join(out2, "datacomp", "subset_uids.npy")), datacomp.uids_to_array(uids[:2]))
+    out = str(tmp_path / "from-shards")
+    cat_filter(str(shards), out, spark=spark)
+    ledger = ledger_of(out)
+    assert sorted(ledger.index) == sorted(uids) and (ledger.loc[uids[:2]].status == S.KEPT).all(), ledger.to_dict()
+    assert ledger.loc[uids[2]].reason == S.R_NO_ACTION
+    assert sorted(pd.read_parquet(os.path.join(out, "shards")).key) == sorted(uids[:2])
+    assert np.array_equal(np.load(os.path.join(out, "datacomp", "subset_uids.npy")), datacomp.uids_to_array(uids[:2]))
+    # --stages textspot: no caption rules, every image text-spotted (an order-preserving subset of the stages)
+    out2 = str(tmp_path / "textspot-only")
+    stats = cat_filter(str(shards), out2, spark=spark, stages="textspot")
+    ledger = ledger_of(out2)
+    assert (ledger.status == S.KEPT).all() and (ledger.stage == S.STAGE_TEXTSPOT).all(), ledger.to_dict()
+    assert S.STAGE_CAPTION not in stats["by_stage"] and stats["by_stage"][S.STAGE_TEXTSPOT]["in"] == 3

@@ -10,7 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model_training.probe import ProbeConfig, few_shot_comparison, grid_search, k_shot_split, project_ball, train_probe
+from model_training.probe import (PROMPT_TEMPLATES, ProbeConfig, accuracy, cv_folds, ensemble_prompts, few_shot_comparison,
+                                  grid_search, k_shot_split, project_ball, train_probe)
 
 
 def toy(seed=0, n_classes=10, dim=64, per_class=30, text_noise=2.0, image_noise=3.0):
@@ -69,11 +70,61 @@ def test_projection_is_onto_the_whole_ball():
     assert torch.equal(project_ball(inside, center, 0.5), inside)      # points inside the ball do not move
 
 
-def test_k_shot_split_draws_k_train_and_k_held_out_per_class_and_tests_on_the_rest():
+def test_k_shot_split_uses_k_labels_per_class_and_tests_on_the_rest():
     labels = torch.arange(4).repeat_interleave(6)
     train, val, test = k_shot_split(labels, 2, seed=0)
-    assert torch.bincount(labels[train]).tolist() == [2, 2, 2, 2] and torch.bincount(labels[val]).tolist() == [2] * 4
-    assert len(test) == 8 and len(set(train.tolist()) | set(val.tolist()) | set(test.tolist())) == 24
+    assert torch.bincount(labels[train]).tolist() == [2, 2, 2, 2] and len(val) == 0   # no extra validation shots
+    assert len(test) == 16 and len(set(train.tolist()) | set(test.tolist())) == 24
+
+
+def test_cv_folds_split_the_k_shots_only():
+    labels = torch.arange(3).repeat_interleave(4)                   # 4 shots of 3 classes
+    folds = cv_folds(labels, 4, seed=1, max_folds=5)
+    assert len(folds) == 4
+    held = torch.cat([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(12))                 # every shot held out exactly once
+    for fit, h in folds:
+        assert torch.bincount(labels[h], minlength=3).tolist() == [1, 1, 1]   # stratified
+        assert set(fit.tolist()) == set(range(12)) - set(h.tolist())
+    one = cv_folds(torch.arange(7), 1, seed=0, max_folds=5)         # k = 1: folds over classes
+    assert len(one) == 5 and sorted(torch.cat([h for _, h in one]).tolist()) == list(range(7))
+
+
+def test_radii_are_chosen_by_cross_validation_within_the_k_shots_and_refit_on_all_of_them():
+    # reference written from the protocol: k shots per class; for every grid point the pooled held-out
+    # accuracy over the folds; the best one refit on all k shots; tested on every other image. The model's
+    # logit scale is used throughout (here 37, not the old fixed 20).
+    feats, labels, prompts = toy(n_classes=4, dim=16, per_class=8)
+    cfg = ProbeConfig(steps=20, scale=37.0, weight_radii=(0.05, 0.4, 1.6), bias_radii=(0.0, 1.0), weight_decays=(0.0, 0.1))
+    rows = few_shot_comparison(feats, labels, prompts, ks=(2,), seeds=1, cfg=cfg)
+    tr, _, te = k_shot_split(labels, 2, 0)
+    scores = []
+    for r_w in cfg.weight_radii:
+        for r_b in cfg.bias_radii:
+            correct = 0
+            for fit, held in cv_folds(labels[tr], 2, 0, cfg.max_folds):
+                w, b = train_probe(feats[tr][fit], labels[tr][fit], prompts, cfg, r_w * 2.0, r_b * 2.0)  # sqrt(4 classes)
+                z = 37.0 * feats[tr][held] @ w.T + b
+                correct += int((z.argmax(1) == labels[tr][held]).sum())
+            scores.append(correct)
+    best = scores.index(max(scores))
+    r_w, r_b = cfg.weight_radii[best // 2], cfg.bias_radii[best % 2]
+    assert rows[0]["pgd_radii"] == [[r_w, r_b]] and rows[0]["labels_per_class"] == 2 and rows[0]["logit_scale"] == 37.0
+    w, b = train_probe(feats[tr], labels[tr], prompts, cfg, r_w * 2.0, r_b * 2.0)
+    assert abs(rows[0]["pgd"] - round(accuracy(feats[te], labels[te], w, b, 37.0), 2)) < 1e-6
+
+
+def test_zero_shot_classifier_is_the_prompt_ensemble():
+    # CLIP's ensembling: mean of the normalised prompt embeddings per class, re-normalised
+    table = {}
+
+    def embed(prompts):
+        return torch.stack([table.setdefault(p, torch.randn(8)) for p in prompts])
+    w = ensemble_prompts(embed, ["cat", "dog"])
+    assert len(PROMPT_TEMPLATES) >= 5 and "a photo of a {}." in PROMPT_TEMPLATES
+    for c, name in enumerate(["cat", "dog"]):
+        mean = torch.stack([F.normalize(table[t.format(name)], dim=0) for t in PROMPT_TEMPLATES]).mean(0)
+        assert torch.allclose(w[c], F.normalize(mean, dim=0), atol=1e-6)
 
 
 def test_grid_search_picks_the_best_held_out_score_and_batched_probes_equal_single_ones():

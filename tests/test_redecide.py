@@ -4,8 +4,8 @@
 
 Input: 12 real Flickr8k photos x 3 captions (its own caption; a second caption with some of its words
 rendered onto the photo - text_shortcut; a bare noun phrase or another photo's caption), plus an
-undecodable image and an empty caption: 38 rows, 24 distinct images to text-spot (~0.3 s each on a
-CPU core). One source run with the DiHT defaults, three fresh runs with other thresholds, each
+undecodable image, an empty caption and a 4-letter caption word shown on a photo: 39 rows, 25
+distinct images to text-spot (~0.3 s each on a CPU core). One source run with the DiHT defaults, three fresh runs with other thresholds, each
 re-decided by both engines (local: in-process, pipeline.filter.finalize; spark: Spark tasks and queries).
 """
 import io
@@ -66,6 +66,14 @@ def _noisy_input(shared_data, path) -> str:
         else:
             rows.append({"key": f"{stem}_2", "caption": " ".join(c[2].split()[:2]), "jpg": p["jpg"],
                          "noise": "low_complexity"})
+    # a 4-letter caption word shown on the photo: kept by the DiHT defaults (< 5 characters), dropped by the
+    # loose thresholds (min_chars 3), so every FRESH point changes verdicts whatever the engine's noise
+    c0 = caps[names[0]][0]
+    short = next(w for w in c0.split() if len(w) == 4 and w.isalpha())
+    shown = render_text(Image.open(io.BytesIO(photos[0]["jpg"])).convert("RGB"), short.upper(), random.Random(1))
+    buf = io.BytesIO()
+    shown.save(buf, format="JPEG", quality=90)
+    rows.append({"key": "short_text", "caption": c0, "jpg": buf.getvalue(), "noise": "text_shortcut"})
     rows.append({"key": "broken", "caption": "A man is riding a red bike down the street", "jpg": b"not an image",
                  "noise": "none"})
     rows.append({"key": "empty", "caption": " ", "jpg": photos[0]["jpg"], "noise": "none"})

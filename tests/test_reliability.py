@@ -55,13 +55,21 @@ def markers(out, stage):
 
 
 def kill_when(cmd, out, stage, n_markers, timeout=400):
-    """Start the job; SIGKILL its whole process tree once `stage` has n_markers finished parts."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    """Start the job; SIGKILL its whole process tree once `stage` has n_markers finished parts. When the job
+    ends by itself first (or takes too long), the assertion shows the tail of its output."""
+    log = f"{out}.{stage}.{n_markers}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     t0 = time.time()
     while len(markers(out, stage)) < n_markers:
-        assert proc.poll() is None, f"job ended before {n_markers} {stage} parts were done"
-        assert time.time() - t0 < timeout
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            tail = open(log, errors="replace").read()[-3000:]
+            raise AssertionError(f"job ended (exit {proc.returncode}) before {n_markers} {stage} parts were done, "
+                                 f"or ran over {timeout} s; its output ends:\n{tail}")
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -91,3 +91,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # the funnel's kept bar (#4caf50) and the <mark> highlight (#ffeb3b) are on the page
     for colour in ((0x4C, 0xAF, 0x50), (0xFF, 0xEB, 0x3B)):
         assert (np.abs(shot - np.array(colour)).sum(axis=-1) < 12).sum() > 50, colour
+
+
+def test_every_stage_says_what_passed_it(tmp_path):
+    """stats.json names what went on from each stage ("passed"), so a stage that passed rows never reads as
+    "kept 0"; a download failure on an input that holds its images still gets its funnel row."""
+    from pipeline.filter.finalize import build_stats
+    from pipeline.filter.report import funnel_stages, stage_passed
+    counts = [{"stage": STAGE_CAPTION, "status": DROPPED, "reason": R_NO_ACTION, "count": 138},
+              {"stage": "download", "status": FAILED, "reason": "download_failed", "count": 1},
+              {"stage": STAGE_TEXTSPOT, "status": DROPPED, "reason": R_TEXT_SPOTTED, "count": 27},
+              {"stage": STAGE_TEXTSPOT, "status": "kept", "reason": None, "count": 45}]
+    stats = build_stats(counts, 211, {"images"})
+    by = stats["by_stage"]
+    assert [by[s]["in"] for s in (STAGE_CAPTION, "download", STAGE_TEXTSPOT)] == [211, 73, 72]
+    assert [by[s]["passed"] for s in (STAGE_CAPTION, "download", STAGE_TEXTSPOT)] == [73, 72, 45]
+    assert by[STAGE_CAPTION]["kept"] == 0 and by[STAGE_TEXTSPOT]["kept"] == 45
+    assert funnel_stages(stats) == [STAGE_CAPTION, "download", STAGE_TEXTSPOT]
+    del by["download"]["failed"]["download_failed"]
+    assert funnel_stages(stats) == [STAGE_CAPTION, STAGE_TEXTSPOT]   # nothing ended there, no download ran
+    assert stage_passed({"in": 10, "kept": 0, "dropped": {"a": 3}, "failed": {"b": 2}}) == 5   # older stats.json
+    page = write_report(tmp_path, stats, {}).read_text(encoding="utf-8")
+    assert "<th>passed</th>" in page

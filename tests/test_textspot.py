@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.filter.spotting import spot_and_match
 from pipeline.filter.textspot import (Detection, TextSpotParams, TextSpotter, _longest_common_window, assign_lines,
-                                      caption_match, keep_readable, normalise, spot_and_match)
+                                      caption_match, keep_readable, normalise)
 
 # ---------------------------------------------------------------- caption_match: the rule's edges
 
@@ -178,3 +179,135 @@ def test_operating_point_flickr_set(spotter):
     assert not any(d and not i.drop for d, i in zip(drops, items))
     other = [r for r, i in zip(results, items) if i.kind == "other_text"]
     assert any(r.detections and not r.drop for r in other)   # text read, kept, still reported
+
+
+# ---------------------------------------------------------------- lines: the rule on words of one line
+
+def _line(words, y=10, h=20, conf=0.95, line=0):
+    """Words laid out left to right on one baseline (10 px per character, 10 px gaps)."""
+    out, x = [], 0
+    for w in words:
+        c = conf[len(out)] if isinstance(conf, list) else conf
+        out.append(Detection(w, c, (x, y, x + 10 * len(w), y + h), line))
+        x += 10 * len(w) + 10
+    return out
+
+
+def test_short_words_match_on_their_line():
+    """A quoted phrase of short words ("ON TOP OF A") never gives 5 characters word by word, but does
+    as a line; every word of the matched window must be confident, each keeps its own confidence."""
+    caption = "a cat sitting on top of a car"
+    words = _line(["ON", "TOP", "OF", "A"], conf=[0.9, 0.95, 0.85, 0.99])
+    assert caption_match([(d.text, d.conf) for d in words], caption) is None   # the word-level rule
+    m = caption_match(words, caption)
+    assert m.text == "ON TOP OF A" and m.span == "on top of a" and m.n_chars == 8 and m.n_words == 4
+    assert m.conf == pytest.approx(0.85)                                       # the weakest word of the run
+    weak = _line(["ON", "TOP", "OF", "A"], conf=[0.9, 0.5, 0.85, 0.99])        # "TOP" below 0.8 breaks the run
+    assert caption_match(weak, caption) is None
+    assert caption_match(weak, caption, min_conf=0.5).n_chars == 8
+    shuffled = [words[2], words[0], words[3], words[1]]                       # reading order comes from the boxes
+    assert caption_match(shuffled, caption).text == "ON TOP OF A"
+    apart = [d._replace(line=k) for k, d in enumerate(words)]                  # four lines: no match
+    assert caption_match(apart, caption) is None
+
+
+def test_runs_split_at_weak_words_but_keep_strong_windows():
+    caption = "children playing football on the beach"
+    words = _line(["FOOTBALL", "xq", "BEACH"], conf=[0.9, 0.3, 0.95])
+    m = caption_match(words, caption)
+    assert m.text == "FOOTBALL" and m.n_chars == 8   # FOOTBALL alone is a run of its own
+
+
+def test_assign_lines_geometry():
+    boxes = [(0, 0, 40, 20), (50, 1, 90, 21), (95, 0, 130, 20),   # a line: gaps <= one height
+             (200, 0, 240, 20),                                    # same baseline, 70 px away: another line
+             (0, 40, 40, 60),                                      # the next text line down
+             (45, 5, 60, 60)]                                      # overlapping but 2.75x taller: not the line
+    lines = assign_lines(boxes)
+    assert lines[0] == lines[1] == lines[2]
+    assert len({lines[0], lines[3], lines[4], lines[5]}) == 4
+    assert assign_lines(boxes, line_gap=4.0)[3] == lines[0]       # a wider gap joins it
+    assert assign_lines([]) == []
+
+
+def test_short_boxes_are_read_when_they_share_a_line():
+    p = TextSpotParams(min_chars=5, min_char_aspect=0.25)        # alone, a box needs width >= 1.25 x height
+    boxes = [(0, 0, 20, 20), (25, 0, 45, 20),                     # "ON" "OF": narrow, but on one line
+             (200, 100, 220, 120),                                # narrow and alone: not read
+             (300, 0, 340, 20)]                                   # wide enough alone
+    kept, lines = keep_readable(list(range(4)), boxes, p)
+    assert kept == [0, 1, 3] and lines[0] == lines[1] != lines[2]
+
+
+# ---------------------------------------------------------------- the ppocr engine and the real-text set
+
+@pytest.fixture(scope="module")
+def ppocr():
+    from pipeline.filter.ppocr import PPOCRSpotter
+    return PPOCRSpotter(gpu=False, threads=1)
+
+
+def test_ppocr_gives_the_same_evidence(ppocr):
+    """PP-OCR (ONNX models from the installed wheel) reads words with boxes, confidences and lines, the
+    evidence the easyocr engine gives, and the rule works on it unchanged."""
+    blank = np.full((300, 400, 3), 128, np.uint8)
+    found = ppocr.spot([_rendered("SUNSET BEACH CLUB", size=(640, 200)), blank, np.zeros((2, 2, 3), np.uint8)])
+    assert found[1] == [] and found[2] == []
+    assert all(isinstance(d, Detection) and 0 <= d.conf <= 1 for d in found[0])
+    assert " ".join(d.text for d in found[0]).upper().replace(" ", "") == "SUNSETBEACHCLUB", found[0]
+    assert len({d.line for d in found[0]}) == 1 and all(d.line >= 0 for d in found[0])
+    assert all(0 <= d.box[0] < d.box[2] <= 640 and 0 <= d.box[1] < d.box[3] <= 200 for d in found[0])
+    assert [d.text for d in sorted(found[0], key=lambda d: d.box[0])] == ["SUNSET", "BEACH", "CLUB"]  # words
+    assert caption_match(found[0], "drinks at the sunset beach club").span == "sunset beach club"
+    assert ppocr.cpu_seconds["detect"] > 0 and ppocr.cpu_seconds["recognise"] > 0
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        ppocr.spot([np.zeros((10, 10), np.uint8)])
+
+
+def test_ppocr_reading_does_not_depend_on_the_batch(ppocr):
+    """A crop's recogniser input depends on the crop alone (batches grouped by own padded width), so an
+    image reads the same whatever else is in its part: the image stage's redecide invariance."""
+    a, b = _rendered("Sunflowers and tulips"), _rendered("A VERY LONG BANNER OF TEXT", size=(900, 200))
+    alone = ppocr.spot([a])[0]
+    together = ppocr.spot([b, a, b])[1]
+    assert [(d.text, d.box, d.line) for d in alone] == [(d.text, d.box, d.line) for d in together]
+    assert [d.conf for d in alone] == pytest.approx([d.conf for d in together], abs=1e-5)
+
+
+def _committed(set_name: str, path: str) -> dict:
+    import json
+    from pathlib import Path
+    results = json.loads((Path(__file__).resolve().parents[1] / "bench/results/textspot.json").read_text())
+    return results["cpu"][set_name][path]
+
+
+def test_real_text_set_at_256px_default_engine(ppocr):
+    """The labelled real-text set (bench/data/realtext_labels.csv: real photos, looked at one by one;
+    drop = the caption quotes legible natural text) as the download stage stores it at 256 px: the
+    default engine's precision and recall are those bench/results/textspot.json commits (one image of
+    slack for CPU kernels that round differently), and the issue's targets (recall >= 0.9 at precision 1)
+    are checked against that committed figure by the benchmark, not here. Whole set: ~171 images."""
+    from bench.textspot_set import build_realtext_set
+    assert TextSpotParams().engine == "ppocr"
+    items = build_realtext_set(256)
+    assert len(items) >= 150 and sum(i.drop for i in items) >= 60
+    assert all(i.image.shape == (256, 256, 3) for i in items)
+    results = spot_and_match([i.image for i in items], [i.caption for i in items], spotter=ppocr)
+    precision, recall = _quality(results, items, min_conf=0.8)
+    committed = _committed("real_256", "ppocr")
+    n_drop = sum(i.drop for i in items)
+    misses = [(i.name, i.caption, [d.text for d in r.detections][:5]) for r, i in zip(results, items) if r.drop != i.drop]
+    assert recall >= committed["recall"] - 1.5 / n_drop, (recall, committed["recall"], misses)
+    assert precision >= committed["precision"] - 0.02, (precision, misses)
+
+
+def test_real_text_subset_at_256px_easyocr(spotter):
+    """easyocr stays supported: on a stratified subset of the real-text set (40 images, ~18 to drop) it
+    finds quoted scene text at 256 px with precision 1, as the benchmark measured for the whole set."""
+    from bench.textspot_set import build_realtext_set
+    items = build_realtext_set(256, limit=40)
+    results = spot_and_match([i.image for i in items], [i.caption for i in items], spotter=spotter)
+    precision, recall = _quality(results, items, min_conf=0.8)
+    committed = _committed("real_256", "easyocr")
+    assert precision >= committed["precision"] - 0.02
+    assert recall >= committed["recall"] - 0.15, (recall, committed["recall"])   # a subset: sampling slack

@@ -197,3 +197,18 @@ def test_objective_composes_weighted_terms():
     assert math.isclose(float(terms["loss"].detach()), float(expected.detach()), rel_tol=1e-6)
     with pytest.raises(ValueError, match="labels"):
         build_objective(LossConfig(concept_weight=1.0), model)
+
+
+def test_old_checkpoints_that_no_longer_fit_are_refused_in_one_line_naming_the_change():
+    from model_training.losses import OBJECTIVE_FORMAT, check_objective_format
+    from model_training.train import Trainee
+    model = build_model("catclip-micro")
+    trainee = Trainee(model, build_objective(LossConfig(contrastive="none", momentum_weight=1.0, queue_size=8), model))
+    old = {k: v for k, v in trainee.state_dict().items()}
+    old["objective.parts.momentum.queue_filled"] = torch.tensor(8)        # what format 1 wrote
+    with pytest.raises(ValueError) as e:
+        check_objective_format("step_0000100.pt", {"trainee": old}, trainee)
+    message = str(e.value)
+    assert "\n" not in message and "issue #24" in message and "queue_filled" in message and "step_0000100.pt" in message
+    check_objective_format("x.pt", {"trainee": trainee.state_dict()}, trainee)   # an old one that still fits loads
+    check_objective_format("x.pt", {"trainee": old, "objective_format": OBJECTIVE_FORMAT}, trainee)   # current: not checked here

@@ -69,7 +69,8 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
                      final: bool, download: bool = False, score_rules: list[dict] | None = None,
                      caption_rules: bool = True) -> dict:
     """score_rules (score_stage.Rule dicts): the score stage runs first, on this part's score columns;
-    caption_rules False (--stages score): rows the score stage passes are kept, nothing is parsed."""
+    caption_rules False (--stages without caption): nothing is parsed, rows the score stage passes go on
+    (to the image stages, or with `final` they are kept at the score stage)."""
     dups = read_duplicates(out, chunk.part)
     table, unreadable = _read(chunk, cols)  # corrupt row groups fail their rows, not the job
     n = table.num_rows
@@ -123,7 +124,7 @@ def run_caption_part(chunk: Chunk, cols: Columns, out: str, params: cap.CaptionP
             status = S.FAILED if r["reason"] in (S.R_NON_STRING, S.R_INVALID_UTF8, S.R_READ_ERROR) else S.DROPPED
             ledger.append(_ledger_row(r, status, S.STAGE_CAPTION, r["reason"],
                                       error_message=r.pop("error_message", None)))
-        elif not caption_rules:  # --stages score: kept by the score stage
+        elif not caption_rules and final:  # --stages score: kept by the score stage
             score_ledger.append(_ledger_row(r, S.KEPT, S.STAGE_SCORE, None))
         elif final:
             ledger.append(_ledger_row(r, S.KEPT, S.STAGE_CAPTION, None))

@@ -1,6 +1,6 @@
 """DataComp's filtering-track subset file from a filter output whose keys are uids (no Spark in here).
 
-    python -m pipeline.filter.datacomp out/filter      # OUTPUT/datacomp/subset_uids.npy for a finished output
+    .venv/bin/catcurate datacomp-subset out/filter      # OUTPUT/datacomp/subset_uids.npy for a finished output
     write_subset(output, n_kept, map_fn)               # what the filter and redecide call (map_fn: Spark tasks)
 
 A filtering-track submission is the list of kept uids: a NumPy array of dtype np.dtype("u8,u8"), each
@@ -169,7 +169,7 @@ def read_subset(path: str) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.filter.datacomp", description=__doc__,
+    ap = argparse.ArgumentParser(prog="catcurate datacomp-subset", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", help="a finished filter (or redecide) output whose keys are uids")
     ap.add_argument("--bucket-bits", type=int, default=None, help="2**bits sort buckets (default: from the count)")

@@ -21,9 +21,13 @@ import argparse
 import ipaddress
 import json
 import os
+import io
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 
 import schemas as S
@@ -50,12 +54,25 @@ class DownloadParams:
     user_agent_token: str | None = "catcurate"
     # ours, not img2dataset's: fetch from loopback / private / CGNAT too (in-house mirrors, tests)
     allow_private_addresses: bool = False
+    # ours: a total deadline per request (connect + headers + body, every redirect hop; img2dataset's
+    # timeout is per socket read, so a server trickling a byte at a time holds a thread for ever) and a
+    # size cap enforced while the body is read (an endless body would fill the memory)
+    max_seconds: float = 60.0
+    max_image_bytes: int = 32 << 20
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict:   # the limits only when changed: outputs of earlier versions still resume
+        d = asdict(self)
+        for name in OURS_SINCE_RESUME_IDENTITY:
+            if d[name] == getattr(DownloadParams, name):
+                del d[name]
+        return d
 
     def img2dataset_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "allow_private_addresses"}
+        return {k: v for k, v in asdict(self).items() if k not in ("allow_private_addresses", *OURS_SINCE_RESUME_IDENTITY)}
+
+
+OURS_SINCE_RESUME_IDENTITY = ("max_seconds", "max_image_bytes")
+LIMITS_ENV = "CATCURATE_FETCH_LIMITS"   # set in the download child: "max_seconds,max_image_bytes"
 
 
 # ---------------------------------------------------------------- safe fetching
@@ -123,7 +140,102 @@ def install_fetch_guard(allow_private: bool) -> None:
 
 def failure_reason(error_message: str | None) -> str:
     """Ledger reason of a row img2dataset could not fetch."""
-    return S.R_BLOCKED_ADDRESS if S.R_BLOCKED_ADDRESS in (error_message or "") else S.R_DOWNLOAD_FAILED
+    for reason in (S.R_BLOCKED_ADDRESS, S.R_DOWNLOAD_TIMEOUT, S.R_TOO_LARGE):
+        if (error_message or "").startswith(reason) or f"{reason}:" in (error_message or ""):
+            return reason
+    return S.R_DOWNLOAD_FAILED
+
+
+# ---------------------------------------------------------------- total deadline and size cap
+
+_requests: dict[int, dict] = {}          # thread id -> the request it is making: deadline, sockets, expired
+_requests_lock = threading.Lock()
+_watchdog: list = []
+
+
+def _track_connect(real_connect):
+    def connect(sock, address):
+        req = _requests.get(threading.get_ident())
+        if req is not None:
+            req["socks"].append(sock)
+        return real_connect(sock, address)
+    return connect
+
+
+def _watch() -> None:
+    """Shuts down the sockets of requests past their deadline: a blocked read returns at once."""
+    while True:
+        time.sleep(0.2)
+        now = time.monotonic()
+        with _requests_lock:
+            late = [r for r in _requests.values() if now > r["deadline"] and not r["expired"]]
+        for req in late:
+            req["expired"] = True
+            for sock in req["socks"]:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def limited_download_image(row, timeout, user_agent_token, disallowed_header_directives, *,
+                           max_seconds: float, max_bytes: int):
+    """img2dataset's download_image (same arguments and result: key, BytesIO or None, error or None), with
+    a total deadline per request and a size cap while reading. Errors start with the ledger reason."""
+    from img2dataset.downloader import is_disallowed
+    key, url = row
+    if not _watchdog:
+        with _requests_lock:
+            if not _watchdog:
+                socket.socket.connect = _track_connect(socket.socket.connect)
+                _watchdog.append(threading.Thread(target=_watch, name="fetch-deadline", daemon=True))
+                _watchdog[0].start()
+    req = {"deadline": time.monotonic() + max_seconds, "socks": [], "expired": False}
+    with _requests_lock:
+        _requests[threading.get_ident()] = req
+    agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"   # img2dataset's
+    if user_agent_token:
+        agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+    try:
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
+        with urllib.request.urlopen(request, timeout=min(timeout, max_seconds)) as r:
+            if disallowed_header_directives and is_disallowed(r.headers, user_agent_token,
+                                                              disallowed_header_directives):
+                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            length = r.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                return key, None, f"{S.R_TOO_LARGE}: Content-Length {int(length):,} bytes > {max_bytes:,}; not read"
+            body, n = io.BytesIO(), 0
+            while True:
+                chunk = r.read1(1 << 16)   # returns what arrived: the deadline and the cap are checked as it comes
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > max_bytes:
+                    return key, None, f"{S.R_TOO_LARGE}: body over {max_bytes:,} bytes; reading stopped"
+                if req["expired"] or time.monotonic() > req["deadline"]:
+                    raise TimeoutError
+                body.write(chunk)
+            if req["expired"]:
+                raise TimeoutError
+        body.seek(0)
+        return key, body, None
+    except Exception as err:  # noqa: BLE001 - as img2dataset: the error becomes the row's error message
+        if req["expired"] or time.monotonic() > req["deadline"]:
+            return key, None, f"{S.R_DOWNLOAD_TIMEOUT}: no complete response within {max_seconds:g} s"
+        return key, None, str(err)
+    finally:
+        with _requests_lock:
+            _requests.pop(threading.get_ident(), None)
+
+
+def install_fetch_limits(max_seconds: float, max_bytes: int) -> None:
+    """img2dataset fetches through limited_download_image in this process."""
+    import functools
+
+    from img2dataset import downloader
+    downloader.download_image = functools.partial(limited_download_image, max_seconds=max_seconds,
+                                                  max_bytes=max_bytes)
 
 
 def run_download(out: str, params: DownloadParams, distributor: str, rows_per_shard: int) -> list[str]:
@@ -137,6 +249,7 @@ def run_download(out: str, params: DownloadParams, distributor: str, rows_per_sh
         cmd = [sys.executable, "-m", "pipeline.filter.download", "--out", out, "--rows-per-shard", str(rows_per_shard),
                "--params", json.dumps(params.to_dict())]
         env = {**os.environ, GUARD_ENV: "private" if params.allow_private_addresses else "public",
+               LIMITS_ENV: f"{params.max_seconds},{params.max_image_bytes}",
                "PYTHONPATH": os.pathsep.join(
             p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")) if p)}
         proc = subprocess.run(cmd, env=env)
@@ -189,6 +302,8 @@ def downloaded_shards(out: str) -> list[str]:
 
 if os.environ.get(GUARD_ENV):  # the child and img2dataset's spawned workers (which import us as __mp_main__)
     install_fetch_guard(allow_private=os.environ[GUARD_ENV] == "private")
+if os.environ.get(LIMITS_ENV):
+    install_fetch_limits(float(os.environ[LIMITS_ENV].split(",")[0]), int(os.environ[LIMITS_ENV].split(",")[1]))
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="img2dataset over OUT/_work/download_input (called by the filter)")

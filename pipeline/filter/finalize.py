@@ -65,9 +65,9 @@ def build_stats(counts: list[dict], n_rows: int, kinds: set[str], score: bool = 
     """stats.json's counts from ledger counts [{stage, status, reason, count}]: totals, and per stage
     in pipeline order the rows in, passed (went on to the next stage, or kept after the last), kept
     (final status kept), and dropped / failed per reason. score: the score stage ran first; caption
-    False: --stages score (no caption rules)."""
+    False: --stages without caption (no caption rules)."""
     score = score or any(c["stage"] == S.STAGE_SCORE for c in counts)
-    caption = caption or not score or any(c["stage"] == S.STAGE_CAPTION for c in counts)
+    caption = caption or any(c["stage"] == S.STAGE_CAPTION for c in counts)
     order = ([S.STAGE_SCORE] if score else []) + ([S.STAGE_CAPTION] if caption else []) + \
         ([S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT] if kinds - {"caption"} else [])
     by_stage = {s: {"in": 0, "kept": 0, "dropped": {}, "failed": {}} for s in order}
@@ -97,9 +97,9 @@ def finish_stats(output: str, counts: list[dict], plan, kinds: set[str]) -> dict
     """build_stats plus what the output folder and the plan add; written to OUTPUT/stats.json."""
     manifest_path = storage.join(output, "manifest.json")   # written before any stage ran
     manifest = storage.read_json(manifest_path) if storage.exists(manifest_path) else {}
-    stages = str(manifest.get("resume_identity", {}).get("stages", "auto")).split(",")
+    stages = str(manifest.get("resume_identity", {}).get("stages", "auto"))
     stats = build_stats(sorted(counts, key=_count_order), plan.n_rows, kinds, score=bool(manifest.get("score")),
-                        caption=stages != [S.STAGE_SCORE])
+                        caption=stages in ("auto", "all") or S.STAGE_CAPTION in stages.split(","))
     if manifest.get("score"):   # the score stage's thresholds (top fractions: the pool's quantiles)
         stats["score"] = manifest["score"]
     stats["bad_files"] = plan.bad_files

@@ -32,7 +32,7 @@ from PIL import Image
 import schemas as S
 from pipeline.media import images as img
 from pipeline.store import storage
-from pipeline.filter import textspot as ts
+from pipeline.filter import spotting, textspot as ts
 from pipeline.media.devices import select_device
 from pipeline.filter.caption_stage import _count, ledger_row
 from pipeline.filter.download import failure_reason
@@ -250,7 +250,7 @@ def _spot_unique_images(decoded: list, params: ImageStageParams,
         slot.append(first[digest])
     cpu["decode"] += time.process_time() - clock
     clock = time.process_time()
-    spotter = ts.get_spotter(params.spotting())
+    spotter = spotting.get_spotter(params.spotting())
     cpu["load_spotter"] += time.process_time() - clock   # the first part of a Python worker loads the models
     before = dict(spotter.cpu_seconds)
     spotted = spotter.spot(images)

@@ -1,7 +1,7 @@
 """PP-OCRv4 text spotting on ONNX Runtime: the second engine behind the text-spot stage's interface.
 
     from pipeline.filter.ppocr import PPOCRSpotter
-    spotter = PPOCRSpotter(params=TextSpotParams(engine="ppocr"))   # or textspot.get_spotter(params)
+    spotter = PPOCRSpotter(params=TextSpotParams(engine="ppocr"))   # or spotting.get_spotter(params)
     spotter.spot([rgb_array, ...])       # per image: [Detection(text, conf, box, line), ...], as TextSpotter
 
 The models are the ONNX files inside the installed `rapidocr-onnxruntime` wheel (PP-OCRv4 detector,
@@ -146,7 +146,7 @@ class PPOCRSpotter:
             bounds = [_bounds(q) for q in qs]
             order = sorted(range(len(qs)), key=lambda k: -(bounds[k][2] - bounds[k][0]) * (bounds[k][3] - bounds[k][1]))
             qs, bounds = [qs[k] for k in order], [bounds[k] for k in order]
-            kept, lines = keep_readable(list(range(len(qs))), bounds, p)
+            kept, lines = keep_readable(list(range(len(qs))), bounds, p, [_extent(q) for q in qs])
             jobs += [(i, qs[k], line) for k, line in zip(kept[:p.max_boxes], lines[:p.max_boxes])]
         crops = [_warp(images[i], q) for i, q, _l in jobs]
         readings = self._read(crops)
@@ -209,13 +209,21 @@ class PPOCRSpotter:
 
 def _ordered(box: np.ndarray, w: int, h: int) -> np.ndarray | None:
     """Corners clockwise from top-left, clipped to the image; None when a side is <= 3 px (RapidOCR's filter)."""
-    s, d = box.sum(axis=1), np.diff(box, axis=1)[:, 0]
-    q = np.array([box[s.argmin()], box[d.argmin()], box[s.argmax()], box[d.argmax()]], np.float32)
+    by_x = box[np.argsort(box[:, 0], kind="stable")]
+    (tl, bl), (tr, br) = by_x[:2][np.argsort(by_x[:2, 1], kind="stable")], by_x[2:][np.argsort(by_x[2:, 1], kind="stable")]
+    q = np.array([tl, tr, br, bl], np.float32)   # left pair and right pair, each top first (rotated boxes too)
     q[:, 0] = np.clip(q[:, 0], 0, w - 1)
     q[:, 1] = np.clip(q[:, 1], 0, h - 1)
     if np.linalg.norm(q[0] - q[1]) <= 3 or np.linalg.norm(q[0] - q[3]) <= 3:
         return None
     return q
+
+
+def _extent(q: np.ndarray) -> tuple[float, float]:
+    """(length, height) of a quad along its reading direction (vertical text: its long side reads)."""
+    w = float(max(np.linalg.norm(q[0] - q[1]), np.linalg.norm(q[3] - q[2])))
+    h = float(max(np.linalg.norm(q[0] - q[3]), np.linalg.norm(q[1] - q[2])))
+    return (h, w) if h >= 1.5 * w else (w, h)
 
 
 def _bounds(q: np.ndarray) -> tuple[float, float, float, float]:

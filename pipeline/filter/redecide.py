@@ -130,11 +130,13 @@ def caption_verdict(row: dict, params: cap.CaptionParams) -> tuple[bool, str | N
 
 
 def redecide_caption_part(src: str, into: str, part: str, params: cap.CaptionParams,
-                          score: tuple[dict, list[dict]] | None = None, caption_rules: bool = True) -> dict:
+                          score: tuple[dict, list[dict]] | None = None, caption_rules: bool = True,
+                          final: bool = True) -> dict:
     """INTO/captions/<part> and INTO/ledger/caption/<part> as a fresh caption stage with `params` writes
     them: rows whose verdict changed get a new ledger row, the others keep the source's, in row order.
     score (the part's input chunk dict, score_stage.Rule dicts): the score stage first, re-decided from
-    the input's own score columns (INTO/ledger/score/<part>); caption_rules False: --stages score."""
+    the input's own score columns (INTO/ledger/score/<part>); caption_rules False: --stages without
+    caption (rows go on unparsed; `final`: the part's rows go to no image stage, so they are kept here)."""
     rows = storage.read_parquet(storage.join(src, "captions", f"{part}.parquet"), schema=S.CAPTIONS.arrow).to_pylist()
     old_ledger = {r["key"]: r for r in storage.read_parquet(storage.join(src, "ledger", S.STAGE_CAPTION, f"{part}.parquet"),
                                                             schema=S.LEDGER.arrow).to_pylist()}
@@ -154,9 +156,12 @@ def redecide_caption_part(src: str, into: str, part: str, params: cap.CaptionPar
                 if caption_rules:  # refused before (score_stage.check_redecidable): the row was never parsed
                     raise NotRedecidable(f"key {r['key']!r} passes the score stage now but was never parsed")
                 r["passed"], r["reason"] = True, None
-            if not caption_rules:  # --stages score: kept by the score stage
+        if not caption_rules:  # nothing to re-decide here but the score stage
+            if r["passed"] and final and score is not None:   # --stages score: kept by the score stage
                 score_ledger.append(_ledger_row(r, S.KEPT, S.STAGE_SCORE, None))
-                continue
+            elif r["key"] in old_ledger:   # decided before any rule (unreadable), or an unfetchable URL
+                ledger.append(old_ledger[r["key"]])
+            continue
         before = (r["passed"], r["reason"])
         if r["passed"] or r["reason"] in PARSED_REASONS:
             r["passed"], r["reason"] = caption_verdict(r, params)

@@ -19,7 +19,8 @@ threshold drops it (`score_below_threshold`); the ledger row holds the column, t
 threshold (score_column, score, score_threshold).
 
 `--stages` (parse_stages) names the stages to run, in pipeline order: `auto`, `all`, `caption`, or a
-comma list such as `score`, `score,caption` or `score,caption,download,textspot`.
+comma list such as `score`, `score,caption`, `score,caption,download,textspot` or `score,download,textspot`
+(no caption rules: rows that pass the score stage go on unparsed). Download comes with textspot.
 """
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ class StagePlan:
     images: str       # "auto": the image stages where the input allows; "all": required; "none"
 
 
+def caption_rules_run(stages: str) -> bool:
+    """Whether the caption rules run under --stages `stages` (without them rows pass on unparsed)."""
+    return stages in ("auto", "all") or S.STAGE_CAPTION in [s.strip() for s in stages.split(",")]
+
+
 def parse_stages(stages: str, score: ScoreParams) -> StagePlan:
     """--stages -> StagePlan. auto / all run the score stage when score filters are given."""
     if stages in ("auto", "all"):
@@ -105,8 +111,6 @@ def parse_stages(stages: str, score: ScoreParams) -> StagePlan:
     if score.enabled and S.STAGE_SCORE not in names:
         raise InputError(f"--min-score / --score-top-fraction given but --stages {stages!r} leaves out the score stage")
     image_stages = [s for s in names if s in (S.STAGE_DOWNLOAD, S.STAGE_TEXTSPOT)]
-    if image_stages and S.STAGE_CAPTION not in names:
-        raise InputError(f"--stages {stages!r}: the image stages need the caption stage (its parse and verdict)")
     if S.STAGE_DOWNLOAD in names and S.STAGE_TEXTSPOT not in names:
         raise InputError(f"--stages {stages!r}: download without textspot is not supported (images are fetched "
                          f"to be text-spotted)")
@@ -223,8 +227,10 @@ def check_redecidable(old: ScoreParams, new: ScoreParams, old_rules: list[Rule],
         if r.fraction is None:
             continue
         n = new_top.get(r.column)
-        if n is None or n.fraction > r.fraction or n.threshold < r.threshold:
-            problems.append(f"score_top_fraction {r.column}: {n.fraction if n else None} keeps more than {r.fraction} "
-                            f"(threshold {n.threshold if n else None} < {r.threshold}): rows below were never parsed "
-                            f"or fetched")
+        if n is None or n.fraction > r.fraction:
+            problems.append(f"score_top_fraction {r.column}: {n.fraction if n else 'none'} keeps more than "
+                            f"{r.fraction}: rows below its threshold were never parsed or fetched")
+        elif n.threshold < r.threshold:   # a slightly smaller fraction whose approximate quantile came out lower
+            problems.append(f"score_top_fraction {r.column}={n.fraction}: threshold {n.threshold} < {r.threshold} "
+                            f"of {r.fraction}: rows below {r.threshold} were never parsed or fetched")
     return problems

@@ -1,38 +1,49 @@
-"""Text spotting for the CAT filter: batched easyocr (detect, then recognise) and the DiHT caption rule.
+"""Text spotting for the CAT filter: the DiHT caption rule on lines, and the easyocr engine (batched CRAFT + english_g2).
 
-    from pipeline.filter.textspot import TextSpotter, TextSpotParams, caption_match, spot_and_match
+    from pipeline.filter.textspot import TextSpotter, TextSpotParams, Detection, caption_match
     spotter = TextSpotter()                              # pipeline.media.devices: the Spark task's GPU, CUDA, or CPU
-    spotter.spot([rgb_array, ...])                       # per image: [(text, confidence), ...]
+    spotter.spot([rgb_array, ...])                       # per image: [Detection(text, conf, box, line), ...]
     caption_match([("SUNSET BEACH", 0.93)], "a sunset beach in bali")   # -> TextMatch(...) or None
-    spot_and_match(images, captions, TextSpotParams())   # what the Spark job calls per partition
+    # engines behind one interface (easyocr here, ppocr in pipeline.filter.ppocr): pipeline.filter.spotting
 
-The rule (DiHT, Radenovic et al. 2023): drop the pair when a detection with confidence >= min_conf
+The rule (DiHT, Radenovic et al. 2023): drop the pair when text read with confidence >= min_conf
 shares >= min_chars characters with the caption within a sliding window. Precisely, here:
+  * detections are words (text, confidence, box) grouped into lines (assign_lines: same baseline,
+    gaps up to ~one character height, as easyocr's readtext merges); the candidate texts are, per
+    line, the maximal runs of consecutive words that are each read with conf >= min_conf
+    (confident_runs), joined in reading order. So a quoted phrase of short words ("ON TOP OF A")
+    reaches 5 characters on its line, and a window only counts when every word in it is confident;
+    plain (text, conf) pairs are each a line of their own (the word-level rule);
   * normalise both strings: Unicode NFKC, casefold, keep letters and digits only (whitespace and
     punctuation removed, so OCR's dropped or extra spaces and stray punctuation do not matter);
-  * a detection matches when some window of min_chars consecutive characters of its normalised
-    text occurs in the normalised caption, i.e. the longest common substring >= min_chars.
+  * a run matches when some window of min_chars consecutive characters of its normalised text
+    occurs in the normalised caption, i.e. the longest common substring >= min_chars.
     "SUNSET" vs "a sunset beach" shares 6 -> match; "STOP" (4) never can; "Sale 50%" vs a caption
     without "sale5" or "ale50" does not.
-  * the match reported is the longest common substring of the best detection (most shared
-    characters, then highest confidence), with `span` the caption's original characters it covers.
+  * the match reported is the longest common substring of the best run (most shared characters,
+    then highest lowest-word confidence), with `span` the caption's original characters it covers.
 rapidfuzz's LCSseq (longest common subsequence, a C upper bound of the substring length) rejects
-non-matching detections cheaply; the exact window check runs only on the survivors.
+non-matching runs cheaply; the exact window check runs only on the survivors.
+
+Detection scale (both engines): the detector's canvas long side is the image's long side clamped to
+[canvas_min, canvas_size] (TextSpotParams.canvas_bounds; per-engine defaults ENGINE_CANVAS measured by
+bench/bench_textspot.py): the download stage's 256-px images are upscaled, large web images capped.
+Text legible at 256 px is often 6-12 px high; the old "0.625x, never upscale" (160 px) lost most of it.
 
 Speed and recognition quality: easyocr's readtext with defaults runs the CRAFT detector at the
 image's native size (up to 2560 px), one image per call, then the recogniser one box per call: ~2-3 s
 per 640x480 image on a CPU core. TextSpotter
-  * resizes every image to a canvas of 0.625x its long side, at most 320, never upscaled (160 px for the
-    download stage's 256-px images), and stacks same-shaped canvases into one
-    CRAFT batch (channels_last, bfloat16 where the CPU has bf16 units), boxes mapped back to the image;
-  * skips boxes too small or too narrow to hold min_chars characters;
+  * resizes every image to its canvas (the detection-scale policy above) and stacks same-shaped canvases
+    into one CRAFT batch (channels_last, bfloat16 where the CPU has bf16 units), boxes mapped back to the image;
+  * skips boxes too small, and boxes too narrow to hold min_chars characters unless they share a line
+    with other boxes (keep_readable: the short words of a phrase are read);
   * crops the remaining boxes from the original-resolution image, resized to the recogniser's 64 px
     height with INTER_AREA (easyocr's bilinear aliases large overlaid text), and reads all crops of
     the batch in few recogniser forwards (grouped by padded width);
   * re-reads boxes read below min_conf from slightly wider crops and keeps the more confident
     reading (coarse-canvas box edges clip letters), unless the image's verdict is already "drop".
-bench/bench_textspot.py measures it against readtext / readtext_batched at the operating point
-(bench/results/textspot.json).
+bench/bench_textspot.py measures both engines against easyocr readtext and RapidOCR defaults at the
+operating point (bench/results/textspot.json, .md; docs/text-spotting.md).
 Tests: PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_textspot.py
 """
 from __future__ import annotations
@@ -179,13 +190,13 @@ def assign_lines(boxes: Sequence[tuple], line_gap: float = 1.0) -> list[int]:
 ENGINES = ("easyocr", "ppocr")
 # per engine, the detector canvas's long side (min, max): measured on the labelled real-text set at the
 # download stage's sizes (bench/bench_textspot.py --policy; docs/text-spotting.md)
-ENGINE_CANVAS = {"easyocr": (384, 640), "ppocr": (320, 640)}
+ENGINE_CANVAS = {"easyocr": (384, 640), "ppocr": (512, 640)}
 
 @dataclass(frozen=True)
 class TextSpotParams:
     min_conf: float = 0.8         # DiHT: only confident detections count
     min_chars: int = 5            # DiHT: >= 5 shared characters; shorter overlaps are common words by chance
-    engine: str = "easyocr"       # easyocr (CRAFT + english_g2, torch) | ppocr (PP-OCRv4 det + rec, ONNX Runtime;
+    engine: str = "ppocr"         # easyocr (CRAFT + english_g2, torch) | ppocr (PP-OCRv4 det + rec, ONNX Runtime;
                                   #   pipeline.filter.ppocr). Default: the benchmark's pick (ENGINES, docs/text-spotting.md)
     canvas_min: int | None = None # detection-scale policy: the detector's canvas long side is the image's long
     canvas_size: int | None = None #  side clamped to [canvas_min, canvas_size] (small images upscaled, large ones
@@ -309,7 +320,7 @@ class TextSpotter:
     def __init__(self, gpu: bool | str | None = None, params: TextSpotParams | None = None,
                  model_dir: str | None = None, **overrides):
         import torch
-        self.params = dataclasses.replace(params or TextSpotParams(), **overrides)
+        self.params = dataclasses.replace(params or TextSpotParams(), engine="easyocr", **overrides)
         self.device = _spot_device(gpu)
         self.gpu = self.device != "cpu"
         self.reader = get_reader(self.device, model_dir)
@@ -520,17 +531,20 @@ def _job_box(h, f) -> tuple[float, float, float, float] | None:
     return None
 
 
-def keep_readable(items: list, boxes: list[tuple], p: TextSpotParams) -> tuple[list, list[int]]:
+def keep_readable(items: list, boxes: list[tuple], p: TextSpotParams,
+                  extents: list[tuple[float, float]] | None = None) -> tuple[list, list[int]]:
     """The items whose box can take part in a match, with their line ids (assign_lines over all boxes):
     a box on a line with others is kept whatever its width (short words of a quoted phrase: "ON TOP OF
     A"); a box alone on its line must be wide enough for min_chars characters (min_char_aspect x height
-    each), else it is not recognised at all."""
+    each), else it is not recognised at all. extents: each box's (length, height) along its own reading
+    direction where boxes are rotated (default: the axis-aligned width and height)."""
     lines = assign_lines(boxes, p.line_gap)
     count = defaultdict(int)
     for line in lines:
         count[line] += 1
     min_aspect = p.min_chars * p.min_char_aspect
-    keep = [k for k, (x0, y0, x1, y1) in enumerate(boxes) if count[lines[k]] > 1 or x1 - x0 >= min_aspect * (y1 - y0)]
+    extents = extents or [(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
+    keep = [k for k, (length, height) in enumerate(extents) if count[lines[k]] > 1 or length >= min_aspect * height]
     return [items[k] for k in keep], [lines[k] for k in keep]
 
 
@@ -543,37 +557,3 @@ class TextSpotResult:
     @property
     def drop(self) -> bool:
         return self.match is not None
-
-
-_SPOTTERS: dict = {}
-
-
-def make_spotter(params: TextSpotParams, gpu: bool | str | None = None):
-    """A new spotter of params.engine: TextSpotter (easyocr) or pipeline.filter.ppocr.PPOCRSpotter."""
-    if params.engine == "ppocr":
-        from pipeline.filter.ppocr import PPOCRSpotter
-        return PPOCRSpotter(gpu=gpu, params=params)
-    return TextSpotter(gpu=gpu, params=params)
-
-
-def get_spotter(params: TextSpotParams, gpu: bool | str | None = None):
-    """The process's spotter (engine per params.engine) for these parameters on this task's device (see
-    TextSpotter's gpu): one per device, as a Python worker may run tasks on different GPUs."""
-    key = (params, _spot_device(gpu))
-    if key not in _SPOTTERS:
-        _SPOTTERS[key] = make_spotter(params, gpu=key[1])
-    return _SPOTTERS[key]
-
-
-def spot_and_match(images: Sequence[np.ndarray], captions: Sequence[str | None],
-                   params: TextSpotParams | None = None, spotter=None) -> list[TextSpotResult]:
-    """Spot text in a partition's decoded images (batched) and apply the caption rule to each pair."""
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    params = params or (spotter.params if spotter else TextSpotParams())
-    spotter = spotter or get_spotter(params)
-    results = []
-    for detections, caption in zip(spotter.spot(images, captions), captions):
-        match = caption_match(detections, caption, min_conf=params.min_conf, min_chars=params.min_chars)
-        results.append(TextSpotResult(detections, match))
-    return results

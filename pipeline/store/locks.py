@@ -10,8 +10,9 @@ v3+), and holds JSON: job, host, pid, started, a random token. While held, a dae
 the file every `heartbeat_s` seconds.
 
 A lock left by a run that died is taken over:
-- same machine (same host name, boot id and pid namespace): stale as soon as its pid is gone (or
-  was reused by another process: the process start time is recorded too);
+- same machine (same host name, boot id and pid namespace): stale as soon as its pid is gone, is a
+  zombie not yet reaped or is being killed (pid_alive), or was reused by another process (the process
+  start time is recorded too);
 - another machine: stale when its heartbeat (the file's mtime) is older than `stale_after_s`
   (default 120 s = 8 missed heartbeats). Ages are measured on the filesystem's clock (the mtime of
   a probe file we create), so clock skew between hosts does not matter. A fresh lock from another
@@ -91,6 +92,35 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19] if ")" in stat else None  # field 22: starttime
 
 
+PF_EXITING = 0x4   # task flag (/proc/PID/stat field 9): the process is tearing down (killed, exiting)
+SIGKILL_BIT = 1 << 8   # SIGKILL (9) in /proc/PID/status' pending-signal masks
+
+
+def process_ending(pid: int) -> bool:
+    """True when the pid is a zombie or dead (state Z, X), is exiting, or has a SIGKILL pending: a killed
+    driver stays a zombie until its parent (or init) reaps it - under load, seconds after the kill - and
+    os.kill(pid, 0) still succeeds on it; it will never write again."""
+    stat = _read_first(f"/proc/{pid}/stat")
+    if ")" not in stat:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X", "x"):
+        return True
+    try:
+        if int(fields[6]) & PF_EXITING:   # field 9: flags
+            return True
+    except (IndexError, ValueError):
+        pass
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & SIGKILL_BIT:
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def pid_alive(pid: int, proc_start: str | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -98,6 +128,8 @@ def pid_alive(pid: int, proc_start: str | None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
+    if process_ending(pid):
+        return False
     return proc_start is None or process_start(pid) in (None, proc_start)
 
 

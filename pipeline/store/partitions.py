@@ -247,15 +247,16 @@ class Plan:
     content: dict[str, str] = None     # per input file (name relative to the input): its content tag
 
 
-HEAD_TAIL_BYTES = 1 << 20   # a Parquet file's content tag hashes its first and last MiB (the footer)
+HEAD_TAIL_BYTES = 1 << 16   # a Parquet file's content tag hashes its first and last 64 KiB (the footer's end)
 
 
 def content_tag(f: str, fmt: str) -> str:
     """What changes when a file's content changes, cheaply. Stores: size and the store's ETag / MD5 /
     generation. Local text inputs (CSV, TSV, JSON): a hash of the whole file (it is read whole to convert
-    anyway). Local Parquet: size, mtime and hashes of the first and last MiB (the footer, which holds
-    every row group's offsets and statistics); an image replaced in place by one of the same length with
-    the mtime restored is caught when its row is copied (the stored image digest, pipeline.filter.image_stage)."""
+    anyway). Local Parquet: size, mtime and hashes of the first and last 64 KiB (the footer, which holds
+    every row group's offsets and statistics, is read for planning anyway): two small reads per file, not
+    a pass over image bytes; an image replaced in place by one of the same length with the mtime restored
+    is caught when its row is copied (the stored image digest, pipeline.filter.image_stage)."""
     if storage.is_remote(f):
         return f"size {storage.size(f)}|version {storage.version_tag(f)}"
     h = hashlib.blake2b(digest_size=16)
@@ -347,7 +348,26 @@ def convert_to_parquet(src: str, fmt: str, work_dir: str, file_idx: int, rows_pe
         meta = storage.parquet_file(dst).schema_arrow.metadata or {}
         if meta.get(b"catcurate_source") == stamp.encode():
             return dst, Columns(**json.loads(meta[b"catcurate_columns"]))
-    batches = _csv_batches(src, fmt, group) if fmt in ("csv", "tsv") else _json_batches(src, group)
+    block = CSV_BLOCK_BYTES
+    while True:
+        try:
+            return _convert(src, fmt, dst, group, stamp, src_size, column_names, block)
+        except pa.ArrowInvalid as e:
+            # a row longer than the reader's block (a caption of megabytes): read again with a larger block
+            if "straddl" not in str(e) or fmt not in ("csv", "tsv") or block >= CSV_MAX_BLOCK_BYTES:
+                raise
+            block = min(CSV_MAX_BLOCK_BYTES, block * 4)
+
+
+# CSV / TSV are read in blocks of CSV_BLOCK_BYTES; a file with a longer row is read again with 4x larger
+# blocks, up to CSV_MAX_BLOCK_BYTES (a row longer than that fails the file: --skip-bad-files skips it)
+CSV_BLOCK_BYTES = 1 << 22
+CSV_MAX_BLOCK_BYTES = 1 << 28
+
+
+def _convert(src: str, fmt: str, dst: str, group: int, stamp: str, src_size: int, column_names: dict,
+             block: int) -> tuple[str, Columns]:
+    batches = _csv_batches(src, fmt, group, block) if fmt in ("csv", "tsv") else _json_batches(src, group)
     names = next(batches)
     cols = replace(resolve_columns(names, src, **column_names), image=None)  # no image bytes in text formats
     schema = _typed_table({}, cols).schema.with_metadata(
@@ -387,7 +407,7 @@ def _typed_table(records: dict[str, list], cols: Columns) -> pa.Table:
     return pa.table(arrays)
 
 
-def _csv_batches(src: str, fmt: str, rows: int):
+def _csv_batches(src: str, fmt: str, rows: int, block: int = CSV_BLOCK_BYTES):
     """Yields the header names, then {column: values} batches; every column read as text."""
     import csv
 
@@ -400,7 +420,7 @@ def _csv_batches(src: str, fmt: str, rows: int):
     names = next(csv.reader([first], delimiter=delimiter))
     yield names
     reader = pacsv.open_csv(_input_stream(src),
-                            read_options=pacsv.ReadOptions(block_size=1 << 22),
+                            read_options=pacsv.ReadOptions(block_size=block),
                             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
                             convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
                                                                  strings_can_be_null=False))

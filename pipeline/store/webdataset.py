@@ -25,7 +25,7 @@ KEY is the row's key when it is made of [A-Za-z0-9_~-] only (the product's hash 
 img2dataset's numeric keys are); any other key is percent-encoded, with '.' encoded too: webdataset
 groups members by the name up to the first '.', so a dot in a key would split a sample. The empty
 key becomes '%empty' (no encoded key can: encoding writes upper-case hex). KEY.json and the sidecar
-hold the key itself, and KEY.json the member name it was given ("member").
+hold the key itself, and KEY.json of a renamed key the member name it was given ("member").
 
 Commit protocol (object stores have no rename): every object is written once under its final name
 through pipeline.store.storage (fsspec: s3://, gs://, file:// and local paths alike), tar first (streamed:
@@ -91,7 +91,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _sample_json(row: dict) -> bytes:
     doc = {k: row[k] for k in ("key", "url", "caption", "width", "height", *_PARSE)}
-    doc["member"] = member_stem(row["key"])   # the name the key was given in the tar
+    if member_stem(row["key"]) != row["key"]:
+        doc["member"] = member_stem(row["key"])   # the name an encoded or empty key was given in the tar
     return json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
 
 
