@@ -183,11 +183,12 @@ def measure_main(result: dict, sets: dict, path_names) -> None:
                   json.dumps({"set": name, "path": path, "result": r}), flush=True)
 
 
-def measure_policy(result: dict, engines, set_names) -> None:
+def measure_policy(result: dict, engines, set_names, mins_override=None) -> None:
     sets = build_sets(set_names, None)
     for engine in engines:
         mins = POLICY_MINS if engine == "ppocr" else POLICY_MINS_EASYOCR   # easyocr: ~0.3-1 CPU s/image
-        for lo in (None, *mins):   # None: the old easyocr policy (x0.625, never upscaled: 160 px at 256)
+        points = mins_override or (None, *mins)
+        for lo in points:   # None: the old easyocr policy (x0.625, never upscaled: 160 px at 256)
             key = f"{engine}_min{lo or 'legacy160'}"
             kw = {"canvas_min": lo} if lo else {"canvas_min": 160, "canvas_size": 160}
             fn = spotter_path(engine_params(engine, **kw))
@@ -227,6 +228,7 @@ def main():
                         help="real-text sets at sizes other than 256: a stratified subset of this many images")
     parser.add_argument("--policy", default="easyocr,ppocr", help="engines to sweep the detection scale for ('' = none)")
     parser.add_argument("--policy-sets", default="real_256,rendered_256")
+    parser.add_argument("--policy-mins", default="", help="comma-separated canvas_min points instead of the defaults")
     parser.add_argument("--merge", nargs="+", help="combine partial result files into --out instead of measuring")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -245,7 +247,8 @@ def main():
         if names:
             measure_main(result, build_sets(names, args.subset), [p for p in args.paths.split(",") if p])
         if args.policy:
-            measure_policy(result, args.policy.split(","), args.policy_sets.split(","))
+            measure_policy(result, args.policy.split(","), args.policy_sets.split(","),
+                           [int(v) for v in args.policy_mins.split(",") if v] or None)
         if torch.cuda.is_available():
             engines = gpu_figures(build_realtext_set(256))
             result["gpu"] = {"textspotter": engines[result["default_engine"]], "engines": engines}
@@ -261,14 +264,17 @@ def main():
 def markdown(result: dict) -> str:
     lines = [f"# Text spotting benchmark ({result['machine']['date']}, {result['machine']['cpu']}, "
              f"{result['machine']['cpu_count']} cores shared, 1 thread)", "",
-             "DiHT rule: conf >= 0.8, >= 5 shared characters. P / R of the drop verdict, CPU s per image.", "",
+             "DiHT rule: conf >= 0.8, >= 5 shared characters. P / R of the drop verdict, CPU s per image. "
+             "Missing rows were not measured (see the JSON's notes).", "",
              "| set | path | precision | recall | CPU s/image | recall, word rule |", "|---|---|---|---|---|---|"]
     for name, paths in result["cpu"].items():
         if name == "256px_1thread":
             continue
         for path, r in paths.items():
             word = r.get("word_rule", {}).get("recall", "")
-            lines.append(f"| {name} | {path} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cpu_s_per_image']:.3f} | {word} |")
+            s = result.get("sets", {}).get(name, {})
+            label = f"{name} ({s['n']}, {s['n_drop']} to drop)" if s else name
+            lines.append(f"| {label} | {path} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cpu_s_per_image']:.3f} | {word} |")
     if result.get("policy"):
         lines += ["", "Detection-scale policy (canvas long side = image long side clamped to [canvas_min, canvas_max]):", "",
                   "| engine | canvas min..max | real@256 P | real@256 R | real@256 CPU s | rendered@256 R | rendered CPU s |",

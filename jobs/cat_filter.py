@@ -498,9 +498,11 @@ def main(argv=None) -> int:
     except (P.InputError, P.ParamsChanged, LockHeld, LockLost, P.StorageError, storage.StorageAccessError) as e:
         print(f"cat_filter: error: {e.strerror if isinstance(e, P.StorageError) else e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:   # Ctrl-C or SIGTERM (jobs.spark.install_interrupt_handlers): the lock is released
-        from jobs.spark import stop_quietly
-        stop_quietly()
+    except (KeyboardInterrupt, Exception) as e:   # Ctrl-C or SIGTERM (jobs.spark.install_interrupt_handlers)
+        from jobs import spark as js
+        if not (isinstance(e, KeyboardInterrupt) or js.interrupted):
+            raise
+        js.stop_quietly()   # the lock was released on the way out
         print(f"cat_filter: interrupted; finished parts are kept and {a.output} is unlocked - rerun the same "
               f"command to resume", file=to_person, flush=True)
         return 130

@@ -46,6 +46,9 @@ def get_spark(app_name: str = "catcurate", master: str | None = None):
     for name in STORE_ENV:
         if os.environ.get(name):
             conf.setIfMissing(f"spark.executorEnv.{name}", os.environ[name])
+    log4j = os.path.join(root, "conf", "log4j2.properties")
+    if not any(c.isspace() for c in log4j):   # a session started in-process gets spark-submit's quiet logging too
+        conf.setIfMissing("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={log4j}")
     for key, value in {
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "true",
@@ -65,6 +68,8 @@ def get_spark(app_name: str = "catcurate", master: str | None = None):
 
 
 _quiet_interrupts = False
+interrupted = False   # set by the handler: an error raised while unwinding from it (a py4j call in a `finally`
+                      # finding the connection broken) is the interrupt too
 
 
 def install_interrupt_handlers() -> None:
@@ -81,6 +86,8 @@ def install_interrupt_handlers() -> None:
     _quiet_interrupts = True
 
     def handler(signum, frame):
+        global interrupted
+        interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not interrupt the clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # no py4j call here (one may be in flight); what py4j and pyspark's accumulator thread print as the

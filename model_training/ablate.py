@@ -177,7 +177,8 @@ def write_table(rows: list[dict], out: Path):
     for r in rows:
         groups.setdefault((r["preset"], r["fraction"]), []).append(r)
     if any(len(g) > 1 for g in groups.values()):
-        lines += ["Mean +- std over seeds (population std):", "",
+        chance = rows[0].get("chance_rsum", "")
+        lines += [f"Mean +- std over seeds (population std); recall in %, chance rsum {chance}:", "",
                   "| preset | fraction | seeds | " + " | ".join(METRICS) + " |", "|" + "---|" * (3 + len(METRICS))]
         for (preset, fraction), g in groups.items():
             cells = []
@@ -197,7 +198,8 @@ def write_table(rows: list[dict], out: Path):
                       "mean / std over query tokens, on the first evaluation batch):", ""]
         for r in attn:
             stats = ", ".join(f"{k[5:]}={v}" for k, v in r.items() if k.startswith("attn_") and "attn_cls" in k)
-            lines.append(f"- {r['preset']} @ {r['fraction']:g}: {stats}")
+            seed = "" if r.get("seed") is None else f", seed {r['seed']}"
+            lines.append(f"- {r['preset']} @ {r['fraction']:g}{seed}: {stats}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
 

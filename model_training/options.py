@@ -51,6 +51,7 @@ _LOSS_HELP = {
     "image_denoise_target": "ema (multimodal head, EMA target) | clean | noise (unimodal pixel head)",
     "repr_weight": "> 0 adds representation matching to an EMA target",
     "repr_corruption": "noise (representation denoising) | mask (masked representation modeling)",
+    "repr_target": "tokens (MAMO: the EMA target's fusion tokens, plain L2) | pooled_cosine (2 - 2 cos of the joint embedding)",
     "repr_momentum": "EMA factor of the EMA target model",
     "queue_loss": "dcl | infonce: the queue term", "mim_target": "pixels | ema_features: what MIM predicts"}
 

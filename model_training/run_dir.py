@@ -96,8 +96,11 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path | None:
 def _read_checkpoint(pt: Path, device) -> dict:
     """A checkpoint's state, or RunFolderError in one line when the file is not one of this trainer's
     (truncated, random bytes, a pickle with code in it: torch's weights_only loader refuses those)."""
+    import warnings
     try:
-        state = torch.load(pt, map_location=device, weights_only=True)
+        with warnings.catch_warnings():   # torch warns about foreign pickles before refusing them: one line is ours
+            warnings.simplefilter("ignore")
+            state = torch.load(pt, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise RunFolderError(f"{pt} does not exist") from None
     except Exception as e:  # noqa: BLE001 - RuntimeError, UnpicklingError, EOFError, IndexError, zip errors...

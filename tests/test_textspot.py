@@ -138,15 +138,18 @@ def _quality(results, items, min_conf):
 
 
 def test_labelled_set_precision_and_recall(spotter):
-    """Issue 3's target on the labelled set (60 pairs, 25 to drop), TextSpotParams defaults, the paper's
-    min_conf 0.8: precision >= 0.95 and recall >= 0.9. Measured: P 1.0, R 0.96 with bf16 CRAFT (CPUs
+    """Issue 3's target on the labelled set (60 pairs, 25 to drop), the easyocr engine (canvas capped at
+    320 px), the paper's min_conf 0.8: precision >= 0.95 and recall >= 0.9. Measured: P 1.0, R 0.96 with bf16 CRAFT (CPUs
     with bf16 units) / 0.92 with fp32 CRAFT; the misses are misreads of coarse boxes ("bbed" for "bed",
-    "MRROR"). CPU cost: ~0.5 s per image (~30-45 s here on 2 shared cores)."""
+    "MRROR"). CPU cost: ~0.5 s per image (~30-45 s here on 2 cores)."""
     from bench.textspot_set import build_set
     items = build_set()
     assert len(items) >= 40 and 0.3 < sum(i.drop for i in items) / len(items) < 0.6
     assert {i.kind for i in items} == {"caption_text", "clean", "other_text", "natural"}
-    results = spot_and_match([i.image for i in items], [i.caption for i in items], spotter=spotter)
+    # web-size images (400-1024 px) with >= 20-px overlay titles: a 320-px detector canvas reads them, the
+    # default 640-px cap would cost ~4x the CRAFT time here for the same verdicts
+    web = TextSpotter(gpu=False, params=dataclasses.replace(spotter.params, canvas_size=320))
+    results = spot_and_match([i.image for i in items], [i.caption for i in items], spotter=web)
     assert [r.drop for r in results] == [caption_match(r.detections, i.caption) is not None
                                         for r, i in zip(results, items)]
     misses = [(i.name, i.text, r.detections[:3]) for r, i in zip(results, items) if r.drop != i.drop]
