@@ -65,6 +65,13 @@ def rows() -> list[tuple[str, str, str]]:
                         f"{ours['cpu_s_per_image']} CPU s/image (P {ours['precision']}, R {ours['recall']}) vs "
                         f"{best} {ref['cpu_s_per_image']} (P {ref['precision']}, R {ref['recall']})",
                         f"{ours['speedup_cpu_vs_best_reference']}x"))
+        for name in ("real_256", "rendered_256"):   # bench_textspot since issue 26: engines x sets
+            paths = r.get("cpu", {}).get(name, {})
+            if paths:
+                out.append((f"text spotting, CPU, 1 thread, {name} ({r.get('sets', {}).get(name, {}).get('n')} images)",
+                            "; ".join(f"{p} {m['cpu_s_per_image']} CPU s/image (P {m['precision']}, R {m['recall']})"
+                                      for p, m in paths.items() if not p.endswith("_recording")),
+                            f"default engine: {r.get('default_engine')}"))
         web = r.get("web_size_set_textspotter")
         if web:
             out.append((f"text-spot drop verdict, {web['n_images']} web-size labelled pairs, gate 0.8",

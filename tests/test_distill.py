@@ -295,6 +295,7 @@ distill > "$LOGS/1.out" 2> "$LOGS/1.err"; echo $? > "$LOGS/1.rc"
 ls -aR "$LABELS" > "$LOGS/1.ls"
 mount -o remount,size=64m "$LABELS"
 distill > "$LOGS/2.out" 2> "$LOGS/2.err"; echo $? > "$LOGS/2.rc"
+cp "$LABELS/manifest.json" "$LOGS/2.manifest.json"   # the tmpfs goes with the namespace
 '''
 
 
@@ -320,5 +321,6 @@ def test_disk_full_stops_with_one_line_no_temporaries_and_the_rerun_resumes(filt
     assert f"no space left on device writing {labels}/" in errors[0] and "MB free" in errors[0], errors[0]
     assert ".tmp-" not in read("1.ls")
     assert read("2.rc").strip() == "0", read("2.err")[-3000:]
-    summary = json.loads(read("2.out"))
+    summary = json.loads(read("2.manifest.json"))["summary"]
+    assert "labelled 16 of 16 rows" in read("2.out"), read("2.out")
     assert summary["n_labelled"] == 16 and summary["shards_embed_skipped"] == ["00000"]   # resumed

@@ -57,6 +57,16 @@ def test_sample_runs_all_stages(sample_run, sample_parquet):
     assert "text_spotted" in html and "data:image/jpeg;base64" in html
     spotted = ledger[ledger.reason == S.R_TEXT_SPOTTED]
     assert spotted.matched_span.notna().all() and (spotted.ocr_conf >= 0.8).all()
+    # the engine that read each image is in every text-spot ledger row and in the manifest; the stored
+    # evidence has each word's box and line (issue 26)
+    from pipeline.filter.textspot import TextSpotParams
+    read = ledger[(ledger.stage == S.STAGE_TEXTSPOT) & (ledger.status != S.FAILED)]
+    assert len(read) and (read.ocr_engine == TextSpotParams().engine).all()
+    with open(os.path.join(sample_run, "manifest.json")) as fh:
+        assert json.load(fh)["resume_identity"]["image"]["textspot"]["engine"] == TextSpotParams().engine
+    words = [d for dets in pq.read_table(os.path.join(sample_run, "ocr"), schema=S.OCR.arrow).column("detections")
+             .to_pylist() for d in dets or []]
+    assert words and all(d["line"] >= 0 and d["x0"] < d["x1"] and d["y0"] < d["y1"] for d in words)
 
 
 def test_rerun_is_idempotent_and_resume_skips_done_parts(spark, sample_run, sample_parquet, tmp_path):

@@ -82,6 +82,7 @@ class ImageStageParams:
         """Inverse of to_dict (a manifest's record); fields unknown to this version are ignored."""
         known = {f.name for f in fields(ts.TextSpotParams)}
         spot = {k: tuple(v) if isinstance(v, list) else v for k, v in d["textspot"].items() if k in known}
+        spot.setdefault("engine", "easyocr")   # outputs written before the engine was recorded: easyocr read them
         own = {f.name for f in fields(cls)} - {"textspot"}
         return cls(textspot=ts.TextSpotParams(**spot), **{k: v for k, v in d.items() if k in own})
 

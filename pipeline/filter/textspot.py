@@ -191,8 +191,8 @@ ENGINES = ("easyocr", "ppocr")
 # per engine, the detector canvas's long side (min, max), from the recall/CPU curve on the labelled real-text
 # set at 256 px (bench/results/textspot.json "policy"; docs/text-spotting.md). ppocr, recall / CPU s per image:
 # 160 px (the old policy) 0.22 / 0.02, 256: 0.62 / 0.06, 320: 0.74 / 0.08, 384: 0.79 / 0.10, 448: 0.83 / 0.12,
-# 512: 0.86 / 0.15 - recall first, so 512. easyocr: 0.19 at 160 px; its recogniser misreads small real text
-# at any scale, 384 keeps its rendered-text recall at a third of 512's detector cost
+# 512: 0.86 / 0.15, 640: 0.85 / 0.20 - recall first, so 512. easyocr: 160: 0.19 / 0.13, 256: 0.21 / 0.31,
+# 384: 0.26 / 0.70, 512: 0.26 / 1.19 (its recogniser misreads small real text): 384
 ENGINE_CANVAS = {"easyocr": (384, 640), "ppocr": (512, 640)}
 
 @dataclass(frozen=True)
