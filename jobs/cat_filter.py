@@ -163,7 +163,7 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
         run_parts(S.STAGE_TEXTSPOT, image_items,
                   lambda it: run_image_part(it[0], rows_from_chunk(P.Chunk.from_dict(it[1]), P.Columns(**it[2]),
                                                                    output), output, image),
-                  "text-spot stage (easyocr), images from the input")
+                  f"text-spot stage ({image.textspot.engine}), images from the input")
     if "download" in kinds:
         marker = storage.join(output, "_done", "download.json")
         if not storage.exists(marker):
@@ -177,7 +177,7 @@ def _cat_filter_locked(input, output, lock, *, caption_col, url_col, key_col, im
         fetched = [("d" + storage.basename(s)[: -len(".parquet")], s) for s in shard_paths]
         run_parts(S.STAGE_TEXTSPOT, fetched,
                   lambda it: run_image_part(it[0], rows_from_download_shard(it[1], output), output, image),
-                  "text-spot stage (easyocr), downloaded images")
+                  f"text-spot stage ({image.textspot.engine}), downloaded images")
 
     t = time.time()
     stats = _finalize(spark, output, plan, kinds, examples_per_reason)

@@ -240,9 +240,9 @@ def print_summary(summary: dict) -> None:
                           summary.get("heldout_object_rows") or 0)
     if top5 is not None:
         print(f"held-out objects: top-5 hit rate {top5:.2f} vs {base:.2f} for always guessing the most frequent "
-              f"concepts, on {n_held:,} images")
+              f"concepts, on {n_held:,} image(s)")
         if n_held < MEANINGFUL_HELDOUT:
-            print(f"  only {n_held} held-out images: too few for this rate to mean anything (>= {MEANINGFUL_HELDOUT} "
+            print(f"  only {n_held} held-out image(s): too few for this rate to mean anything (>= {MEANINGFUL_HELDOUT} "
                   f"needed); on the sample it only shows the stage runs")
     print(f"labels: {st['sparse_bytes_per_sample']} B/sample sparse top-k vs {st['dense_float32_bytes_per_sample']} B "
           f"dense float32")
