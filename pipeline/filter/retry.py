@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 import schemas as S
 from pipeline.filter.caption_stage import DOWNLOAD_INPUT
+from pipeline.filter.download import failure_reason
 from pipeline.store import storage
 from pipeline.store.partitions import atomic_write_parquet
 
@@ -46,9 +47,12 @@ _TRANSIENT = re.compile("|".join((
 def transient(error_message: str | None) -> bool:
     """Whether a download failure may succeed if tried again (5xx, 429, timeouts, DNS, connection
     errors); not a 4xx, a blocked address (never fetched on purpose) or bytes that are no image."""
-    if not error_message or S.R_BLOCKED_ADDRESS in error_message:
+    if not error_message:
         return False
-    return bool(_TRANSIENT.search(error_message))
+    reason = failure_reason(error_message)   # the ledger's own reading of the message
+    if reason in (S.R_BLOCKED_ADDRESS, S.R_TOO_LARGE):
+        return False
+    return reason == S.R_DOWNLOAD_TIMEOUT or bool(_TRANSIENT.search(error_message))
 
 
 def attempt_root(output: str, attempt: int) -> str:
