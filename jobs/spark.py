@@ -29,13 +29,17 @@ def get_spark(app_name: str = "catcurate", master: str | None = None):
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
-    conf = SparkConf()  # under spark-submit this already holds --master and every --conf
+    # under spark-submit the JVM holds --master and every --conf as system properties; a SparkConf made
+    # before the gateway exists is an empty Python dict, and its default master would override --master
+    under_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ   # set by spark-submit's PythonRunner
+    SparkContext._ensure_initialized()
+    conf = SparkConf()
     if master:
         conf.setMaster(master)
-    elif not conf.contains("spark.master"):
+    elif not under_spark_submit:   # in-process: the gateway's own default (local[*]) is not the user's choice
         conf.setMaster(os.environ.get("SPARK_MASTER", "local[2]"))
     conf.setAppName(app_name)
     # executors import pipeline/ and schemas/ from this checkout (a remote cluster needs the

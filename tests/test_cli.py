@@ -75,3 +75,19 @@ def test_paths_and_args_reach_the_job_verbatim(tmp_path):
                  f"DECIDE_ARGS=--min-chars '{value}'"])
     assert proc.returncode == 2 and f"invalid int value: '{value}'" in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_spark_submit_master_and_conf_reach_the_job_session(tmp_path):
+    """`catcurate filter --master URL --conf K=V` goes through spark-submit: the session the job builds
+    (jobs.spark.get_spark) must be on that master with that conf, not on get_spark's own default."""
+    from catcurate.cli import spark_env, spark_submit_command
+    script = tmp_path / "which_master.py"
+    script.write_text("from jobs.spark import get_spark\n"
+                      "sc = get_spark('probe').sparkContext\n"
+                      "print('SEEN', sc.master, sc.getConf().get('spark.sql.shuffle.partitions'), "
+                      "sc.getConf().get('spark.executor.memory'), flush=True)\n")
+    cmd = spark_submit_command(str(script), [], "local[1]", ["spark.sql.shuffle.partitions=3",
+                                                               "spark.executor.memory=600m"])
+    proc = subprocess.run(cmd, env=spark_env(), capture_output=True, text=True, timeout=300)
+    seen = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("SEEN")]
+    assert seen == [["local[1]", "3", "600m"]], proc.stderr[-3000:]

@@ -67,20 +67,20 @@ def _free_port() -> int:
 
 
 @contextmanager
-def standalone_cluster(work: Path, gpu_addresses: list[str], cores: int):
+def standalone_cluster(work: Path, gpu_addresses: list[str], cores: int, env: dict | None = None):
     """A master and one worker on 127.0.0.1 whose GPUs are `gpu_addresses` (reported by the fake discovery
     script); yields the master URL. Ports are free ones: other runs of cluster_check may hold 7077."""
     work.mkdir(parents=True, exist_ok=True)
     script = work / "discover_gpus.sh"
     shutil.copy(DISCOVERY_SCRIPT, script)
     script.chmod(0o755)   # Spark executes it: do not depend on the checkout keeping the mode bit
-    props = work / "worker.properties"
+    props = work / "worker.properties"   # no GPUs: an empty file (a worker with no resources)
     props.write_text(f"spark.worker.resource.gpu.amount {len(gpu_addresses)}\n"
-                     f"spark.worker.resource.gpu.discoveryScript {script}\n")
+                     f"spark.worker.resource.gpu.discoveryScript {script}\n" if gpu_addresses else "")
     port = _free_port()
     log = open(work / "cluster.log", "w")
     # the worker and its executors see every GPU under its own index: the addresses map to cuda:<address>
-    worker_env = {"FAKE_GPU_ADDRESSES": ",".join(gpu_addresses)}
+    worker_env = {"FAKE_GPU_ADDRESSES": ",".join(gpu_addresses), **(env or {})}
     with mock.patch.dict(cluster_check.ENV, worker_env):
         cluster_check.ENV.pop("CUDA_VISIBLE_DEVICES", None)
         procs = [cluster_check.spark_class("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",

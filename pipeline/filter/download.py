@@ -8,7 +8,10 @@ bandwidth is saved). Output is img2dataset's own Parquet layout in OUTPUT/_work/
 cat_key / cat_part columns lead each image back to its caption parse. img2dataset's incremental mode
 makes a rerun fetch only the shards it has not finished.
 
-URL lists are untrusted, so the child process fetches through a guard (install_fetch_guard): every
+URL lists are untrusted, so every process that fetches does it through a guard (install_fetch_guard): the
+local download child and its workers for the whole process, and on a cluster each executor for its fetching
+threads (GuardedDownloader wraps img2dataset's downloader for its pyspark distributor; the executor's other
+threads write to the trusted object store, which may sit on a private address). Every
 host name is resolved, each address checked (blocked_category), and only checked addresses are
 returned to img2dataset's HTTP client and connected to - redirects included, since each hop resolves
 again. Loopback, link-local (cloud metadata at 169.254.169.254), private (RFC 1918, fc00::/7), CGNAT,
@@ -108,11 +111,17 @@ class BlockedAddress(OSError):
     """Raised instead of connecting; img2dataset records str() as the row's error message."""
 
 
-def install_fetch_guard(allow_private: bool) -> None:
-    """Resolve, check, then connect only to checked addresses, in this process (img2dataset's)."""
+def install_fetch_guard(allow_private: bool, fetch_threads_only: bool = False) -> None:
+    """Resolve, check, then connect only to checked addresses, in this process (img2dataset's).
+
+    fetch_threads_only: check only the threads fetching an image (inside limited_download_image), as in a
+    Spark executor, whose other threads talk to the trusted object store (a private S3 endpoint, the
+    instance-metadata address its credentials come from) and to the driver."""
     real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
 
     def checked_getaddrinfo(host, port, *args, **kwargs):
+        if fetch_threads_only and threading.get_ident() not in _requests:
+            return real_getaddrinfo(host, port, *args, **kwargs)
         results = real_getaddrinfo(host, port, *args, **kwargs)
         allowed = [r for r in results if r[0] not in (socket.AF_INET, socket.AF_INET6)
                    or blocked_category(r[4][0], allow_private) is None]
@@ -123,6 +132,8 @@ def install_fetch_guard(allow_private: bool) -> None:
         return allowed
 
     def checked_connect(sock, address):
+        if fetch_threads_only and threading.get_ident() not in _requests:
+            return real_connect(sock, address)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 ipaddress.ip_address(address[0].split("%")[0])
@@ -238,6 +249,27 @@ def install_fetch_limits(max_seconds: float, max_bytes: int) -> None:
                                                   max_bytes=max_bytes)
 
 
+class GuardedDownloader:
+    """img2dataset's Downloader for its pyspark distributor: the first call in each executor process
+    installs the address guard (on the fetching threads) and the deadline and size cap, then every call
+    runs img2dataset's downloader. Pickled to the executors with the pipeline importable there."""
+
+    def __init__(self, downloader, allow_private: bool, max_seconds: float, max_bytes: int):
+        self.downloader, self.allow_private = downloader, allow_private
+        self.max_seconds, self.max_bytes = max_seconds, max_bytes
+
+    def __call__(self, row):
+        with _requests_lock:
+            if not _executor_guard:
+                install_fetch_limits(self.max_seconds, self.max_bytes)
+                install_fetch_guard(self.allow_private, fetch_threads_only=True)
+                _executor_guard.append(os.getpid())
+        return self.downloader(row)
+
+
+_executor_guard: list = []
+
+
 def run_download(out: str, params: DownloadParams, distributor: str, rows_per_shard: int) -> list[str]:
     """Fetch the images; locally in a child process, so img2dataset's spawned workers re-import a
     plain module instead of the caller's __main__ (a Spark driver or a test runner)."""
@@ -255,9 +287,7 @@ def run_download(out: str, params: DownloadParams, distributor: str, rows_per_sh
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"img2dataset failed (exit {proc.returncode}); rerun to resume: {' '.join(cmd)}")
-    else:  # img2dataset's pyspark distributor fetches in the executors, where the guard is not installed
-        print("[download] WARNING: on a cluster the address guard is not installed in the executors; "
-              "only the cluster's own network policy keeps private addresses out of reach", flush=True)
+    else:  # img2dataset's pyspark distributor fetches in the executors: each installs the guard there
         _download(out, params, distributor, rows_per_shard)
     return downloaded_shards(out)
 
@@ -285,8 +315,27 @@ def _staged_download(out: str, params: DownloadParams, rows_per_shard: int) -> l
 
 def _download(out: str, params: DownloadParams, distributor: str, rows_per_shard: int) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download
+    import importlib
 
+    from img2dataset import download
+    img2dataset_main = importlib.import_module("img2dataset.main")   # the package's `main` is a function
+
+    if distributor == "pyspark":
+        real_distributor = img2dataset_main.pyspark_distributor
+
+        def guarded_distributor(processes_count, downloader, *args):
+            guarded = GuardedDownloader(downloader, params.allow_private_addresses, params.max_seconds,
+                                        params.max_image_bytes)
+            return real_distributor(processes_count, guarded, *args)
+        img2dataset_main.pyspark_distributor = guarded_distributor
+    try:
+        _img2dataset_download(download, out, params, distributor, rows_per_shard)
+    finally:
+        if distributor == "pyspark":
+            img2dataset_main.pyspark_distributor = real_distributor
+
+
+def _img2dataset_download(download, out: str, params: DownloadParams, distributor: str, rows_per_shard: int) -> None:
     download(
         url_list=storage.join(out, "_work", "download_input"), input_format="parquet", url_col="url",
         caption_col="caption", save_additional_columns=["uid", "cat_key", "cat_part"],
