@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from jobs.spark import install_interrupt_handlers, user_stderr
+    from jobs.spark import failed_job_exit, install_interrupt_handlers, user_stderr
     install_interrupt_handlers()   # until the Spark session exists (which installs them again, with itself)
     to_person = user_stderr()      # opened now: under spark-submit the JVM may be gone when it is needed
     from dataclasses import replace
@@ -499,13 +499,7 @@ def main(argv=None) -> int:
         print(f"cat_filter: error: {e.strerror if isinstance(e, P.StorageError) else e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Exception) as e:   # Ctrl-C or SIGTERM (jobs.spark.install_interrupt_handlers)
-        from jobs import spark as js
-        if not (isinstance(e, KeyboardInterrupt) or js.interrupted):
-            raise
-        js.stop_quietly()   # the lock was released on the way out
-        print(f"cat_filter: interrupted; finished parts are kept and {a.output} is unlocked - rerun the same "
-              f"command to resume", file=to_person, flush=True)
-        return 130
+        return failed_job_exit(e, "cat_filter", f"finished parts are kept and {a.output} is unlocked", to_person)
     return 0
 
 

@@ -212,12 +212,18 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default=None, help="torch device for the teacher (default: the GPU Spark assigned "
                                                     "to the task, else cuda when present, else cpu)")
     a = ap.parse_args(argv)
+    from jobs.spark import failed_job_exit, install_interrupt_handlers, user_stderr
+    install_interrupt_handlers()   # until the Spark session exists (which installs them again, with itself)
+    to_person = user_stderr()      # opened now: under spark-submit the JVM may be gone when it is needed
     try:
         summary = distill_labels(a.input, a.output, a.teacher, a.k, a.min_count, a.max_objects, a.max_attributes,
                                  a.heldout_fraction, a.seed, a.epochs, a.teacher_batch_size, a.device)
     except (ValueError, ParamsChanged, LockHeld, LockLost, StorageError, storage.StorageAccessError) as e:   # InputError is a ValueError
         print(f"distill_labels: error: {e.strerror if isinstance(e, StorageError) else e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Exception) as e:   # Ctrl-C or SIGTERM (jobs.spark.install_interrupt_handlers)
+        return failed_job_exit(e, "distill_labels", f"finished shards are kept and {a.output} is unlocked",
+                               to_person)
     if "nothing_to_label" in summary:
         print(f"distill_labels: {summary['nothing_to_label']}")
         return 0

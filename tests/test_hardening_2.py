@@ -460,3 +460,31 @@ def test_the_download_child_fetches_through_the_limits():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT), LIMITS_ENV: "7.5,1000", "NO_ALBUMENTATIONS_UPDATE": "1"})
     assert out.stdout.split() == ["limited_download_image", "7.5", "1000"], out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- 7: an interrupted distillation
+
+def test_an_interrupted_distillation_says_so_in_one_line_and_releases_the_lock(coco_shards, tmp_path):
+    import signal
+    import time
+
+    from pipeline.store.locks import LOCK_NAME
+    from tests.test_reliability import submit_cmd
+    labels = tmp_path / "labels"
+    proc = subprocess.Popen(submit_cmd(coco_shards, labels, job="distill_labels.py"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 240
+    while not (labels / LOCK_NAME).exists():   # inside the job's lock: the session and the teacher come next
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)   # what a terminal sends to the whole foreground job
+    out, err = proc.communicate(timeout=120)
+    lines = [line.strip() for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and not line.lstrip().startswith("[Stage") and "WARN" not in line]
+    assert proc.returncode == 130, err[-3000:]
+    assert lines[-1] == (f"distill_labels: interrupted; finished shards are kept and {labels} is unlocked - rerun "
+                         f"the same command to resume"), err[-3000:]
+    assert "Traceback" not in err and "== concept distillation ==" not in out, err[-3000:]
+    assert not (labels / LOCK_NAME).exists()

@@ -241,3 +241,39 @@ def test_file_uris_are_plain_local_paths(tmp_path):
     assert storage.files(f"{uri}/captions", ".parquet") == [str(tmp_path / "out" / "captions" / "p1.parquet")]
     assert storage.read_parquet(f"{uri}/captions").num_rows == 2
     assert not list((tmp_path / "out").rglob(".tmp-*")), "local writes go through a temporary and a rename"
+
+
+def test_the_store_going_away_mid_run_is_one_line_and_a_rerun_resumes(s3):
+    """The object store stops answering (every connection cut, nothing listening) while the filter runs:
+    one line, no traceback, exit 2; once it is back the same command takes over the lock and finishes."""
+    from tests.s3_server import StoreProxy
+    out = "s3://data/outage/out"
+    with StoreProxy(s3.port) as proxy:
+        env = {**job_env(s3), "AWS_ENDPOINT_URL": proxy.endpoint}
+        cmd = [os.path.join(os.path.dirname(sys.executable), "catcurate"), "filter", "--input",
+               "s3://data/in/coco.parquet", "--output", out, *PARTS]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env=env)
+        markers = storage.join(out, "_done", S.STAGE_CAPTION)   # read straight from the server, not the relay
+        t0 = time.time()
+        while not (storage.exists(markers) and storage.listdir(markers)):
+            assert proc.poll() is None and time.time() - t0 < 300, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proxy.down()
+        t_down = time.time()
+        stdout, err = proc.communicate(timeout=600)
+        waited = time.time() - t_down
+        lines = [line.strip() for line in err.replace("\r", "\n").splitlines()
+                 if line.strip() and not line.lstrip().startswith("[Stage") and "WARN" not in line]
+        print(f"exit {proc.returncode} after {waited:.0f} s; stderr tail:\n" + "\n".join(lines[-8:]))
+        assert proc.returncode == 2, err[-4000:]
+        assert "Traceback" not in err and "Py4J" not in err, err[-4000:]
+        assert lines[-1].startswith("cat_filter: error: ") and proxy.endpoint in lines[-1], lines[-3:]
+
+        proxy.up()
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert again.returncode == 0, again.stderr[-4000:]
+    stats = storage.read_json(storage.join(out, "stats.json"))
+    assert stats["n_input"] == 80 == stats["n_kept"] + stats["n_dropped"] + stats["n_failed"]
+    assert len(s3_ledger(out)) == 80 and s3_ledger(out).key.is_unique
+    assert not [o for o in all_objects("s3://data/outage") if o.endswith(".lock")], "the lock released"

@@ -282,6 +282,7 @@ class FolderLock:
         self.store = store or (ObjectLockStore(folder) if storage.is_remote(folder) else PosixLockStore(folder))
         self.version: int | None = None
         self.lost = False
+        self.left_behind = False   # release failed while leaving on an error: the next run takes it over
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -349,8 +350,15 @@ class FolderLock:
     def __enter__(self) -> "FolderLock":
         return self.acquire() if self.version is None else self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.release()
+        except Exception:   # noqa: BLE001
+            if exc is None:
+                raise
+            # leaving on an error already (the store stopped answering, say): that error is the news; the
+            # lock left behind names a process that is gone, so the next run takes it over
+            self.left_behind = True
 
 
 def folder_lock(folder: str, job: str, params: LockParams | None = None) -> FolderLock:

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -42,6 +43,30 @@ LOCAL_PROTOCOLS = ("file", "local")
 
 class StorageAccessError(PermissionError):
     """A location that cannot be used as given (no such bucket, denied credentials, unreachable)."""
+
+
+# errors of a store that stopped answering (botocore / aiobotocore, aiohttp under s3fs / gcsfs), by class
+# name: they also arrive as text inside a Spark task's error, where no exception object survives
+UNREACHABLE_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                      "ServerDisconnectedError", "ConnectionClosedError")
+_ENDPOINT_IN_TEXT = re.compile(r'Could not connect to the endpoint URL: "(\w+://[^/"]+)')
+
+
+def unreachable_store(err: BaseException) -> str | None:
+    """'the object store at URL' (or 'the object store') when `err` - or an error it carries, or the task error
+    text Spark wraps - is a store that stopped answering; None for anything else."""
+    seen, texts = set(), []
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ in UNREACHABLE_ERRORS:
+            texts.append(f"{type(err).__name__}: {err}")
+        elif any(f"{name}:" in str(err) for name in UNREACHABLE_ERRORS):
+            texts.append(str(err))
+        err = err.__cause__ or err.__context__
+    if not texts:
+        return None
+    found = _ENDPOINT_IN_TEXT.search(" ".join(texts))
+    return f"the object store at {found.group(1)}" if found else "the object store"
 
 
 def is_remote(uri: str) -> bool:
