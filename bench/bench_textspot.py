@@ -19,9 +19,10 @@ Paths, every one through the same DiHT rule (pipeline.filter.textspot.caption_ma
   ppocr              PPOCRSpotter (this project, engine ppocr) with its defaults
   <engine>_recording the image stage's spotter (ImageStageParams().spotting(): what `make filter` runs)
 and the policy sweep: each engine with canvas_min in POLICY_MINS (and the old 160-px canvas) on real@256 and rendered@256 (the recall/CPU
-curve the detection-scale defaults were chosen from). For each engine path also "word_rule": the
-same detections through the word-level rule (every detection a line of its own), i.e. without line
-matching. Speed: CPU seconds per image (time.process_time, whole process), one thread for torch and
+curve the detection-scale defaults were chosen from). For each engine path also "line_rule": the same
+detections without block matching (caption_match(blocks=False): runs of one line only), and
+"word_rule": through the word-level rule (every detection a line of its own), i.e. without line or
+block matching (the baselines give (text, conf) pairs without boxes: no lines, no blocks). Speed: CPU seconds per image (time.process_time, whole process), one thread for torch and
 ONNX Runtime, models loaded and warmed up before timing. On a CUDA machine: GPU images/s per engine.
 """
 from __future__ import annotations
@@ -114,6 +115,10 @@ def run_path(fn, items) -> dict:
     out = {"n_images": len(items), "cpu_s_per_image": round(cpu / len(items), 4),
            "wall_s_per_image": round(wall / len(items), 4)}
     out.update(quality([caption_match(d, i.caption) is not None for d, i in zip(found, items)], items))
+    if any(len(d) > 2 and d[2] is not None for dets in found for d in dets):
+        # the same detections without block matching (runs of one line only): what blocks add
+        lq = quality([caption_match(d, i.caption, blocks=False) is not None for d, i in zip(found, items)], items)
+        out["line_rule"] = {k: lq[k] for k in ("precision", "recall", "tp", "fp", "fn")}
     if any(len(d) > 2 for dets in found for d in dets):
         # the same detections, each a line of its own: the word-level rule (no line matching)
         words = [[(d[0], d[1]) for d in dets] for dets in found]
@@ -198,6 +203,7 @@ def measure_policy(result: dict, engines, set_names, mins_override=None) -> None
                 r = run_path(fn, items)
                 row[name] = {k: r[k] for k in ("precision", "recall", "cpu_s_per_image")}
                 row[name]["recall_word_rule"] = r.get("word_rule", {}).get("recall")
+                row[name]["recall_line_rule"] = r.get("line_rule", {}).get("recall")
             print(key, row, flush=True)
 
 
@@ -217,6 +223,9 @@ def merge(files: list[str]) -> dict:
                     out[key][name] = value
         if part.get("gpu"):
             out["gpu"] = part["gpu"]
+        for key in ("machine", "engine_canvas_defaults", "default_engine", "params"):   # the latest run's
+            if key in part:
+                out[key] = part[key]
     return out
 
 
@@ -266,20 +275,24 @@ def markdown(result: dict) -> str:
              f"{result['machine']['cpu_count']} cores shared, 1 thread)", "",
              "DiHT rule: conf >= 0.8, >= 5 shared characters. P / R of the drop verdict, CPU s per image. "
              "Missing rows were not measured (see the JSON's notes).", "",
-             "| set | path | precision | recall | CPU s/image | recall, word rule |", "|---|---|---|---|---|---|"]
+             "| set | path | precision | recall | CPU s/image | recall, lines only | recall, word rule |",
+             "|---|---|---|---|---|---|---|"]
     for name, paths in result["cpu"].items():
         if name == "256px_1thread":
             continue
         for path, r in paths.items():
             word = r.get("word_rule", {}).get("recall", "")
+            line = r.get("line_rule", {}).get("recall", "")
             s = result.get("sets", {}).get(name, {})
             label = f"{name} ({s['n']}, {s['n_drop']} to drop)" if s else name
-            lines.append(f"| {label} | {path} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cpu_s_per_image']:.3f} | {word} |")
+            lines.append(f"| {label} | {path} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cpu_s_per_image']:.3f} | "
+                         f"{line} | {word} |")
     if result.get("policy"):
         lines += ["", "Detection-scale policy (canvas long side = image long side clamped to [canvas_min, canvas_max]):", "",
                   "| engine | canvas min..max | real@256 P | real@256 R | real@256 CPU s | rendered@256 R | rendered CPU s |",
                   "|---|---|---|---|---|---|---|"]
-        for r in result["policy"].values():
+        for r in sorted(result["policy"].values(), key=lambda r: (r["engine"] != result["default_engine"], r["engine"],
+                                                                  r["canvas_min"], r["canvas_max"])):
             a, b = r["real_256"], r.get("rendered_256")
             rendered = f"{b['recall']:.3f} | {b['cpu_s_per_image']:.3f}" if b else "- | -"
             lines.append(f"| {r['engine']} | {r['canvas_min']}..{r['canvas_max']} | {a['precision']:.3f} | {a['recall']:.3f} | "

@@ -17,6 +17,9 @@
      random           a random subset of the noisy pairs of the filtered size ("which" vs "how many")
      filtered_distill filtered + concept distillation against make distill's labels
      caption_only     noisy -> caption rules alone;  textspot_only: noisy -> text spotting alone
+     masked           the filter with --text-action mask: the text-shortcut pairs kept with the caption
+                      text masked in their images (T-MARS), re-decided from the full run's stored
+                      evidence (jobs.redecide, no second OCR pass); its shards carry the masked JPEGs
 4. Every model is evaluated on the clean dev split (1,000 photos, 5 captions each, R@1/5/10 both
    ways); arms are compared with a paired bootstrap over dev images (seeds averaged).
 5. OUT/results/: results.{md,csv,json}, recall.png (mean +- std), detector.{md,csv} (the filter as a
@@ -48,7 +51,7 @@ import pyarrow.parquet as pq
 
 from experiments.webnoise import DEFAULT_FLICKR8K, NOISE_TYPES, NoiseConfig, make_noisy_set
 
-ARMS = ("clean", "noisy", "filtered", "random", "filtered_distill", "caption_only", "textspot_only")
+ARMS = ("clean", "noisy", "filtered", "random", "filtered_distill", "caption_only", "textspot_only", "masked")
 FILTER_RUNS = {"filtered": "full", "caption_only": "caption_only", "textspot_only": "textspot_only"}
 
 
@@ -75,7 +78,7 @@ SCALES = {  # presets; explicit flags override
     "cpu": {},
     "smoke": {"noise": NoiseConfig(photos=40, text_shortcut=0.3, misaligned=0.2, low_complexity=0.15),
               "seeds": 1, "steps": 20, "batch_size": 32, "rows_per_part": 100, "dev_images": 50, "parallel_runs": 1,
-              "arms": ("clean", "noisy", "filtered", "random", "filtered_distill")},
+              "arms": ("clean", "noisy", "filtered", "random", "filtered_distill", "masked")},
     "gpu": {"noise": NoiseConfig(photos=0), "image_tower": "full", "model": "catclip-small", "steps": 5000,
             "batch_size": 256, "lr": 5e-4, "warmup_steps": 500, "num_workers": 8, "parallel_runs": 1},
 }
@@ -106,18 +109,26 @@ def _write_shards(rows: list[dict], out: Path, n_shards: int = 4) -> Path:
 
 
 def run_filters(cfg: ExperimentConfig, noisy: Path, work: Path, spark) -> dict[str, Path]:
-    """The real CAT filter job on the noisy pairs: all stages, and each stage alone."""
+    """The real CAT filter job on the noisy pairs: all stages, and each stage alone; for the masked arm, the
+    full run re-decided with --text-action mask from its stored evidence (what a fresh run writes)."""
     from jobs.cat_filter import cat_filter
+    from jobs.redecide import redecide
     from pipeline.filter.captions import CaptionParams
     runs = {"full": {}, "caption_only": {"stages": "caption"},
             "textspot_only": {"caption": CaptionParams(min_complexity=0, require_action=False)}}
-    wanted = {FILTER_RUNS[a] for a in cfg.arms if a in FILTER_RUNS} | ({"full"} if {"random", "filtered_distill"} & set(cfg.arms) else set())
+    wanted = {FILTER_RUNS[a] for a in cfg.arms if a in FILTER_RUNS} | \
+        ({"full"} if {"random", "filtered_distill", "masked"} & set(cfg.arms) else set())
     outs = {}
     for name, kwargs in runs.items():
         if name in wanted:
             outs[name] = work / "filter" / name
             print(f"[experiment] filter run {name!r} -> {outs[name]}", flush=True)
             cat_filter(str(noisy), str(outs[name]), rows_per_part=cfg.rows_per_part, spark=spark, **kwargs)
+    if "masked" in cfg.arms:
+        outs["masked"] = work / "filter" / "masked"
+        if not (outs["masked"] / "stats.json").is_file():   # a rerun reuses it
+            print(f"[experiment] filter run 'masked' (re-decided from 'full') -> {outs['masked']}", flush=True)
+            redecide(str(outs["full"]), str(outs["masked"]), text_action="mask", engine="local")
     return outs
 
 
@@ -133,10 +144,11 @@ def arm_shards(cfg: ExperimentConfig, noisy_rows: list[dict], filters: dict[str,
             rows = noisy_rows
         elif arm == "random":   # same size as the filtered set, drawn from all noisy pairs
             rows = random.Random(f"random-arm-{cfg.noise.seed}").sample(noisy_rows, len(kept["full"]))
-        elif arm in ("filtered", "filtered_distill"):
-            shards = filters["full"] / "shards"
+        elif arm in ("filtered", "filtered_distill", "masked"):   # the filter's own shards (masked: masked JPEGs)
+            run = "masked" if arm == "masked" else "full"
+            shards = filters[run] / "shards"
             keys = {r["key"] for f in sorted(shards.glob("*.parquet")) for r in _read(f, ["key"])}
-            if keys != kept["full"]:
+            if keys != kept[run]:
                 raise AssertionError("the filter's shards and its ledger disagree on the kept pairs")
             arms[arm] = {"shards": shards, "n_pairs": len(keys),
                          "labels": str(work / "labels") if arm == "filtered_distill" else ""}
@@ -273,12 +285,13 @@ def detector_table(filters: dict[str, Path], noise_of: dict[str, str]) -> list[d
         for kind in NOISE_TYPES:
             mine = [r for r in ledger if noise_of[r["key"]] == kind]
             dropped = [r for r in mine if r["status"] != "kept"]
+            masked = sum(r["reason"] == "text_masked" for r in mine)   # kept with the text masked (masked run)
             reasons: dict[str, int] = {}
             for r in dropped:
                 reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
             rows.append({"filter_run": name, "noise": kind, "n": len(mine), "dropped": len(dropped),
                          "drop_rate": round(len(dropped) / len(mine), 4) if mine else None,
-                         "reasons": dict(sorted(reasons.items()))})
+                         "reasons": dict(sorted(reasons.items())), "masked": masked})
     return rows
 
 
@@ -383,7 +396,7 @@ def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), 
     comparisons = {}
     for a, b in (("filtered", "noisy"), ("filtered", "random"), ("random", "noisy"), ("clean", "noisy"),
                  ("filtered_distill", "filtered"), ("caption_only", "noisy"), ("textspot_only", "noisy"),
-                 ("filtered", "clean")):
+                 ("filtered", "clean"), ("masked", "filtered")):
         if a in results and b in results:
             comparisons[f"{a} - {b}"] = paired_bootstrap(results[a], results[b], dev.text_to_image)
     timings["total"] = round(time.time() - t_start, 1)

@@ -35,7 +35,7 @@ def write_results(summary: dict, out: str | Path) -> None:
         w.writeheader()
         w.writerows(rows)
     with open(out / "detector.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["filter_run", "noise", "n", "dropped", "drop_rate", "reasons"])
+        w = csv.DictWriter(f, fieldnames=["filter_run", "noise", "n", "dropped", "drop_rate", "reasons", "masked"])
         w.writeheader()
         for r in summary["detector"]:
             w.writerow({**r, "reasons": json.dumps(r["reasons"])})
@@ -71,11 +71,13 @@ def markdown(summary: dict, rows: list[dict]) -> str:
 
 def detector_markdown(summary: dict) -> str:
     lines = ["# The filter as a detector of each noise type", "",
-             "| filter run | noise | pairs | dropped | drop rate | reasons |", "|---|---|---|---|---|---|"]
+             "| filter run | noise | pairs | dropped | drop rate | reasons | kept masked |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary["detector"]:
         reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"].items()) or "-"
         rate = f"{100 * r['drop_rate']:.1f}%" if r["drop_rate"] is not None else "-"
-        lines.append(f"| {r['filter_run']} | {r['noise']} | {r['n']} | {r['dropped']} | {rate} | {reasons} |")
+        lines.append(f"| {r['filter_run']} | {r['noise']} | {r['n']} | {r['dropped']} | {rate} | {reasons} | "
+                     f"{r.get('masked', 0)} |")
     ts = summary.get("textspot_detector")
     if ts:
         lines += ["", f"Text-spot stage on rendered caption text ({ts['filter_run']} run, "

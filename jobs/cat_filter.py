@@ -38,6 +38,7 @@ from pipeline.store.locks import LockHeld, LockLost, folder_lock  # noqa: E402
 from pipeline.filter.image_stage import (ImageStageParams, rows_from_chunk, rows_from_download_shard,  # noqa: E402
                                   run_image_part)
 from pipeline.filter.textspot import ENGINES, TextSpotParams  # noqa: E402
+from pipeline.filter.mask import TEXT_ACTIONS  # noqa: E402
 from pipeline.filter.redecide import evidence_summary  # noqa: E402
 from pipeline.filter import datacomp  # noqa: E402
 from pipeline.filter import score_stage  # noqa: E402
@@ -363,6 +364,8 @@ def print_funnel(stats: dict, output: str) -> None:
         st = stats["by_stage"][stage]
         onward = "kept" if i == len(stages) - 1 else f"passed on to {stages[i + 1]}"
         print(f"  {stage:<9} in {st['in']:>10,}   {onward} {stage_passed(st):,}")
+        for reason, c in sorted(st.get("kept_by_reason", {}).items()):   # text_masked: kept, text masked
+            print(f"      {'kept':<8} {reason:<28} {c:>10,}  ({100 * c / max(1, stats['n_input']):.1f}%)")
         for status in ("dropped", "failed"):
             for reason, c in sorted(st[status].items(), key=lambda kv: -kv[1]):
                 print(f"      {status:<8} {reason:<28} {c:>10,}  ({100 * c / max(1, stats['n_input']):.1f}%)")
@@ -441,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--textspot-engine", choices=ENGINES, default=d_ts.engine,
                    help="OCR engine: ppocr (PP-OCRv4 on ONNX Runtime) or easyocr (CRAFT + english_g2 on torch); "
                         "the default is the benchmark's pick (docs/text-spotting.md)")
+    g.add_argument("--text-action", choices=TEXT_ACTIONS, default=d_img.text_action,
+                   help="a pair whose image shows its caption as text: drop it (DiHT's rule, ledger dropped / "
+                        "text_spotted) or mask it (T-MARS: kept, the matching words' boxes filled with their mean "
+                        "colour in the shard's and tar's JPEG; ledger kept / text_masked with the boxes); "
+                        "make redecide switches between them (docs/filter.md)")
     g.add_argument("--shard-rows", type=int, default=d_img.shard_rows, help="kept pairs per output shard file (and tar)")
     g.add_argument("--max-pixels", type=int, default=d_img.max_pixels,
                    help="larger images are refused before decoding (decompression bombs)")
@@ -477,7 +485,7 @@ def main(argv=None) -> int:
                       max_caption_chars=a.max_caption_chars)
     image = ImageStageParams(textspot=replace(d_ts, min_conf=a.min_conf, min_chars=a.min_chars,
                                               engine=a.textspot_engine),
-                             shard_rows=a.shard_rows, max_pixels=a.max_pixels,
+                             shard_rows=a.shard_rows, max_pixels=a.max_pixels, text_action=a.text_action,
                              read_min_chars=min(ImageStageParams.read_min_chars, a.min_chars))  # read what it needs
     download = replace(d_dl, image_size=a.image_size, resize_mode=a.resize_mode, timeout=a.timeout,
                        retries=a.retries, processes_count=a.processes, thread_count=a.threads,

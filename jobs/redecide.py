@@ -51,6 +51,7 @@ from pipeline.filter import finalize as fin  # noqa: E402
 from pipeline.store import storage  # noqa: E402
 from pipeline.store import partitions as P  # noqa: E402
 from pipeline.filter import redecide as R  # noqa: E402
+from pipeline.filter.mask import TEXT_ACTIONS  # noqa: E402
 from pipeline.filter.image_stage import (ChangedImage, read_digests, read_evidence, rows_from_chunk,  # noqa: E402
                                          rows_from_download_shard, run_image_part)
 
@@ -151,7 +152,7 @@ def _run_parts(spark, into: str, stage: str, items: list, fn, label: str, second
 def redecide(source: str, into: str, *, examples_per_reason: int = 8, spark=None, engine: str = "auto",
              **changes) -> dict:
     """Write INTO as a fresh filter run on the source's input with `changes` (threshold=value, e.g.
-    min_complexity=2, min_conf=0.7) would; returns its stats. R.NotRedecidable when the stored
+    min_complexity=2, min_conf=0.7, text_action="mask") would; returns its stats. R.NotRedecidable when the stored
     evidence cannot support a change. engine: local, spark or auto (module docstring); `spark` is
     the session the Spark engine uses (made when None)."""
     t0 = time.time()
@@ -400,6 +401,9 @@ def main(argv=None) -> int:
     g.add_argument("--min-conf", type=float)
     g.add_argument("--min-chars", type=int)
     g.add_argument("--shard-rows", type=int)
+    g.add_argument("--text-action", choices=TEXT_ACTIONS,
+                   help="drop the pairs whose image shows their caption, or keep them with that text masked "
+                        "(switches either way: every detection is stored with its box)")
     g.add_argument("--max-pixels", type=int, help="refused unless unchanged: decoding is part of the evidence")
     g.add_argument("--min-score", action="append", default=[], metavar="COLUMN=THRESHOLD",
                    help="score filter threshold for COLUMN (replaces the source's for that column; at least as "
@@ -416,9 +420,12 @@ def main(argv=None) -> int:
                     help=f"local: in this process, no Spark; spark: Spark tasks; auto: local up to "
                          f"{LOCAL_MAX_ROWS:,} input rows (default auto)")
     a = ap.parse_args(argv)
+    from jobs.spark import failed_job_exit, install_interrupt_handlers, user_stderr
+    install_interrupt_handlers()   # until a Spark session exists (which installs them again, with itself)
+    to_person = user_stderr()      # opened now: under spark-submit the JVM may be gone when it is needed
     changes = {k: v for k, v in {"min_complexity": a.min_complexity, "max_caption_chars": a.max_caption_chars,
                                  "min_conf": a.min_conf, "min_chars": a.min_chars, "shard_rows": a.shard_rows,
-                                 "max_pixels": a.max_pixels}.items() if v is not None}
+                                 "max_pixels": a.max_pixels, "text_action": a.text_action}.items() if v is not None}
     try:
         if a.min_score:
             changes["min_score"] = [score_stage.parse_assignment(x, "--min-score") for x in a.min_score]
@@ -440,10 +447,11 @@ def main(argv=None) -> int:
     except (R.NotRedecidable, P.InputError, P.ParamsChanged, ChangedImage) as e:
         print(f"redecide: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - the same errors raised in a Spark task arrive wrapped in Java's
-        message = P.task_error(e, ("ChangedImage", "NotRedecidable", "InputError"))
+    except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - Ctrl-C / SIGTERM, or the same errors raised
+        message = None if isinstance(e, KeyboardInterrupt) else \
+            P.task_error(e, ("ChangedImage", "NotRedecidable", "InputError"))   # in a Spark task, wrapped in Java's
         if message is None:
-            raise
+            return failed_job_exit(e, "redecide", f"finished parts are kept in {a.into}", to_person)
         print(f"redecide: error: {message}", file=sys.stderr)
         return 2
     return 0

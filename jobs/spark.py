@@ -123,13 +123,13 @@ def failed_job_exit(err: BaseException, job: str, what_is_kept: str, to_person) 
     any other error is raised again. what_is_kept: e.g. "finished parts are kept and OUT is unlocked"."""
     from pipeline.store import storage
     if isinstance(err, KeyboardInterrupt) or interrupted:
-        stop_quietly()   # the job's lock was released on the way out
+        if interrupted:      # a signal (not a KeyboardInterrupt raised in-process, as a test does)
+            stop_quietly()   # the job's lock was released on the way out
         print(f"{job}: interrupted; {what_is_kept} - rerun the same command to resume", file=to_person, flush=True)
         return 130
     store = storage.unreachable_store(err)
     if store is None:
         raise err
-    stop_quietly()
     kept = what_is_kept.split(" and ")[0]   # its lock could not be removed: the next run takes it over
     print(f"{job}: error: {store} stopped answering; {kept} - rerun the same command once it is back "
           f"(a lock it could not remove names this run, which is gone, and is taken over)", file=to_person, flush=True)

@@ -43,10 +43,13 @@ R_SCORE_BELOW = "score_below_threshold"      # dropped: a metadata score (e.g. c
 R_SCORE_MISSING = "score_missing"            # failed: the score a filter needs is null or NaN
 R_DOWNLOAD_TIMEOUT = "download_timeout"      # failed: no complete response within the total deadline per request
 R_TOO_LARGE = "too_large"                    # failed: the response body exceeded --max-image-bytes (not read further)
+R_TEXT_MASKED = "text_masked"                # KEPT (--text-action mask): the caption text the image shows is
+                                             #   masked in the shard's JPEG (T-MARS); the only reason of a kept row
+KEPT_REASONS = (R_TEXT_MASKED,)              # reasons a kept row may carry (kept, but changed); others: null
 REASONS = (R_EMPTY_CAPTION, R_NON_STRING, R_INVALID_UTF8, R_DUPLICATE, R_NO_ACTION, R_LOW_COMPLEXITY,
            R_TOO_LONG, R_READ_ERROR, R_DOWNLOAD_FAILED, R_DECODE_ERROR, R_TEXT_SPOTTED, R_EMBED_FAILED,
            R_BAD_URL, R_UNACCOUNTED, R_BLOCKED_ADDRESS, R_SCORE_BELOW, R_SCORE_MISSING, R_DOWNLOAD_TIMEOUT,
-           R_TOO_LARGE)
+           R_TOO_LARGE, R_TEXT_MASKED)
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,19 @@ KEYS = Table("keys", (_f("key", pa.string(), False), _f("content", pa.string(), 
 # report thumbnails of dropped/failed rows (a few per reason and part), joined to the ledger by key
 THUMBS = Table("thumbs", (_f("key", pa.string(), False), _f("reason", pa.string()), _f("jpg", pa.binary())))
 
+# one OCR detection (a word): its text, confidence (float64, the value the rule compared, so a re-decision
+# compares exactly the same numbers), box x0, y0, x1, y1 in the image's pixels and its line (words on one
+# baseline; -1: alone)
+DETECTIONS_TYPE = pa.list_(pa.struct([_f("text", pa.string()), _f("conf", pa.float64()),
+                                      _f("x0", pa.float32()), _f("y0", pa.float32()), _f("x1", pa.float32()),
+                                      _f("y1", pa.float32()), _f("line", pa.int32())]))
+
 # exactly one row per input row across all stages; evidence columns are null where not applicable
 LEDGER = Table("ledger", (
     _f("key", pa.string(), False),
     _f("status", pa.string(), False),    # kept | dropped | failed
     _f("stage", pa.string(), False),     # the stage that decided
-    _f("reason", pa.string()),           # null for kept
+    _f("reason", pa.string()),           # null for kept (but text_masked: kept with the text masked)
     _f("url", pa.string()),
     _f("caption", pa.string()),          # truncated to 1,000 chars: the ledger is for people
     _f("complexity", pa.int32()),
@@ -130,15 +140,11 @@ LEDGER = Table("ledger", (
     _f("score_column", pa.string()),     # stage score: the metadata column that decided,
     _f("score", pa.float64()),           #   its value in this row (null when missing / NaN)
     _f("score_threshold", pa.float64()), #   and the threshold it was compared with (value >= threshold passes)
+    _f("masked", DETECTIONS_TYPE),       # reason text_masked: the detections whose boxes were filled (text, box)
 ))
 
 # every OCR detection of every image the text-spot stage read (OUTPUT/ocr/<part>.parquet), in the
 # spotter's order (largest box first), none left out: the evidence jobs/redecide.py re-decides from.
-# conf is float64, the value the rule compared, so a re-decision compares exactly the same numbers
-# (one word: its box x0, y0, x1, y1 in the image's pixels and its line, words on one baseline; -1: alone)
-DETECTIONS_TYPE = pa.list_(pa.struct([_f("text", pa.string()), _f("conf", pa.float64()),
-                                      _f("x0", pa.float32()), _f("y0", pa.float32()), _f("x1", pa.float32()),
-                                      _f("y1", pa.float32()), _f("line", pa.int32())]))
 # digest: pipeline.media.images.image_digest of the bytes read, so a re-decision copies only the image that
 # was spotted (null in outputs written before it was recorded)
 OCR = Table("ocr", (_f("key", pa.string(), False), _f("detections", DETECTIONS_TYPE), _f("digest", pa.binary())))

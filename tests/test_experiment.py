@@ -72,6 +72,23 @@ def test_rendered_caption_text_is_dropped_by_the_text_spot_stage(smoke):
     assert ts["precision"] >= 0.8, ts
 
 
+def test_masked_arm_keeps_the_text_shortcuts_with_their_text_masked(smoke):
+    """The masked arm: the full filter run re-decided with --text-action mask; its shards carry masked JPEGs."""
+    from experiments.flickr8k import ledger_rows
+    out, cfg, summary = smoke
+    full, masked = (ledger_rows(out / "work" / "filter" / name) for name in ("full", "masked"))
+    n_masked = sum(r["reason"] == "text_masked" for r in masked)
+    assert n_masked == sum(r["reason"] == "text_spotted" for r in full) > 0
+    assert summary["arms"]["masked"]["n_pairs"] == summary["arms"]["filtered"]["n_pairs"] + n_masked \
+        == summary["filter_stats"]["masked"]["n_kept"]
+    noisy = {r["key"]: r["jpg"] for r in pq.read_table(out / "work" / "noisy" / "train.parquet",
+                                                       columns=["key", "jpg"]).to_pylist()}
+    shards = pq.read_table(out / "work" / "filter" / "masked" / "shards", columns=["key", "jpg"]).to_pylist()
+    changed = {r["key"] for r in shards if r["jpg"] != noisy[r["key"]]}
+    assert changed == {r["key"] for r in masked if r["reason"] == "text_masked"}
+    assert "masked - filtered" in summary["comparisons"]
+
+
 def test_arms_train_the_same_budget_and_are_scored_on_clean_dev(smoke):
     out, cfg, summary = smoke
     for arm, r in summary["arms"].items():

@@ -488,3 +488,39 @@ def test_an_interrupted_distillation_says_so_in_one_line_and_releases_the_lock(c
                          f"the same command to resume"), err[-3000:]
     assert "Traceback" not in err and "== concept distillation ==" not in out, err[-3000:]
     assert not (labels / LOCK_NAME).exists()
+
+
+def test_an_interrupted_redecide_says_so_in_one_line(image_source, tmp_path, capfd, monkeypatch):
+    """Ctrl-C arriving while a part is re-decided (raised there, as the signal handler raises it): one line,
+    exit 130, the finished parts kept; the same command then finishes."""
+    import signal
+
+    from jobs import spark as js
+    from jobs.redecide import main as redecide_main
+    from pipeline.filter import redecide as R
+    real, calls = R.redecide_caption_part, []
+
+    def interrupted_on_the_second_part(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    into = tmp_path / "into"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(R, "redecide_caption_part", interrupted_on_the_second_part)
+            code = redecide_main(["--source", image_source["source"], "--into", str(into), "--min-conf", "0.7",
+                                  "--engine", "local"])
+        err = capfd.readouterr().err.strip()   # the line goes to the process's stderr
+        assert code == 130 and "\n" not in err and "Traceback" not in err, err
+        assert err == f"redecide: interrupted; finished parts are kept in {into} - rerun the same command to resume"
+        assert len(os.listdir(into / "_done" / "caption")) == 1, "the finished part is kept"
+        assert redecide_main(["--source", image_source["source"], "--into", str(into), "--min-conf", "0.7",
+                              "--engine", "local"]) == 0
+        assert json.load(open(into / "stats.json"))["n_input"] == 6
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        js.interrupted, js._quiet_interrupts = False, False

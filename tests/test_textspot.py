@@ -9,8 +9,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.filter.spotting import spot_and_match
-from pipeline.filter.textspot import (Detection, TextSpotParams, TextSpotter, _longest_common_window, assign_lines,
-                                      caption_match, keep_readable, normalise)
+from pipeline.filter.textspot import (Detection, TextSpotParams, TextSpotter, _longest_common_window, assign_blocks,
+                                      assign_lines, block_runs, caption_match, keep_readable, matched_detections,
+                                      normalise)
 
 # ---------------------------------------------------------------- caption_match: the rule's edges
 
@@ -242,6 +243,93 @@ def test_short_boxes_are_read_when_they_share_a_line():
     assert kept == [0, 1, 3] and lines[0] == lines[1] != lines[2]
 
 
+# ---------------------------------------------------------------- blocks: quotes set on several lines
+
+def _placard(words, conf=0.95, top=60, h=25, x0=30, line0=1):
+    """One word per line, stacked (a placard: "DONT / TAX / ME / BRO!"), centred on x0 + 50."""
+    out = []
+    for k, w in enumerate(words):
+        c = conf[k] if isinstance(conf, list) else conf
+        width = 12 * len(w)
+        out.append(Detection(w, c, (x0 + 50 - width / 2, top + k * h, x0 + 50 + width / 2, top + (k + 1) * h), line0 + k))
+    return out
+
+
+def test_block_matches_a_quote_across_stacked_lines():
+    """A quote whose words stand on stacked lines of similar height ("DONT / TAX / ME / BRO!") matches as
+    the block's text read top to bottom; no line of it reaches 5 characters alone."""
+    caption = "A man in a cowboy hat holds a sign saying Dont tax me bro!"
+    sign = _placard(["DONT", "TAX", "ME", "BrO!"], conf=[0.99, 1.0, 1.0, 0.72])   # "BrO!" weak: not in the run
+    other = Detection("NDTAKEIT", 0.92, (190, 54, 236, 70), 0)
+    assert caption_match([other, *sign], caption, blocks=False) is None
+    m = caption_match([other, *sign], caption)
+    assert m is not None and m.block and m.text == "DONT TAX ME" and m.span == "Dont tax me" and m.n_chars == 9
+    assert m.n_words == 3 and m.conf == pytest.approx(0.99) and list(m.window) == sign[:3]
+    assert matched_detections([other, *sign], caption) == sign[:3]
+    assert matched_detections([other, *sign], caption)[0] is sign[0]       # the objects given, for masking
+    assert matched_detections([other, *sign], "a man in a hat", min_chars=5) == []
+    weak = _placard(["DONT", "TAX", "ME"], conf=[0.99, 0.5, 1.0])           # a weak word breaks the block's run
+    assert caption_match(weak, caption) is None
+    assert caption_match([(d.text, d.conf) for d in sign], caption) is None   # no boxes: no blocks
+
+
+def test_block_window_words_and_line_matches_first():
+    """A block's match reports the words its common window covers; a line that matches as well as the
+    block wins the tie (it is the same evidence with fewer assumptions)."""
+    caption = "protesters with a free hugs banner"
+    sign = _placard(["XQZ", "FREE", "HUGS"])
+    m = caption_match(sign, caption)
+    assert m.block and m.text == "XQZ FREE HUGS" and m.span == "free hugs" and [d.text for d in m.window] == ["FREE", "HUGS"]
+    line = _line(["FREE", "HUGS"], y=300)
+    m = caption_match([*line, *sign], caption)
+    assert not m.block and m.text == "FREE HUGS"
+
+
+def test_assign_blocks_geometry():
+    """Lines join a block when stacked (centres apart), close (gap < half a line), of similar height
+    (< 1.5x) and overlapping horizontally by half the narrower line; blocks read top to bottom."""
+    lines = [(0, 20, 100, 40, 20),     # 0
+             (10, 0, 90, 20, 20),      # 1: right above 0 -> read first
+             (20, 42, 80, 62, 20),     # 2: 2 px below 0
+             (200, 0, 300, 20, 20),    # 3: beside 1, not stacked on anything
+             (0, 100, 100, 120, 20),   # 4: 38 px below 2: too far
+             (0, 62, 100, 102, 40),    # 5: right below 2 but twice as tall
+             (90, 120, 190, 140, 20)]  # 6: below 4, overlapping 10 px of 100: not stacked
+    blocks = assign_blocks(lines)
+    assert [1, 0, 2] in blocks and [3] in blocks and [4] in blocks and [5] in blocks and [6] in blocks
+    assert len(blocks) == 5
+    assert assign_blocks(lines, line_gap=2.0)[0] == [1, 0, 2, 4]   # a wider gap joins 4 (5 still too tall)
+    assert assign_blocks([]) == []
+
+
+def test_block_side_by_side_lines_are_not_joined():
+    """Words side by side on one baseline but on different line ids (too far apart for a line) do not
+    form a block: a block stacks lines vertically."""
+    caption = "the sunset beach"
+    left = Detection("SUN", 0.95, (0, 0, 30, 20), 0)
+    right = Detection("SET", 0.95, (200, 0, 230, 20), 1)
+    assert block_runs([left, right], 0.8) == [] and caption_match([left, right], caption) is None
+    below = Detection("SET", 0.95, (0, 22, 30, 42), 1)
+    assert [[d.text for d in run] for run in block_runs([left, below], 0.8)] == [["SUN", "SET"]]
+    assert caption_match([left, below], caption).span == "sunset"
+
+
+def test_block_rule_from_stored_evidence_is_the_same():
+    """Blocks are computed from the evidence the image stage stores (text, conf, float32 box, line id), so
+    redecide re-applies them exactly: the verdicts from the stored rows equal those of the fresh detections."""
+    from pipeline.filter.image_stage import detections_from_evidence
+    caption = "A man in a cowboy hat holds a sign saying Dont tax me bro!"
+    fresh = [*_placard(["DONT", "TAX", "ME", "BrO!"], conf=[0.99, 1.0, 1.0, 0.84], top=61.3, h=24.7),
+             Detection("NDTAKEIT", 0.92, (190.5, 54.25, 236.1, 70.9), 0)]
+    rows = [{"text": d.text, "conf": d.conf, "line": d.line,
+             **{k: float(np.float32(v)) for k, v in zip(("x0", "y0", "x1", "y1"), d.box)}} for d in fresh]
+    stored = detections_from_evidence(rows)
+    for rule in ((0.8, 5), (0.9, 5), (0.8, 12), (0.5, 3)):
+        a, b = caption_match(fresh, caption, *rule), caption_match(stored, caption, *rule)
+        assert (a is None) == (b is None) and (a is None or (a.text, a.span, a.block) == (b.text, b.span, b.block)), rule
+    assert caption_match(stored, caption).text == "DONT TAX ME BrO!"
+
+
 # ---------------------------------------------------------------- the ppocr engine and the real-text set
 
 @pytest.fixture(scope="module")
@@ -275,6 +363,42 @@ def test_ppocr_reading_does_not_depend_on_the_batch(ppocr):
     together = ppocr.spot([b, a, b])[1]
     assert [(d.text, d.box, d.line) for d in alone] == [(d.text, d.box, d.line) for d in together]
     assert [d.conf for d in alone] == pytest.approx([d.conf for d in together], abs=1e-5)
+
+
+def test_ppocr_detects_inside_the_black_border(ppocr):
+    """img2dataset's border (black rows / columns around a photo of another aspect ratio) is not put on
+    the detector's canvas: the photo alone and in its bordered square read the same words, at the same
+    places (shifted by the border), with the same canvas scale."""
+    from pipeline.filter.ppocr import _content
+    photo = _rendered("Sunflowers and tulips", size=(256, 144))
+    square = np.zeros((256, 256, 3), np.uint8)
+    square[56:200] = photo
+    assert _content(square) == (56, 200, 0, 256) and _content(photo) == (0, 144, 0, 256)
+    assert _content(np.zeros((8, 8, 3), np.uint8)) == (0, 0, 0, 0)
+    assert ppocr.spot([np.zeros((64, 64, 3), np.uint8)]) == [[]]
+    alone, bordered = ppocr.spot([photo, square])
+    assert [d.text for d in alone] == [d.text for d in bordered] and alone
+    for a, b in zip(alone, bordered):
+        assert b.box == pytest.approx((a.box[0], a.box[1] + 56, a.box[2], a.box[3] + 56), abs=1e-3)
+        assert b.conf == pytest.approx(a.conf, abs=1e-5)
+
+
+def test_ppocr_rereads_weak_crops(ppocr, monkeypatch):
+    """A crop read with a word below min_conf is read again from a wider and a stretched crop and the
+    more confident reading kept: on the labelled photo whose poster says "PROM / NIGHT", the detector's
+    box clips the N ("IGHT" 0.49); the wider crop reads "NIGHT" >= 0.8, and the block rule matches."""
+    import pipeline.filter.ppocr as pp
+    from bench.textspot_set import build_realtext_set
+    item = next(i for i in build_realtext_set(256) if "3015891201" in i.name)
+    found = ppocr.spot([item.image])[0]
+    night = [d for d in found if d.text == "NIGHT"]
+    assert night and night[0].conf >= 0.8, found
+    assert caption_match(found, item.caption).span == "Prom Night"
+    monkeypatch.setattr(pp, "REREADS", ())
+    once = ppocr.spot([item.image])[0]
+    assert "NIGHT" not in [d.text for d in once] and caption_match(once, item.caption) is None, once
+    weakest = lambda ds: min(d.conf for d in ds)
+    assert weakest([d for d in found if d.line == night[0].line]) > weakest([d for d in once if d.line == night[0].line])
 
 
 def _committed(set_name: str, path: str) -> dict:
@@ -314,3 +438,19 @@ def test_real_text_subset_at_256px_easyocr(spotter):
     committed = _committed("real_256", "easyocr")
     assert precision >= committed["precision"] - 0.02
     assert recall >= committed["recall"] - 0.15, (recall, committed["recall"])   # a subset: sampling slack
+
+
+def test_blocks_are_recorded_and_outputs_from_before_them_are_redecided_on_lines_only():
+    """match_blocks is an image-stage setting in the manifest: an output whose manifest predates it was
+    decided line by line, and a re-decision from its evidence must not add block matches."""
+    from pipeline.filter.image_stage import ImageStageParams
+    record = ImageStageParams().to_dict()
+    assert record["textspot"]["match_blocks"] is True
+    assert ImageStageParams.from_dict(record).textspot.match_blocks is True
+    del record["textspot"]["match_blocks"]
+    assert ImageStageParams.from_dict(record).textspot.match_blocks is False
+    caption = "A man in a cowboy hat holds a sign saying Dont tax me bro!"
+    sign = _placard(["DONT", "TAX", "ME"])
+    old = ImageStageParams.from_dict(record).textspot
+    assert caption_match(sign, caption, old.min_conf, old.min_chars, old.match_blocks) is None
+    assert caption_match(sign, caption) is not None

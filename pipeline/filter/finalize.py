@@ -64,7 +64,8 @@ def duplicate_keys_error(keys: list[str]) -> RuntimeError:
 def build_stats(counts: list[dict], n_rows: int, kinds: set[str], score: bool = False, caption: bool = True) -> dict:
     """stats.json's counts from ledger counts [{stage, status, reason, count}]: totals, and per stage
     in pipeline order the rows in, passed (went on to the next stage, or kept after the last), kept
-    (final status kept), and dropped / failed per reason. score: the score stage ran first; caption
+    (final status kept; of them, per reason, "kept_by_reason": {"text_masked": n} when --text-action mask
+    kept some with their text masked), and dropped / failed per reason. score: the score stage ran first; caption
     False: --stages without caption (no caption rules)."""
     score = score or any(c["stage"] == S.STAGE_SCORE for c in counts)
     caption = caption or any(c["stage"] == S.STAGE_CAPTION for c in counts)
@@ -77,6 +78,9 @@ def build_stats(counts: list[dict], n_rows: int, kinds: set[str], score: bool = 
         totals[c["status"]] += c["count"]
         if c["status"] == S.KEPT:
             st["kept"] += c["count"]
+            if c["reason"]:   # kept, but changed (text_masked): shown among the kept, only when there are any
+                kept_by = st.setdefault("kept_by_reason", {})
+                kept_by[c["reason"]] = kept_by.get(c["reason"], 0) + c["count"]
         else:
             st[c["status"]][c["reason"]] = st[c["status"]].get(c["reason"], 0) + c["count"]
     remaining = sum(totals.values())

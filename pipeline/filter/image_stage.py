@@ -9,6 +9,9 @@ Each row is decoded safely (pipeline.media.images), spotted for text (pipeline.f
 matched against its caption by the DiHT rule. Kept pairs go to OUTPUT/shards/<part>.parquet with
 their caption parse; every row gets its ledger row in OUTPUT/ledger/textspot/<part>.parquet (or
 stage download when the image never arrived), a few thumbnails per reason go to the report's table.
+A pair whose image shows its caption is dropped (text_spotted), or with ImageStageParams.text_action
+"mask" kept with the matching words' boxes filled (pipeline.filter.mask; ledger kept / text_masked with
+the masked words, the masked JPEG in the shard, the report's picture the original beside it).
 
 Every detection of every decoded image is stored in OUTPUT/ocr/<part>.parquet (schemas.OCR), not
 only the one that decided, and the spotter runs with recording settings (read_min_chars,
@@ -32,6 +35,7 @@ from PIL import Image
 import schemas as S
 from pipeline.media import images as img
 from pipeline.store import storage
+from pipeline.filter import mask as mk
 from pipeline.filter import spotting, textspot as ts
 from pipeline.media.devices import select_device
 from pipeline.filter.caption_stage import _count, ledger_row
@@ -59,8 +63,12 @@ class ImageStageParams:
                                   #   a batch's activations with one scale, so a batched reading depends on the
                                   #   other crops in the batch ("shirt" 0.62 in one part, 0.87 in another: the
                                   #   verdict flips at 0.8), i.e. on which images share the part. ~5% more spot CPU
+    text_action: str = "drop"     # an image showing its caption: drop the pair (DiHT) or keep it with the matching
+                                  #   text masked in its JPEG (mask, T-MARS: ledger kept / text_masked; mask.py)
 
     def __post_init__(self):
+        if self.text_action not in mk.TEXT_ACTIONS:
+            raise ValueError(f"text_action {self.text_action!r}: one of {', '.join(mk.TEXT_ACTIONS)}")
         if self.textspot.min_chars < self.read_min_chars:
             raise ValueError(f"min_chars {self.textspot.min_chars} < read_min_chars {self.read_min_chars}: boxes "
                              f"that narrow are not read; lower read_min_chars too")
@@ -75,7 +83,10 @@ class ImageStageParams:
         return spot
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["text_action"] == "drop":   # recorded only when mask, so outputs of earlier versions still resume
+            del d["text_action"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageStageParams":
@@ -83,6 +94,7 @@ class ImageStageParams:
         known = {f.name for f in fields(ts.TextSpotParams)}
         spot = {k: tuple(v) if isinstance(v, list) else v for k, v in d["textspot"].items() if k in known}
         spot.setdefault("engine", "easyocr")   # outputs written before the engine was recorded: easyocr read them
+        spot.setdefault("match_blocks", False)   # ... and before blocks: lines only
         own = {f.name for f in fields(cls)} - {"textspot"}
         return cls(textspot=ts.TextSpotParams(**spot), **{k: v for k, v in d.items() if k in own})
 
@@ -196,18 +208,31 @@ def run_image_part(part: str, rows: list[dict], out: str, params: ImageStagePara
     rule = params.textspot
     for (r, d), detections in zip(decoded, found):
         evidence = {k: r.get(k) for k in ("url", "caption", "complexity", "has_action", "source_file", "source_row")}
-        res = ts.TextSpotResult(detections, ts.caption_match(detections, r["caption"], rule.min_conf, rule.min_chars))
+        res = ts.TextSpotResult(detections, ts.caption_match(detections, r["caption"], rule.min_conf, rule.min_chars,
+                                                             rule.match_blocks))
         best = max(res.detections, key=lambda t: t[1], default=None)
-        if res.match is not None:
+        masked = mk.masked_detections(detections, r["caption"], rule.min_conf, rule.min_chars, rule.match_blocks) \
+            if res.match is not None and params.text_action == "mask" else []
+        if res.match is not None and not masked:   # drop (or, masking, a match without boxes to fill)
             ledger.append(ledger_row(r["key"], S.DROPPED, S.STAGE_TEXTSPOT, S.R_TEXT_SPOTTED, **evidence,
                                      ocr_text=res.match.text, ocr_conf=float(res.match.conf),
                                      matched_span=res.match.span, ocr_engine=rule.engine))
             _add_thumb(thumbs, r["key"], S.R_TEXT_SPOTTED, d.image, params)
             continue
-        ledger.append(ledger_row(r["key"], S.KEPT, S.STAGE_TEXTSPOT, None, **evidence, ocr_engine=rule.engine,
-                                 ocr_text=best[0] if best else None, ocr_conf=float(best[1]) if best else None))
-        _add_thumb(thumbs, r["key"], "kept", d.image, params)
-        jpg = r["jpg"] if d.source_format == "JPEG" else img.to_jpeg(d.image)
+        if masked:   # kept with the matching text's boxes filled: the masked JPEG goes to the shard
+            jpg = mk.mask_image(d.image, masked)
+            ledger.append(ledger_row(r["key"], S.KEPT, S.STAGE_TEXTSPOT, S.R_TEXT_MASKED, **evidence,
+                                     ocr_text=res.match.text, ocr_conf=float(res.match.conf),
+                                     matched_span=res.match.span, ocr_engine=rule.engine,
+                                     masked=[evidence_row(m) for m in masked]))
+            if len(thumbs[S.R_TEXT_MASKED]) < params.thumbs_per_reason:   # the original beside the masked image
+                thumbs[S.R_TEXT_MASKED].append({"key": r["key"], "reason": S.R_TEXT_MASKED,
+                                                "jpg": side_by_side(d.image, jpg, params.thumb_size)})
+        else:
+            ledger.append(ledger_row(r["key"], S.KEPT, S.STAGE_TEXTSPOT, None, **evidence, ocr_engine=rule.engine,
+                                     ocr_text=best[0] if best else None, ocr_conf=float(best[1]) if best else None))
+            _add_thumb(thumbs, r["key"], "kept", d.image, params)
+            jpg = r["jpg"] if d.source_format == "JPEG" else img.to_jpeg(d.image)
         shard.append({**{k: r[k] for k in ("key", "caption", "url", *_PARSE)},
                       "jpg": jpg, "width": d.width, "height": d.height})
     cpu["rule_and_thumbnails"] += time.process_time() - clock
@@ -310,6 +335,20 @@ def read_evidence(out: str, part: str) -> dict[str, list[ts.Detection]]:
 def _add_thumb(thumbs, key, reason, image: Image.Image, params: ImageStageParams) -> None:
     if len(thumbs[reason]) < params.thumbs_per_reason:
         thumbs[reason].append({"key": key, "reason": reason, "jpg": thumbnail(image, params.thumb_size)})
+
+
+def side_by_side(original: Image.Image, masked_jpg: bytes, size: int) -> bytes:
+    """The report's picture of a masked row: the original's thumbnail and the masked image's, side by side
+    (a 4-px white gap), as one JPEG."""
+    left, right = original.copy(), img.decode_image(masked_jpg).image
+    left.thumbnail((size, size))
+    right.thumbnail((size, size))
+    canvas = Image.new("RGB", (left.width + 4 + right.width, max(left.height, right.height)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + 4, 0))
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
 
 
 def thumbnail(image: Image.Image, size: int) -> bytes:

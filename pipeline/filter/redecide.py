@@ -15,6 +15,7 @@ have computed nothing the source did not:
   min_conf           any value in [0, 1]  every detection is stored with its confidence
   min_chars          >= read_min_chars    narrower boxes were never read (recording setting, default 3)
   shard_rows, thumbs_per_reason, thumb_size   any (output layout only)
+  text_action        drop or mask         every detection is stored with its box (pipeline/filter/mask.py)
 
 Everything else describes how the evidence was computed - the parser's settings, the engine
 (easyocr | ppocr), the detector and recogniser (canvas_min, canvas_size, line_gap, heat-map
@@ -37,11 +38,14 @@ from pipeline.store import storage
 from pipeline.filter import textspot as ts
 from pipeline.filter.caption_stage import _count, _ledger_row
 from pipeline.filter.image_stage import ImageStageParams, detections_from_evidence
+from pipeline.filter import mask
+from pipeline.filter.mask import TEXT_ACTIONS
 from pipeline.store.partitions import Chunk, atomic_write_parquet, write_marker
 
 CAPTION_THRESHOLDS = ("min_complexity", "require_action", "max_caption_chars")
 TEXT_THRESHOLDS = ("min_conf", "min_chars")
 LAYOUT = ("shard_rows", "thumbs_per_reason", "thumb_size")
+ACTIONS = ("text_action",)   # what a text-spot match does (drop | mask): the boxes are stored with every detection
 THRESHOLDS = CAPTION_THRESHOLDS + TEXT_THRESHOLDS
 PARSED_REASONS = (S.R_NO_ACTION, S.R_LOW_COMPLEXITY)  # caption verdicts given after parsing: re-decidable
 _PARSE = [f.name for f in S.PARSE_FIELDS]
@@ -68,20 +72,22 @@ def apply_changes(caption: cap.CaptionParams, image: ImageStageParams | None, ch
     current = {**asdict(caption), **(asdict(image.textspot) if image else {}),
                **({f.name: getattr(image, f.name) for f in fields(image) if f.name != "textspot"} if image else {})}
     for name, value in changes.items():
-        if name in current and current[name] == value and name not in THRESHOLDS + LAYOUT:
+        if name in current and current[name] == value and name not in THRESHOLDS + LAYOUT + ACTIONS:
             continue  # a setting restated with the value it was computed with
         if name in CAPTION_THRESHOLDS:
             cap_changes[name] = value
-        elif name in TEXT_THRESHOLDS or name in LAYOUT:
+        elif name in TEXT_THRESHOLDS or name in LAYOUT or name in ACTIONS:
             if image is None:
                 problems.append(f"{name}: the source ran the caption rules only; no image was read")
+            if name in ACTIONS and value not in TEXT_ACTIONS:
+                raise ValueError(f"{name} {value!r}: one of {', '.join(TEXT_ACTIONS)}")
             (text_changes if name in TEXT_THRESHOLDS else layout)[name] = value
         elif name in {f.name for f in fields(cap.CaptionParams)} | {f.name for f in fields(ts.TextSpotParams)} \
                 | {f.name for f in fields(ImageStageParams)}:
             problems.append(f"{name}: describes how the evidence was computed (parser, detector, recogniser or "
                             f"recording settings), not a decision threshold")
         else:
-            raise ValueError(f"unknown parameter {name!r}; thresholds: {', '.join(THRESHOLDS + LAYOUT)}")
+            raise ValueError(f"unknown parameter {name!r}; thresholds: {', '.join(THRESHOLDS + LAYOUT + ACTIONS)}")
     new_cap = replace(caption, **cap_changes)
     if new_cap.min_complexity < caption.min_complexity:
         problems.append(f"min_complexity {new_cap.min_complexity} < {caption.min_complexity}: captions below "
@@ -116,7 +122,8 @@ def evidence_summary(caption: cap.CaptionParams, image: ImageStageParams | None)
            "fixed": "parser, detector and recogniser settings, read_min_chars, reread_below, max_pixels, download, input"}
     if image is not None:
         out["redecidable"].update(min_conf="any (every detection is stored)",
-                                  min_chars=f">= {image.read_min_chars} (read_min_chars)")
+                                  min_chars=f">= {image.read_min_chars} (read_min_chars)",
+                                  text_action="drop or mask (every detection is stored with its box)")
     return out
 
 
@@ -215,11 +222,15 @@ def count_outcomes(rows: Iterable[dict], points: list[dict], caption: cap.Captio
                 if not passed:
                     outcome = (S.DROPPED, S.STAGE_CAPTION, reason)
                 elif old[1] == S.STAGE_TEXTSPOT and old[0] != S.FAILED:  # text-spotted: the rule on the detections
-                    rule = (im.textspot.min_conf, im.textspot.min_chars)
+                    rule = (im.textspot.min_conf, im.textspot.min_chars, im.textspot.match_blocks)
                     if rule not in matches:
                         matches[rule] = ts.caption_match(detections, row["caption"], *rule) is not None
-                    outcome = (S.DROPPED, S.STAGE_TEXTSPOT, S.R_TEXT_SPOTTED) if matches[rule] else \
-                        (S.KEPT, S.STAGE_TEXTSPOT, None)
+                    outcome = (S.KEPT, S.STAGE_TEXTSPOT, None)
+                    if matches[rule]:   # masked when there are boxes to fill, as run_image_part decides
+                        masked = im.text_action == "mask" and bool(mask.masked_detections(
+                            detections, row["caption"], *rule))
+                        outcome = (S.KEPT, S.STAGE_TEXTSPOT, S.R_TEXT_MASKED) if masked else \
+                            (S.DROPPED, S.STAGE_TEXTSPOT, S.R_TEXT_SPOTTED)
             counts[i][outcome] += 1
             counts[i][("noise", row.get("noise"), outcome[0])] += 1
     return counts
@@ -291,5 +302,7 @@ def params_record(caption: cap.CaptionParams, image: ImageStageParams | None) ->
     out = {k: getattr(caption, k) for k in CAPTION_THRESHOLDS}
     if image is not None:
         out.update({k: getattr(image.textspot, k) for k in TEXT_THRESHOLDS})
+        if image.text_action != "drop":   # named only when not the default, as ImageStageParams.to_dict does
+            out["text_action"] = image.text_action
     return out
 

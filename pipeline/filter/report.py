@@ -4,7 +4,9 @@
     write_report("out/filter", stats, examples)   # -> out/filter/report.html
 
 `stats` is the filter's stats.json: {"n_input", "n_kept", "n_dropped", "n_failed", "by_stage":
-{stage: {"in": n, "kept": n, "dropped": {reason: n}, "failed": {reason: n}}}}. `examples` maps a
+{stage: {"in": n, "kept": n, "dropped": {reason: n}, "failed": {reason: n}}}} (and "kept_by_reason":
+{"text_masked": n} where --text-action mask kept rows with their text masked: a lighter green part of the
+kept bar, a "kept" row of the table, and a section of original | masked pictures). `examples` maps a
 reason to ledger rows (dicts with schemas.LEDGER columns: key, status, stage, reason, caption,
 complexity, ocr_text, ocr_conf, matched_span, error_message) plus an optional "jpg" (bytes).
 The page has a funnel (inline SVG: per stage, the rows in and how they split into kept and each
@@ -21,13 +23,14 @@ import base64
 import html
 from pathlib import Path
 
-from schemas import FAILED, KEPT, STAGE_DOWNLOAD, STAGES
+from schemas import FAILED, KEPT, R_TEXT_MASKED, STAGE_DOWNLOAD, STAGES
 from pipeline.store import storage
 from pipeline.media.images import ImageDecodeError, decode_image, to_jpeg
 
 MAX_EXAMPLES = 12   # per reason: enough to see a pattern, small enough to keep the page light
 THUMB_PX = 180      # thumbnail long side
 KEPT_COLOUR, FAILED_COLOURS = "#4caf50", ("#c62828", "#e53935", "#ef5350", "#b71c1c")
+KEPT_REASON_COLOUR = "#a5d6a7"   # kept with a reason (text_masked): a lighter green beside the plain kept
 DROPPED_COLOURS = ("#ff9800", "#ffb74d", "#f57c00", "#ffcc80", "#e65100", "#ffa726")
 
 CSS = """
@@ -38,6 +41,7 @@ h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:2px solid #ddd;padding-bottom
 table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 td:first-child,th:first-child{text-align:left}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
+.grid.wide{grid-template-columns:repeat(auto-fill,minmax(400px,1fr))}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:13px;overflow-wrap:anywhere}
 .card img{display:block;max-width:100%;max-height:180px;margin:0 auto 6px}
 .noimg{height:90px;background:#eee;color:#777;display:flex;align-items:center;justify-content:center;margin-bottom:6px}
@@ -53,11 +57,15 @@ def write_report(output_dir: str | Path, stats: dict, examples: dict[str, list[d
     colours = _reason_colours(stats)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>CAT filter report</title>"
              f"<style>{CSS}</style></head><body><h1>CAT filter report</h1>", _totals(stats),
-             "<h2>Funnel</h2>", _funnel_svg(stats, colours), _legend(colours), _counts_table(stats)]
+             "<h2>Funnel</h2>", _funnel_svg(stats, colours), _legend(colours, stats), _counts_table(stats)]
     for reason, rows in examples.items():
         shown = rows[:max_examples]
+        note, wide = "", ""
+        if reason == R_TEXT_MASKED:   # kept rows whose caption text was masked: the original beside the masked image
+            note, wide = ("<p>Kept with the caption text the image shows masked (--text-action mask): each picture "
+                          "is the original (left) beside the masked image the shards carry (right).</p>", " wide")
         parts.append(f"<h2 id='{_e(reason)}'>{_e(reason)} <small>({len(shown)} of {len(rows)} examples)</small></h2>"
-                     f"<div class='grid'>{''.join(_card(row) for row in shown)}</div>")
+                     f"{note}<div class='grid{wide}'>{''.join(_card(row) for row in shown)}</div>")
     parts.append("</body></html>")
     path = storage.join(str(output_dir), "report.html")
     storage.write_bytes(path, "\n".join(parts).encode("utf-8"))
@@ -135,7 +143,9 @@ def _funnel_svg(stats: dict, colours: dict) -> str:
     for row, stage in enumerate(stages):
         s, y = stats["by_stage"][stage], gap + row * (bar_h + gap)
         out.append(f"<text x='0' y='{y + bar_h / 2 + 5}'>{_e(stage)}</text>")
-        segments = [("kept", "kept", int(s.get("kept", 0)), KEPT_COLOUR)]
+        kept_by = {r: int(n) for r, n in sorted(s.get("kept_by_reason", {}).items())}
+        segments = [("kept", "kept", int(s.get("kept", 0)) - sum(kept_by.values()), KEPT_COLOUR)]
+        segments += [("kept", reason, n, KEPT_REASON_COLOUR) for reason, n in kept_by.items()]
         for status in ("dropped", "failed"):
             for reason, n in sorted(s.get(status, {}).items()):
                 segments.append((status, reason, int(n), colours[(status, reason)]))
@@ -155,8 +165,10 @@ def _funnel_svg(stats: dict, colours: dict) -> str:
     return "".join(out)
 
 
-def _legend(colours: dict) -> str:
+def _legend(colours: dict, stats: dict | None = None) -> str:
     items = [f"<span><i style='background:{KEPT_COLOUR}'></i>kept</span>"]
+    kept_reasons = sorted({r for st in (stats or {}).get("by_stage", {}).values() for r in st.get("kept_by_reason", {})})
+    items += [f"<span><i style='background:{KEPT_REASON_COLOUR}'></i>kept: {_e(r)}</span>" for r in kept_reasons]
     items += [f"<span><i style='background:{c}'></i>{_e(status)}: {_e(reason)}</span>"
               for (status, reason), c in colours.items()]
     return f"<div class='legend'>{''.join(items)}</div>"
@@ -174,7 +186,8 @@ def _counts_table(stats: dict) -> str:
     rows = ["<table><tr><th>stage</th><th>in</th><th>passed</th><th>status</th><th>reason</th><th>rows</th></tr>"]
     for stage in funnel_stages(stats):
         s = stats["by_stage"][stage]
-        reasons = [(st, r, n) for st in ("dropped", "failed") for r, n in sorted(s.get(st, {}).items())] or [("", "", "")]
+        reasons = [(st, r, n) for st in ("kept_by_reason", "dropped", "failed") for r, n in sorted(s.get(st, {}).items())]
+        reasons = [("kept" if st == "kept_by_reason" else st, r, n) for st, r, n in reasons] or [("", "", "")]
         for i, (status, reason, n) in enumerate(reasons):
             head = (f"<td>{_e(stage)}</td><td>{int(s.get('in', 0)):,}</td><td>{stage_passed(s):,}</td>"
                     if i == 0 else "<td></td><td></td><td></td>")
@@ -184,14 +197,14 @@ def _counts_table(stats: dict) -> str:
     return "".join(rows)
 
 
-def _thumbnail(jpg) -> str:
+def _thumbnail(jpg, width: int = THUMB_PX) -> str:
     if not jpg:
         return "<div class='noimg'>no image</div>"
     try:
         img = decode_image(jpg).image
     except ImageDecodeError as err:
         return f"<div class='noimg'>undecodable: {_e(str(err)[:80])}</div>"
-    img.thumbnail((THUMB_PX, THUMB_PX))
+    img.thumbnail((width, THUMB_PX))
     data = base64.b64encode(to_jpeg(img, quality=80)).decode("ascii")
     return f"<img alt='thumbnail' src='data:image/jpeg;base64,{data}'>"
 
@@ -219,10 +232,16 @@ def _card(row: dict) -> str:
         evidence.append(f"OCR: \u201c{_e(row['ocr_text'])}\u201d{conf}")
     if row.get("matched_span"):
         evidence.append(f"matched: <mark>{_e(row['matched_span'])}</mark>")
+    if row.get("masked"):   # text_masked: the words whose boxes were filled
+        words = [w.asDict() if hasattr(w, "asDict") else w for w in row["masked"]]   # Spark Rows or dicts
+        boxes = "; ".join(f"{_e(w['text'])} [{w['x0']:.0f},{w['y0']:.0f},{w['x1']:.0f},{w['y1']:.0f}]"
+                          for w in words if w.get("x0") is not None)
+        evidence.append(f"masked {len(words)} word{'s' if len(words) != 1 else ''}: {boxes}")
     if row.get("error_message"):
         evidence.append(f"error: {_e(row['error_message'])}")
     evidence.append(f"key {_e(row.get('key'))}")
     colour = "#c62828" if row.get("status") == FAILED else ("#2e7d32" if row.get("status") == KEPT else "#ef6c00")
-    return (f"<div class='card' style='border-top:4px solid {colour}'>{_thumbnail(row.get('jpg'))}"
+    width = 2 * THUMB_PX + 4 if row.get("reason") == R_TEXT_MASKED else THUMB_PX   # original | masked
+    return (f"<div class='card' style='border-top:4px solid {colour}'>{_thumbnail(row.get('jpg'), width)}"
             f"<div class='caption'>{highlight(row.get('caption'), row.get('matched_span'))}</div>"
             f"<div class='evidence'>{'<br>'.join(evidence)}</div></div>")

@@ -45,6 +45,7 @@ def spot_and_match(images: Sequence[np.ndarray], captions: Sequence[str | None],
     spotter = spotter or get_spotter(params)
     results = []
     for detections, caption in zip(spotter.spot(images, captions), captions):
-        match = caption_match(detections, caption, min_conf=params.min_conf, min_chars=params.min_chars)
+        match = caption_match(detections, caption, min_conf=params.min_conf, min_chars=params.min_chars,
+                              blocks=params.match_blocks)
         results.append(TextSpotResult(detections, match))
     return results

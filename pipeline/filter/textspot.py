@@ -4,6 +4,7 @@
     spotter = TextSpotter()                              # pipeline.media.devices: the Spark task's GPU, CUDA, or CPU
     spotter.spot([rgb_array, ...])                       # per image: [Detection(text, conf, box, line), ...]
     caption_match([("SUNSET BEACH", 0.93)], "a sunset beach in bali")   # -> TextMatch(...) or None
+    matched_detections(spotter.spot([rgb])[0], caption)  # the words the match covers ([] when none)
     # engines behind one interface (easyocr here, ppocr in pipeline.filter.ppocr): pipeline.filter.spotting
 
 The rule (DiHT, Radenovic et al. 2023): drop the pair when text read with confidence >= min_conf
@@ -14,6 +15,11 @@ shares >= min_chars characters with the caption within a sliding window. Precise
     (confident_runs), joined in reading order. So a quoted phrase of short words ("ON TOP OF A")
     reaches 5 characters on its line, and a window only counts when every word in it is confident;
     plain (text, conf) pairs are each a line of their own (the word-level rule);
+  * lines are grouped into blocks (assign_blocks: stacked lines of similar height, < half a line apart,
+    overlapping horizontally by half the narrower one, as on a placard or a poster); the runs of
+    confident words of a block read top to bottom (block_runs) are candidate texts too, so a quote set
+    on several lines ("DONT / TAX / ME / BRO!") matches; computed from the stored evidence alone (text,
+    conf, box, line id), so redecide re-applies it as a fresh run does;
   * normalise both strings: Unicode NFKC, casefold, keep letters and digits only (whitespace and
     punctuation removed, so OCR's dropped or extra spaces and stray punctuation do not matter);
   * a run matches when some window of min_chars consecutive characters of its normalised text
@@ -21,7 +27,8 @@ shares >= min_chars characters with the caption within a sliding window. Precise
     "SUNSET" vs "a sunset beach" shares 6 -> match; "STOP" (4) never can; "Sale 50%" vs a caption
     without "sale5" or "ale50" does not.
   * the match reported is the longest common substring of the best run (most shared characters,
-    then highest lowest-word confidence), with `span` the caption's original characters it covers.
+    then highest lowest-word confidence), with `span` the caption's original characters it covers, and
+    the detections it was made of (TextMatch.run, .window; matched_detections: what masking covers).
 rapidfuzz's LCSseq (longest common subsequence, a C upper bound of the substring length) rejects
 non-matching runs cheaply; the exact window check runs only on the survivors.
 
@@ -56,7 +63,7 @@ import tempfile
 import time
 import unicodedata
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -83,6 +90,11 @@ class TextMatch:
     start: int         # span = caption[start:end]
     end: int
     n_words: int = 1   # detections joined into `text`
+    block: bool = False  # the run spans several lines of a block (block_runs), not one line
+    # the detections of the matched run, in reading order, and those of them whose characters the common
+    # window covers (matched_detections: what masking covers); the objects given to caption_match
+    run: tuple = field(default=(), compare=False, repr=False)
+    window: tuple = field(default=(), compare=False, repr=False)
 
 
 def normalise(text: str) -> tuple[str, list[int]]:
@@ -136,25 +148,130 @@ def confident_runs(detections: Sequence, min_conf: float) -> list[list]:
 
 
 def caption_match(detections: Sequence, caption: str | None,
-                  min_conf: float = 0.8, min_chars: int = 5) -> TextMatch | None:
-    """The DiHT text-spotting rule on lines: the best run of confident words of one line (each word's
-    conf >= min_conf; confident_runs) sharing a window of >= min_chars normalised characters with the
-    caption, or None (keep the pair). Detections are Detection tuples or (text, conf) pairs (lines of
-    their own: the word-level rule). Best = most shared characters, then highest (lowest-word) confidence."""
+                  min_conf: float = 0.8, min_chars: int = 5, blocks: bool = True) -> TextMatch | None:
+    """The DiHT text-spotting rule on lines and blocks: the best run of consecutive confident words (each
+    word's conf >= min_conf) of one line (confident_runs) or, with `blocks`, of one block of stacked lines
+    read top to bottom (block_runs: "DONT / TAX / ME / BRO!" on a placard), sharing a window of >=
+    min_chars normalised characters with the caption, or None (keep the pair). Detections are Detection
+    tuples or (text, conf) pairs (lines of their own: the word-level rule; no box, no block). Best = most
+    shared characters, then highest (lowest-word) confidence; a line run before a block run on a tie."""
     if not caption or min_chars < 1:
         return None
     norm_caption, origin = normalise(caption)
     best: TextMatch | None = None
-    for run in confident_runs(detections, min_conf):
+    candidates = [(run, False) for run in confident_runs(detections, min_conf)]
+    if blocks:
+        candidates += [(run, True) for run in block_runs(detections, min_conf)]
+    for run, is_block in candidates:
         text = " ".join(d[0] for d in run)
         conf = min(float(d[1]) for d in run)
-        n_chars, start = _longest_common_window(normalise(text)[0], norm_caption, min_chars)
+        norm_text = normalise(text)[0]
+        n_chars, start = _longest_common_window(norm_text, norm_caption, min_chars)
         if n_chars < min_chars:
             continue
         if best is None or (n_chars, conf) > (best.n_chars, best.conf):
             lo, hi = origin[start], origin[start + n_chars - 1] + 1
-            best = TextMatch(text, conf, caption[lo:hi], n_chars, lo, hi, len(run))
+            best = TextMatch(text, conf, caption[lo:hi], n_chars, lo, hi, len(run), is_block, tuple(run),
+                             _window_words(run, norm_text.find(norm_caption[start:start + n_chars]), n_chars))
     return best
+
+
+def _window_words(run: list, at: int, n_chars: int) -> tuple:
+    """The words of `run` whose normalised characters overlap [at, at + n_chars) of the run's normalised text."""
+    out, pos = [], 0
+    for d in run:
+        n = len(normalise(d[0])[0])
+        if n and pos < at + n_chars and pos + n > at:
+            out.append(d)
+        pos += n
+    return tuple(out)
+
+
+def matched_detections(detections: Sequence, caption: str | None, min_conf: float = 0.8, min_chars: int = 5,
+                       blocks: bool = True) -> list:
+    """The detections caption_match's best match is made of: the words whose characters the common window
+    covers (on one line, or across the lines of a block), in reading order; [] when the rule finds none.
+    The same objects as in `detections` (what pipeline.filter.mask covers)."""
+    match = caption_match(detections, caption, min_conf, min_chars, blocks)
+    return list(match.window) if match else []
+
+
+def block_runs(detections: Sequence, min_conf: float, line_gap: float = 0.5, min_overlap: float = 0.5,
+               max_height_ratio: float = 1.5) -> list[list]:
+    """Runs of consecutive confident words across the lines of a block (assign_blocks), read line by line
+    top to bottom, each line left to right: the candidate texts of the rule for quotes set on several
+    lines ("DONT / TAX / ME / BRO!"). Only runs that span >= 2 lines are returned (one-line runs are
+    confident_runs'). A word below min_conf ends a run, as on a line."""
+    lines = _line_words(detections)
+    runs = []
+    for block in assign_blocks([_line_box(ws) for ws in lines], line_gap, min_overlap, max_height_ratio):
+        if len(block) < 2:
+            continue
+        run: list = []
+        spans: set = set()
+        for d, line in [*((d, k) for k in block for d in lines[k]), (None, -1)]:
+            if d is not None and d[0] and d[1] >= min_conf:
+                run.append(d)
+                spans.add(line)
+            else:
+                if len(spans) > 1:
+                    runs.append(run)
+                run, spans = [], set()
+    return runs
+
+
+def _line_words(detections: Sequence) -> list[list]:
+    """Detections with a box and a line id >= 0, grouped by line id (first-seen order), each line in
+    reading order (box x0): the lines blocks are made of."""
+    lines: dict[int, list] = {}
+    for d in detections:
+        line = d[3] if len(d) > 3 and d[3] is not None else -1
+        if line >= 0 and d[2] is not None:
+            lines.setdefault(line, []).append(d)
+    return [sorted(ws, key=lambda d: d[2][0]) for ws in lines.values()]
+
+
+def _line_box(words: list) -> tuple[float, float, float, float, float]:
+    """(x0, y0, x1, y1, height) of a line: its words' union box and their median height."""
+    boxes = [d[2] for d in words]
+    heights = sorted(b[3] - b[1] for b in boxes)
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+            max(b[3] for b in boxes), heights[len(heights) // 2])
+
+
+def assign_blocks(lines: Sequence[tuple], line_gap: float = 0.5, min_overlap: float = 0.5,
+                  max_height_ratio: float = 1.5) -> list[list[int]]:
+    """Blocks of stacked lines, as lists of line indices in reading order (top to bottom, then left to right).
+    lines: (x0, y0, x1, y1, height) each. Line b follows line a in a block when b lies below a (centres apart
+    by >= half the smaller height), the vertical gap between them is < line_gap x the larger height, their
+    heights differ by < max_height_ratio x, and they overlap horizontally by >= min_overlap of the narrower
+    line's width (stacked lines of a sign, a placard, a poster). Transitive; every line is in one block."""
+    n = len(lines)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        ax0, ay0, ax1, ay1, ah = lines[i]
+        for j in range(i + 1, n):
+            bx0, by0, bx1, by1, bh = lines[j]
+            if min(ah, bh) <= 0 or max(ah, bh) >= max_height_ratio * min(ah, bh):
+                continue
+            if abs((ay0 + ay1) - (by0 + by1)) / 2 < min(ah, bh) / 2:
+                continue   # side by side, not stacked
+            gap = max(by0 - ay1, ay0 - by1)
+            overlap = min(ax1, bx1) - max(ax0, bx0)
+            if gap < line_gap * max(ah, bh) and overlap >= min_overlap * min(ax1 - ax0, bx1 - bx0):
+                parent[root(j)] = root(i)
+    blocks: dict[int, list[int]] = {}
+    for i in range(n):
+        blocks.setdefault(root(i), []).append(i)
+    return [sorted(b, key=lambda k: (lines[k][1] + lines[k][3], lines[k][0])) for b in
+            sorted(blocks.values(), key=lambda b: min(b))]
 
 
 def assign_lines(boxes: Sequence[tuple], line_gap: float = 1.0) -> list[int]:
@@ -190,15 +307,18 @@ def assign_lines(boxes: Sequence[tuple], line_gap: float = 1.0) -> list[int]:
 ENGINES = ("easyocr", "ppocr")
 # per engine, the detector canvas's long side (min, max), from the recall/CPU curve on the labelled real-text
 # set at 256 px (bench/results/textspot.json "policy"; docs/text-spotting.md). ppocr, recall / CPU s per image:
-# 160 px (the old policy) 0.22 / 0.02, 256: 0.62 / 0.06, 320: 0.74 / 0.08, 384: 0.79 / 0.10, 448: 0.83 / 0.12,
-# 512: 0.86 / 0.15, 640: 0.85 / 0.20 - recall first, so 512. easyocr: 160: 0.19 / 0.13, 256: 0.21 / 0.31,
-# 384: 0.26 / 0.70, 512: 0.26 / 1.19 (its recogniser misreads small real text): 384
+# 160 px (the old policy) 0.27 / 0.01, 256: 0.62 / 0.04, 320: 0.77 / 0.06, 384: 0.81 / 0.07, 448: 0.83 / 0.08,
+# 512: 0.91 / 0.10, 640: 0.87 / 0.15 - recall first, so 512. easyocr: 160: 0.19 / 0.12, 256: 0.21 / 0.30,
+# 384: 0.27 / 0.66, 512: 0.26 / 1.18 (its recogniser misreads small real text): 384
 ENGINE_CANVAS = {"easyocr": (384, 640), "ppocr": (512, 640)}
 
 @dataclass(frozen=True)
 class TextSpotParams:
     min_conf: float = 0.8         # DiHT: only confident detections count
     min_chars: int = 5            # DiHT: >= 5 shared characters; shorter overlaps are common words by chance
+    match_blocks: bool = True     # the rule also on blocks of stacked lines ("DONT / TAX / ME" on a placard);
+                                  #   recorded, so re-deciding an output written before blocks existed does not
+                                  #   apply them (ImageStageParams.from_dict: False when a manifest lacks it)
     engine: str = "ppocr"         # easyocr (CRAFT + english_g2, torch) | ppocr (PP-OCRv4 det + rec, ONNX Runtime;
                                   #   pipeline.filter.ppocr). Default: the benchmark's pick (ENGINES, docs/text-spotting.md)
     canvas_min: int | None = None # detection-scale policy: the detector's canvas long side is the image's long
@@ -373,7 +493,8 @@ class TextSpotter:
                 for job, r in zip(jobs, readings):
                     per_image[job[0]].append((job, r))
                 settled = {i for i, found in per_image.items()
-                           if caption_match(as_detections(found), captions[i], p.min_conf, p.min_chars)}
+                           if caption_match(as_detections(found), captions[i], p.min_conf, p.min_chars,
+                                            p.match_blocks)}
             # free-form (rotated) boxes come from a perspective warp whose edges are not the problem
             redo = [k for k, (i, h, _f, _l) in enumerate(jobs)
                     if h is not None and readings[k][1] < p.min_conf and i not in settled]

@@ -10,7 +10,8 @@ the tars are a copy in the format open_clip_train and other webdataset readers t
 Parquet shard, numbered 00000, 00001, ... in sorted shard-name order, so brace patterns work; a
 shard holds at most --shard-rows pairs (default 10,000, img2dataset's number_sample_per_shard), so
 a tar does too. OUTPUT/webdataset/ gets, per tar NNNNN:
-    NNNNN.tar          KEY.jpg (image), KEY.txt (caption), KEY.json (key, url, caption, width,
+    NNNNN.tar          KEY.jpg (image: the shard's bytes, so with --text-action mask the masked JPEG),
+                       KEY.txt (caption), KEY.json (key, url, caption, width,
                        height and the parse: objects, attributes, actions, complexity, has_action)
     NNNNN.parquet      img2dataset's sidecar: key, url, caption, status, error_message, width,
                        height (schemas.WEBDATASET_INDEX), so the filter reads the tars back as input
