@@ -246,7 +246,27 @@ def assign_blocks(lines: Sequence[tuple], line_gap: float = 0.5, min_overlap: fl
     by >= half the smaller height), the vertical gap between them is < line_gap x the larger height, their
     heights differ by < max_height_ratio x, and they overlap horizontally by >= min_overlap of the narrower
     line's width (stacked lines of a sign, a placard, a poster). Transitive; every line is in one block."""
-    n = len(lines)
+    def stacked(i: int, j: int) -> bool:
+        ax0, ay0, ax1, ay1, ah = lines[i]
+        bx0, by0, bx1, by1, bh = lines[j]
+        if min(ah, bh) <= 0 or max(ah, bh) >= max_height_ratio * min(ah, bh):
+            return False
+        if abs((ay0 + ay1) - (by0 + by1)) / 2 < min(ah, bh) / 2:
+            return False   # side by side, not stacked
+        gap = max(by0 - ay1, ay0 - by1)
+        overlap = min(ax1, bx1) - max(ax0, bx0)
+        return gap < line_gap * max(ah, bh) and overlap >= min_overlap * min(ax1 - ax0, bx1 - bx0)
+
+    roots = _connected(len(lines), stacked)
+    blocks: dict[int, list[int]] = {}
+    for i, r in enumerate(roots):
+        blocks.setdefault(r, []).append(i)
+    return [sorted(b, key=lambda k: (lines[k][1] + lines[k][3], lines[k][0])) for b in
+            sorted(blocks.values(), key=lambda b: min(b))]
+
+
+def _connected(n: int, joined) -> list[int]:
+    """Union-find over n items: joined(i, j) for i < j links two; per item, its group's root (transitive)."""
     parent = list(range(n))
 
     def root(i: int) -> int:
@@ -256,22 +276,10 @@ def assign_blocks(lines: Sequence[tuple], line_gap: float = 0.5, min_overlap: fl
         return i
 
     for i in range(n):
-        ax0, ay0, ax1, ay1, ah = lines[i]
         for j in range(i + 1, n):
-            bx0, by0, bx1, by1, bh = lines[j]
-            if min(ah, bh) <= 0 or max(ah, bh) >= max_height_ratio * min(ah, bh):
-                continue
-            if abs((ay0 + ay1) - (by0 + by1)) / 2 < min(ah, bh) / 2:
-                continue   # side by side, not stacked
-            gap = max(by0 - ay1, ay0 - by1)
-            overlap = min(ax1, bx1) - max(ax0, bx0)
-            if gap < line_gap * max(ah, bh) and overlap >= min_overlap * min(ax1 - ax0, bx1 - bx0):
+            if joined(i, j):
                 parent[root(j)] = root(i)
-    blocks: dict[int, list[int]] = {}
-    for i in range(n):
-        blocks.setdefault(root(i), []).append(i)
-    return [sorted(b, key=lambda k: (lines[k][1] + lines[k][3], lines[k][0])) for b in
-            sorted(blocks.values(), key=lambda b: min(b))]
+    return [root(i) for i in range(n)]
 
 
 def assign_lines(boxes: Sequence[tuple], line_gap: float = 1.0) -> list[int]:
@@ -279,28 +287,17 @@ def assign_lines(boxes: Sequence[tuple], line_gap: float = 1.0) -> list[int]:
     two boxes share a line when their vertical centres differ by < half the smaller height, their
     heights by < 2x, and the horizontal gap between them is < line_gap x the larger height (about one
     character). Transitive (a line is a chain of such neighbours); ids number lines by their first box."""
-    n = len(boxes)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(n):
+    def same_line(i: int, j: int) -> bool:
         x0, y0, x1, y1 = boxes[i]
-        hi, ci = y1 - y0, (y0 + y1) / 2
-        for j in range(i + 1, n):
-            u0, v0, u1, v1 = boxes[j]
-            hj, cj = v1 - v0, (v0 + v1) / 2
-            if min(hi, hj) <= 0 or max(hi, hj) > 2 * min(hi, hj) or abs(ci - cj) >= min(hi, hj) / 2:
-                continue
-            gap = max(u0 - x1, x0 - u1)   # < 0 when they overlap horizontally
-            if gap < line_gap * max(hi, hj) and gap > -0.5 * min(x1 - x0, u1 - u0):
-                parent[root(j)] = root(i)
+        u0, v0, u1, v1 = boxes[j]
+        hi, hj = y1 - y0, v1 - v0
+        if min(hi, hj) <= 0 or max(hi, hj) > 2 * min(hi, hj) or abs((y0 + y1) / 2 - (v0 + v1) / 2) >= min(hi, hj) / 2:
+            return False
+        gap = max(u0 - x1, x0 - u1)   # < 0 when they overlap horizontally
+        return gap < line_gap * max(hi, hj) and gap > -0.5 * min(x1 - x0, u1 - u0)
+
     ids: dict[int, int] = {}
-    return [ids.setdefault(root(i), len(ids)) for i in range(n)]
+    return [ids.setdefault(r, len(ids)) for r in _connected(len(boxes), same_line)]
 
 
 # ---------------------------------------------------------------- parameters
