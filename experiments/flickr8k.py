@@ -411,6 +411,36 @@ def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), 
     return summary
 
 
+def run_detector(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(),
+                 flickr8k: str | Path = DEFAULT_FLICKR8K, spark=None) -> dict:
+    """`--detector-only`: the noise model and the real filter runs (all stages, each stage alone, and the
+    masked re-decision), scored as a detector of each noise type; no distillation or training. Writes
+    OUT/results/detector.{md,csv,json}; a later full run reuses the filter runs."""
+    from experiments.report import detector_markdown, write_detector_csv
+
+    out, t_start = Path(out), time.time()
+    noisy_dir = out / "work" / "noisy"
+    info_path = noisy_dir / "noise.json"
+    if not info_path.is_file() or json.loads(info_path.read_text())["config"] != asdict(cfg.noise):
+        make_noisy_set(noisy_dir, cfg.noise, flickr8k)
+    noise_of = {r["key"]: r["noise"] for r in _read(noisy_dir / "train.parquet")}
+    if spark is None:
+        from jobs.spark import get_spark
+        spark = get_spark("experiment", cfg.spark_master)
+    filters = run_filters(replace(cfg, arms=("filtered", "caption_only", "textspot_only", "masked")),
+                          noisy_dir / "train.parquet", out / "work", spark)
+    summary = {"noise": json.loads(info_path.read_text()), "detector": detector_table(filters, noise_of),
+               "textspot_detector": textspot_scores(filters, noise_of),
+               "filter_stats": {name: json.loads((p / "stats.json").read_text()) for name, p in filters.items()},
+               "seconds": round(time.time() - t_start, 1), "machine": machine(), "command": " ".join(sys.argv)}
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "detector.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    write_detector_csv(summary["detector"], results / "detector.csv")
+    (results / "detector.md").write_text(detector_markdown(summary))
+    return summary
+
+
 def machine() -> dict:
     import torch
     cpu = ""
@@ -438,6 +468,9 @@ def parse_config(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
                         help=f"(default: {getattr(d, name)}, or the scale's)")
     ap.add_argument("--photos", type=int, default=None, help=f"train photos, x5 pairs (default: {d.noise.photos})")
     ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--detector-only", action="store_true",
+                    help="only the noise model and the filter runs, scored as a detector of each noise type "
+                         "(OUT/results/detector.*); no training")
     a = ap.parse_args(argv)
     cfg = replace(d, **SCALES[a.scale])
     over = {k: getattr(a, k) for k in ("seeds", "steps", "batch_size", "lr", "model", "image_tower", "spark_master",
@@ -454,6 +487,10 @@ def parse_config(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
 
 def main(argv=None):
     cfg, a = parse_config(argv)
+    if a.detector_only:
+        summary = run_detector(a.out, cfg, a.flickr8k)
+        print((Path(a.out) / "results" / "detector.md").read_text())
+        return summary
     summary = run_experiment(a.out, cfg, a.flickr8k)
     print((Path(a.out) / "results" / "results.md").read_text())
     return summary

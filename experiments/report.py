@@ -34,16 +34,20 @@ def write_results(summary: dict, out: str | Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with open(out / "detector.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["filter_run", "noise", "n", "dropped", "drop_rate", "reasons", "masked"])
-        w.writeheader()
-        for r in summary["detector"]:
-            w.writerow({**r, "reasons": json.dumps(r["reasons"])})
+    write_detector_csv(summary["detector"], out / "detector.csv")
     (out / "machine.json").write_text(json.dumps(summary["machine"], indent=2))
     (out / "command.txt").write_text(summary["command"] + "\n")
     (out / "results.md").write_text(markdown(summary, rows))
     (out / "detector.md").write_text(detector_markdown(summary))
     plot(rows, summary, out / "recall.png")
+
+
+def write_detector_csv(detector: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["filter_run", "noise", "n", "dropped", "drop_rate", "reasons", "masked"])
+        w.writeheader()
+        for r in detector:
+            w.writerow({**r, "reasons": json.dumps(r["reasons"])})
 
 
 def markdown(summary: dict, rows: list[dict]) -> str:

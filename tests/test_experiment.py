@@ -64,6 +64,19 @@ def test_detector_counts_are_consistent_with_the_ledger_and_the_arms(smoke):
     assert low["dropped"] == low["n"]
 
 
+def test_detector_only_reuses_the_filter_runs_and_writes_the_same_table(smoke, spark):
+    from experiments.flickr8k import run_detector
+    out, cfg, summary = smoke
+    done = {p: p.stat().st_mtime for p in (out / "work" / "filter").glob("*/_done/*/*.json")}
+    detector = run_detector(out, cfg, FLICKR8K, spark=spark)
+    runs = {r["filter_run"] for r in summary["detector"]}   # the smoke arms' runs; it adds the one-stage runs
+    assert [r for r in detector["detector"] if r["filter_run"] in runs] == summary["detector"]
+    assert {r["filter_run"] for r in detector["detector"]} == runs | {"caption_only", "textspot_only"}
+    assert {p: p.stat().st_mtime for p in done} == done, "the smoke arms' filter runs are reused, not rerun"
+    assert "| full | text_shortcut |" in (out / "results" / "detector.md").read_text()
+    assert (out / "results" / "detector.json").is_file() and (out / "results" / "detector.csv").is_file()
+
+
 def test_rendered_caption_text_is_dropped_by_the_text_spot_stage(smoke):
     _, _, summary = smoke
     ts = summary["textspot_detector"]
