@@ -7,7 +7,6 @@ with the credentials and AWS_ENDPOINT_URL in the environment, as for any S3-comp
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -142,8 +141,8 @@ def test_sigkill_during_filter_on_s3_then_rerun_gives_identical_ledger(s3):
         assert proc.poll() is None, "the job ended before the kill"
         assert time.time() - t0 < 400
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)   # the driver, its JVM and the Python workers, mid-stage
-    proc.wait()
+    from tests.test_reliability import kill_session
+    kill_session(proc)   # the driver, its JVM and the Python workers, mid-stage
     finished = storage.listdir(markers)
     n_parts = len(storage.listdir(storage.join(reference, "_done", S.STAGE_TEXTSPOT)))
     assert 1 <= len(finished) < n_parts, "the kill must land inside the text-spot stage"

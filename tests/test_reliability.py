@@ -71,9 +71,37 @@ def kill_when(cmd, out, stage, n_markers, timeout=400):
             raise AssertionError(f"job ended (exit {proc.returncode}) before {n_markers} {stage} parts were done, "
                                  f"or ran over {timeout} s; its output ends:\n{tail}")
         time.sleep(0.1)
+    kill_session(proc)
+    return markers(out, stage)
+
+
+def kill_session(proc) -> None:
+    """SIGKILL every process of the job's session (it was started as a session leader): its process group,
+    and pyspark's daemon and Python workers, which move to a process group of their own (pyspark.daemon's
+    setpgid) and could otherwise finish a part after the kill (they only get SIGHUP once the daemon sees
+    the JVM gone), so that the markers read next are the last ones."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return markers(out, stage)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()   # state, ppid, pgrp, session, ...
+            if int(fields[3]) == proc.pid and fields[0] not in "ZX":
+                left.append(int(pid))
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"processes of the killed job's session {proc.pid} outlived SIGKILL for 60 s")
 
 
 def test_sigkill_at_several_points_then_resume_matches_uninterrupted(spark, sample_parquet, tmp_path):
