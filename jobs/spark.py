@@ -33,13 +33,14 @@ def get_spark(app_name: str = "catcurate", master: str | None = None):
     from pyspark.sql import SparkSession
 
     # under spark-submit the JVM holds --master and every --conf as system properties; a SparkConf made
-    # before the gateway exists is an empty Python dict, and its default master would override --master
-    under_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ   # set by spark-submit's PythonRunner
-    SparkContext._ensure_initialized()
+    # before the gateway is connected is an empty Python dict, whose default master would override --master
+    if "PYSPARK_GATEWAY_PORT" in os.environ:   # under spark-submit (its PythonRunner sets it): connect to its
+        SparkContext._ensure_initialized()     # JVM first, so that SparkConf() holds --master and every --conf
+    # (in-process, no JVM is started before the conf below is complete: its driver options must reach it)
     conf = SparkConf()
     if master:
         conf.setMaster(master)
-    elif not under_spark_submit:   # in-process: the gateway's own default (local[*]) is not the user's choice
+    elif not conf.contains("spark.master"):
         conf.setMaster(os.environ.get("SPARK_MASTER", "local[2]"))
     conf.setAppName(app_name)
     # executors import pipeline/ and schemas/ from this checkout (a remote cluster needs the

@@ -289,7 +289,9 @@ def test_refusal_prints_one_line_not_a_traceback(run, filtered, capsys):
 
 DISK_FULL_SCRIPT = r'''
 set -u
-mount -t tmpfs -o size=32k tmpfs "$LABELS"   # the lock and the first tables fit, not everything
+# 40 KB of 4 KB pages: the lock (1 page), the ledger (2), the embeddings (5) and their marker (1) fit, with a
+# page to spare; the classifiers (~270 KB) never do, so the disk fills after the embed step, whatever the order
+mount -t tmpfs -o size=40k tmpfs "$LABELS"
 distill() { "$PY" jobs/distill_labels.py --input "$INPUT" --output "$LABELS" --min-count 1; }
 distill > "$LOGS/1.out" 2> "$LOGS/1.err"; echo $? > "$LOGS/1.rc"
 ls -aR "$LABELS" > "$LOGS/1.ls"
@@ -300,7 +302,7 @@ cp "$LABELS/manifest.json" "$LOGS/2.manifest.json"   # the tmpfs goes with the n
 
 
 def test_disk_full_stops_with_one_line_no_temporaries_and_the_rerun_resumes(filtered, tmp_path):
-    """A real full disk: LABELS is a 32 KB tmpfs mounted in a user namespace (`unshare -rm`, no root),
+    """A real full disk: LABELS is a 40 KB tmpfs mounted in a user namespace (`unshare -rm`, no root),
     grown after the failure. Skipped where the kernel forbids user namespaces."""
     labels, logs, inp = tmp_path / "labels", tmp_path / "logs", tmp_path / "input"
     for d in (labels, logs, inp):
@@ -317,7 +319,7 @@ def test_disk_full_stops_with_one_line_no_temporaries_and_the_rerun_resumes(filt
     assert read("1.rc").strip() == "2", read("1.err")[-3000:]
     errors = [line for line in read("1.err").splitlines() if line.startswith("distill_labels: error:")]
     assert len(errors) == 1 and "Traceback" not in read("1.err").split("distill_labels: error:")[-1]
-    # which file meets the full disk first depends on sizes (measured: vocab.json, after the embeddings)
+    # which file meets the full disk first depends on sizes (measured: classifiers.safetensors, after the embeddings)
     assert f"no space left on device writing {labels}/" in errors[0] and "MB free" in errors[0], errors[0]
     assert ".tmp-" not in read("1.ls")
     assert read("2.rc").strip() == "0", read("2.err")[-3000:]
