@@ -507,7 +507,7 @@ def main(argv=None) -> int:
         print(f"cat_filter: error: {e.strerror if isinstance(e, P.StorageError) else e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Exception) as e:   # Ctrl-C or SIGTERM (jobs.spark.install_interrupt_handlers)
-        return failed_job_exit(e, "cat_filter", f"finished parts are kept and {a.output} is unlocked", to_person)
+        return failed_job_exit(e, "cat_filter", "finished parts are kept", to_person, unlocks=a.output)
     return 0
 
 

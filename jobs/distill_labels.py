@@ -222,8 +222,7 @@ def main(argv=None) -> None:
         print(f"distill_labels: error: {e.strerror if isinstance(e, StorageError) else e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Exception) as e:   # Ctrl-C or SIGTERM (jobs.spark.install_interrupt_handlers)
-        return failed_job_exit(e, "distill_labels", f"finished shards are kept and {a.output} is unlocked",
-                               to_person)
+        return failed_job_exit(e, "distill_labels", "finished shards are kept", to_person, unlocks=a.output)
     if "nothing_to_label" in summary:
         print(f"distill_labels: {summary['nothing_to_label']}")
         return 0

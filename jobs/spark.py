@@ -118,20 +118,22 @@ def stop_quietly() -> None:
         pass
 
 
-def failed_job_exit(err: BaseException, job: str, what_is_kept: str, to_person) -> int:
+def failed_job_exit(err: BaseException, job: str, kept: str, to_person, unlocks: str | None = None) -> int:
     """In a CLI's `except (KeyboardInterrupt, Exception)`: an interrupt (or an error raised while unwinding
     from one) becomes one line and exit 130, an object store that stopped answering one line and exit 2;
-    any other error is raised again. what_is_kept: e.g. "finished parts are kept and OUT is unlocked"."""
+    any other error is raised again. kept: what survives ("finished parts are kept"); unlocks: the folder
+    whose lock the job released on the way out, if it holds one."""
     from pipeline.store import storage
     if isinstance(err, KeyboardInterrupt) or interrupted:
         if interrupted:      # a signal (not a KeyboardInterrupt raised in-process, as a test does)
             stop_quietly()   # the job's lock was released on the way out
-        print(f"{job}: interrupted; {what_is_kept} - rerun the same command to resume", file=to_person, flush=True)
+        unlocked = f" and {unlocks} is unlocked" if unlocks else ""
+        print(f"{job}: interrupted; {kept}{unlocked} - rerun the same command to resume", file=to_person, flush=True)
         return 130
     store = storage.unreachable_store(err)
     if store is None:
         raise err
-    kept = what_is_kept.split(" and ")[0]   # its lock could not be removed: the next run takes it over
+    # its lock could not be removed: the next run takes it over
     print(f"{job}: error: {store} stopped answering; {kept} - rerun the same command once it is back "
           f"(a lock it could not remove names this run, which is gone, and is taken over)", file=to_person, flush=True)
     return 2

@@ -23,12 +23,9 @@ one character short ("BIZA" of "Ibiza"), is one re-read away from a match: on th
 set at 256 px, masking the matched lines alone left 3 of 68 masked images in which a re-spot found the
 caption again ("IBIZA" re-read from "BIZA", "Horeless," from "Horcless," at 0.75, "El Jugo" with "Jugo"
 at 0.78 -> 0.81); with the near matches, none of the 68 (70 with block runs; masks cover 8.4% of an image
-on average; the first 12 positives are re-checked by tests/test_mask.py). How the
-matched words are identified: caption_match reports the matched run: its detections (TextMatch.run, also
-a run across the stacked lines of a block), else its text (the words joined by spaces), and then the
-run(s) of confident_runs with exactly that text are the match; failing both, the confident words named
-in the match's text, and failing that every confident word left, so the loop always ends with no match.
-A block's match masks every line its run went through. Masking the whole line rather than the
+on average; the first 12 positives are re-checked by tests/test_mask.py). The matched words are the
+match's run (TextMatch.run: a line's run, or a run across the stacked lines of a block); a block's
+match masks every line its run went through. Masking the whole line rather than the
 words of the common window alone (TextMatch.window) is deliberate: see "Which boxes" above.
 
 How a box is filled (mask_image). Each box is padded on every side by PAD_FRACTION (0.2) of its height,
@@ -68,19 +65,10 @@ def _line_key(i: int, d) -> tuple:
     return ("line", line) if line >= 0 else ("alone", i)
 
 
-def _matched_indices(dets: list, match: ts.TextMatch, min_conf: float) -> list[int]:
-    """Indices into `dets` of the words caption_match's `match` was made of (module docstring)."""
+def _matched_indices(dets: list, match: ts.TextMatch) -> list[int]:
+    """Indices into `dets` of the words caption_match's `match` was made of (its run: a line's or a block's)."""
     where = {id(d): i for i, d in enumerate(dets)}
-    # the matched run's own detections, where caption_match reports them (a line's run or a block's)
-    found = [where[id(d)] for d in (getattr(match, "run", None) or ()) if id(d) in where]
-    if not found:   # else the line runs whose text is the match's text
-        found = [where[id(d)] for run in ts.confident_runs(dets, min_conf)
-                 if " ".join(w[0] for w in run) == match.text for d in run]
-    if not found:   # not a single run: the confident words its text names, else every confident word
-        words = set(match.text.split())
-        confident = [i for i, d in enumerate(dets) if d[0] and d[1] >= min_conf]
-        found = [i for i in confident if dets[i][0] in words] or confident
-    return found
+    return [where[id(d)] for d in match.run]
 
 
 def masked_detections(detections: Sequence, caption: str | None, min_conf: float = 0.8,
@@ -107,7 +95,7 @@ def _matched_lines(detections: Sequence, among, caption: str | None, min_conf: f
         match = ts.caption_match(left, caption, min_conf, min_chars, blocks)
         if match is None:
             break
-        lines = {_line_key(remaining[j], left[j]) for j in _matched_indices(left, match, min_conf)}
+        lines = {_line_key(remaining[j], left[j]) for j in _matched_indices(left, match)}
         hit = {i for i in remaining if _line_key(i, detections[i]) in lines}
         if not hit:   # cannot happen (a match has words); never loop forever
             break
