@@ -41,14 +41,25 @@ from experiments.flickr8k import (ExperimentConfig, _jsonable, _map_runs, evalua
 from experiments.webnoise import DEFAULT_FLICKR8K, NoiseConfig, caption_phrase, encode_jpeg
 
 PROBES = ("own_text", "unrelated_text")
+# paired differences reported per budget beside filtered - noisy: which pairs vs how many, mask vs drop,
+# what distillation adds
+COMPARISONS = (("filtered", "random"), ("masked", "filtered"), ("masked", "noisy"), ("filtered_distill", "filtered"),
+               ("textspot_only", "noisy"))
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
 @dataclass(frozen=True)
 class BudgetConfig:
     base: ExperimentConfig = field(default_factory=lambda: ExperimentConfig(
-        noise=NoiseConfig(photos=0), arms=("clean", "noisy", "filtered", "random")))
-    budgets: tuple = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)   # x the noisy pool's pairs, in samples seen
+        noise=NoiseConfig(photos=0), arms=("clean", "noisy", "filtered", "random", "filtered_distill", "masked")))
+    # x the noisy pool's pairs, in samples seen: 1/8 sees each filtered pair about once at most, 8 about 16
+    # times; factor-4 steps span Goyal et al.'s regimes at a cost 2 cores can pay (each doubling of the top
+    # budget doubles the training time)
+    budgets: tuple = (0.125, 0.5, 2.0, 8.0)
+    # arms run at three budgets spanning the range only (their question is "does it add to filtered", not
+    # where a crossover lies); the others run at every budget
+    side_arms: tuple = ("filtered_distill", "masked")
+    side_budgets: tuple = (0.125, 2.0, 8.0)
     probe: bool = True
 
 
@@ -58,7 +69,7 @@ SCALES = {
                                                          low_complexity=0.15),
                                        arms=("noisy", "filtered", "random"), seeds=1, batch_size=32,
                                        warmup_steps=2, rows_per_part=100, dev_images=40, parallel_runs=1),
-              "budgets": (0.5, 2.0)},
+              "budgets": (0.5, 2.0), "side_budgets": (2.0,)},
 }
 
 
@@ -124,6 +135,8 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
         run_cfg = replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(1, steps // 5)))
         for seed in range(cfg.seeds):
             for arm, spec in pool.arms.items():
+                if arm in bcfg.side_arms and budget not in bcfg.side_budgets:
+                    continue
                 jobs.append((run_cfg, budget, arm, spec, seed,
                              out / "work" / "runs" / f"budget{budget:g}" / arm / f"seed{seed}", sets, pool.features))
     rows, ranks = [], defaultdict(lambda: defaultdict(lambda: {"i2t": [], "t2i": []}))
@@ -141,11 +154,11 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
         print(f"[budget] x{budget:g} {arm} seed {seed}: rsum {row['rsum']:.1f}", flush=True)
     pool.timings["training_and_eval"] = round(time.time() - t, 1)
     t2i_dev = pool.dev.text_to_image
-    diffs = []
-    for budget in bcfg.budgets:
-        if ("filtered", budget) in ranks and ("noisy", budget) in ranks:
-            c = paired_bootstrap(ranks[("filtered", budget)]["clean"], ranks[("noisy", budget)]["clean"], t2i_dev)
-            diffs.append({"budget": budget, **c})
+    def paired(a, b):
+        return [{"budget": budget, **paired_bootstrap(ranks[(a, budget)]["clean"], ranks[(b, budget)]["clean"], t2i_dev)}
+                for budget in bcfg.budgets if (a, budget) in ranks and (b, budget) in ranks]
+    diffs = paired("filtered", "noisy")
+    comparisons = {f"{a} - {b}": rows for a, b in COMPARISONS if (rows := paired(a, b))}
     reading = []
     if bcfg.probe:
         for (arm, budget), by_set in sorted(ranks.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -155,7 +168,8 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
     summary = {"config": _jsonable(asdict(bcfg)), "n_pool_pairs": n_pool,
                "arm_pairs": {a: s["n_pairs"] for a, s in pool.arms.items()},
                "noise": json.loads(pool.info_path.read_text()), "runs": rows, "bands": bands(rows),
-               "filtered_minus_noisy": diffs, "crossover": crossover(diffs), "reading_index": reading,
+               "filtered_minus_noisy": diffs, "crossover": crossover(diffs), "comparisons": comparisons,
+               "reading_index": reading,
                "dev": {"n_images": len(pool.dev.image_ids), "n_captions": len(pool.dev.captions)},
                "timings_s": pool.timings, "machine": machine(), "command": " ".join(sys.argv)}
     write_budget_results(summary, out / "results")
@@ -243,6 +257,10 @@ def budget_markdown(summary: dict) -> str:
         lines.append(f"| {d['budget']:g} | {d['rsum_diff']:+.1f} | [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] | "
                      f"{d['p_two_sided']:.3f} |")
     lines += ["", f"Crossover: {summary['crossover']['statement']}.", ""]
+    for name, rows in summary.get("comparisons", {}).items():
+        lines += [f"{name} (paired bootstrap):", "", "| budget | RSUM diff | 95% CI | p |", "|---|---|---|---|"]
+        lines += [f"| {d['budget']:g} | {d['rsum_diff']:+.1f} | [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] | "
+                  f"{d['p_two_sided']:.3f} |" for d in rows] + [""]
     if summary["reading_index"]:
         lines += ["Reading index (RSUM on dev with text drawn on the photos minus clean dev; own caption's words: a "
                   "reader gains; an unrelated caption's words: a reader loses):", "",
@@ -288,7 +306,11 @@ def parse_config(argv=None) -> tuple[BudgetConfig, argparse.Namespace]:
                                                    f"(default: {','.join(f'{b:g}' for b in BudgetConfig.budgets)})")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm and budget (default: 3)")
     ap.add_argument("--photos", type=int, default=None, help="train photos, x5 pairs (default: 0 = all 6,000)")
-    ap.add_argument("--arms", default=None, help="comma-separated arms (default: clean,noisy,filtered,random)")
+    ap.add_argument("--arms", default=None, help="comma-separated arms (default: "
+                    f"{','.join(BudgetConfig().base.arms)})")
+    ap.add_argument("--side-budgets", default=None, help="budgets at which the side arms ("
+                    f"{','.join(BudgetConfig.side_arms)}) run (default: "
+                    f"{','.join(f'{b:g}' for b in BudgetConfig.side_budgets)})")
     ap.add_argument("--no-probe", action="store_true", help="skip the reading probe's two dev variants")
     a = ap.parse_args(argv)
     bcfg = replace(BudgetConfig(), **SCALES[a.scale])
@@ -300,7 +322,8 @@ def parse_config(argv=None) -> tuple[BudgetConfig, argparse.Namespace]:
     if a.arms:
         base = replace(base, arms=tuple(a.arms.split(",")))
     budgets = tuple(float(b) for b in a.budgets.split(",")) if a.budgets else bcfg.budgets
-    return replace(bcfg, base=base, budgets=budgets, probe=not a.no_probe), a
+    side = tuple(float(b) for b in a.side_budgets.split(",")) if a.side_budgets else bcfg.side_budgets
+    return replace(bcfg, base=base, budgets=budgets, side_budgets=side, probe=not a.no_probe), a
 
 
 def main(argv=None):
