@@ -4,7 +4,7 @@
 #   make distill [INPUT=out/filter] [LABELS=out/labels] [DISTILL_ARGS=...]
 #   make train-eval [RUN=runs/default] [TRAIN_ARGS=...]
 #   make redecide [OUTPUT=out/filter] [INTO=out/redecided] [DECIDE_ARGS=...]
-#   make test | make bench | make sample | make experiment
+#   make test | make bench | make sample | make experiment [EXPERIMENT_OUT=out/experiment] | make experiment-reading
 # Nothing a user puts in these variables is ever run, by make or by a shell: make would expand `$(shell ...)`
 # in a variable wherever it is referenced (even under make -n), so each one is read once, unexpanded
 # ($(value ...)), into a CC_* copy that reaches the recipe only through the environment and is used
@@ -37,7 +37,7 @@ export PYTHONPATH := $(CURDIR)
 # the user's *_ARGS reach catcurate through this variable (catcurate/cli.py: EXTRA_ARGS_ENV)
 ARGS = CATCURATE_EXTRA_ARGS="$$CC_$(1)"
 
-.PHONY: setup sample filter distill train-eval experiment experiment-budget finetune ablate test bench clean redecide
+.PHONY: setup sample filter distill train-eval experiment experiment-reading experiment-arms finetune ablate test bench clean redecide
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup_env.sh
 	@bash scripts/setup_env.sh
@@ -60,13 +60,19 @@ train-eval: $(VENV)/.installed
 	@if [ "$$CC_OUTPUT" = out/filter ] && [ ! -e out/filter/stats.json ]; then $(MAKE) --no-print-directory filter; fi
 	$(call ARGS,TRAIN_ARGS) $(CATCURATE) train-eval --shards "$$CC_OUTPUT/shards" --labels "$$CC_LABELS" --run "$$CC_RUN"
 
-# The Flickr8k evidence experiment (experiments/flickr8k.py): ~30 min on 2 cores; EXPERIMENT_ARGS="--scale gpu" on a GPU
+# The Flickr8k evidence (experiments/budget.py): does filtering pay, at which training budget? The whole pool
+# (30,000 noisy pairs), arms x budgets x 3 seeds, the locked image tower; results in OUT/results/budget.*
 experiment: $(VENV)/.installed
-	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment --out "$$CC_EXPERIMENT_OUT" --flickr8k "$$CC_FLICKR8K"
+	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment-budget --out "$$CC_EXPERIMENT_OUT" --flickr8k "$$CC_FLICKR8K"
 
-# The experiment swept over training budgets (experiments/budget.py): when does filtering pay, and do models read?
-experiment-budget: $(VENV)/.installed
-	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment-budget --flickr8k "$$CC_FLICKR8K"
+# The same pool with the tower that can learn to read (a CNN over 96-px thumbnails): OUT/results-reading/
+experiment-reading: $(VENV)/.installed
+	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment-budget --scale reading --out "$$CC_EXPERIMENT_OUT" --flickr8k "$$CC_FLICKR8K"
+
+# Every arm at one budget on 1,500 photos, and the filter scored as a detector of each noise type
+# (experiments/flickr8k.py): OUT/arms/results/
+experiment-arms: $(VENV)/.installed
+	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment --out "$$CC_EXPERIMENT_OUT/arms" --flickr8k "$$CC_FLICKR8K"
 
 # Fine-tuning protocol: start from CHECKPOINT (an open_clip state dict), train on Flickr8k train, evaluate on dev
 finetune: $(VENV)/.installed

@@ -1,8 +1,9 @@
 """When does CAT filtering pay? The Flickr8k experiment swept over the training budget (samples seen).
 
-    make experiment-budget                                      # the whole pool, every budget, 3 seeds
-    .venv/bin/catcurate experiment-budget --out out/budget [--budgets 0.125,0.5,2,8 --seeds 3]
+    make experiment                                             # the whole pool, every budget, 3 seeds, locked tower
+    .venv/bin/catcurate experiment-budget --out out/experiment [--budgets 0.125,0.5,2,8 --seeds 3]
     .venv/bin/catcurate experiment-budget --out out/budget-tiny --scale smoke    # what `make test` runs
+    make experiment-reading                                     # the tower that can learn to read (--scale reading)
 
 The pool is made once (experiments.flickr8k.prepare_pool: noise model, the real filter job, distillation,
 the LiT feature cache) and reused by every budget, arm and seed; a rerun reuses finished runs. A budget
@@ -36,11 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.flickr8k import (ExperimentConfig, _jsonable, _map_runs, evaluate_run, machine, paired_bootstrap,
+from experiments.flickr8k import (GLYPH_SIDE, ExperimentConfig, _jsonable, _map_runs, evaluate_run, machine, paired_bootstrap,
                                   prepare_pool, train_arm)
 from experiments.webnoise import DEFAULT_FLICKR8K, NoiseConfig, caption_phrase, encode_jpeg
 
 PROBES = ("own_text", "unrelated_text")
+# one pool (noise, filter runs, distillation, teacher features) serves both towers; their runs and results don't mix
+RUNS = {"locked": "runs", "reading": "runs-reading", "full": "runs-full"}
+RESULTS = {"locked": "results", "reading": "results-reading", "full": "results-full"}
 # paired differences reported per budget beside filtered - noisy: which pairs vs how many, mask vs drop,
 # what distillation adds
 COMPARISONS = (("filtered", "random"), ("masked", "filtered"), ("masked", "noisy"), ("filtered_distill", "filtered"),
@@ -65,6 +69,11 @@ class BudgetConfig:
 
 SCALES = {
     "cpu": {},
+    # the tower that can learn to read (a GlyphCNN beside the locked features): does the noisy arm's model read,
+    # and what do text spotting, its mask and the whole filter do then
+    "reading": {"base": ExperimentConfig(noise=NoiseConfig(photos=0), image_tower="reading",
+                                         arms=("noisy", "filtered", "textspot_only", "masked")),
+                "budgets": (0.5, 2.0), "side_arms": ()},
     "smoke": {"base": ExperimentConfig(noise=NoiseConfig(photos=40, text_shortcut=0.3, misaligned=0.2,
                                                          low_complexity=0.15),
                                        arms=("noisy", "filtered", "random"), seeds=1, batch_size=32,
@@ -126,9 +135,11 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
     sets = {"clean": pool.dev}
     if bcfg.probe:
         sets.update(probe_sets(pool.dev, cfg.noise.seed))
-        if cfg.image_tower == "locked":
-            cache_features([str(_write_images(sets[p], out / "work" / f"probe_{p}.parquet")) for p in PROBES],
-                           pool.features)
+        if cfg.image_tower != "full":
+            probes = [str(_write_images(sets[p], out / "work" / f"probe_{p}.parquet")) for p in PROBES]
+            cache_features(probes, out / "work" / "features")
+            if cfg.image_tower == "reading":
+                cache_features(probes, pool.features, glyph_side=GLYPH_SIDE, reuse=out / "work" / "features")
     jobs = []
     for budget in bcfg.budgets:
         steps = steps_for(budget, n_pool, cfg.batch_size)
@@ -138,7 +149,8 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
                 if arm in bcfg.side_arms and budget not in bcfg.side_budgets:
                     continue
                 jobs.append((run_cfg, budget, arm, spec, seed,
-                             out / "work" / "runs" / f"budget{budget:g}" / arm / f"seed{seed}", sets, pool.features))
+                             out / "work" / RUNS[cfg.image_tower] / f"budget{budget:g}" / arm / f"seed{seed}", sets,
+                             pool.features))
     rows, ranks = [], defaultdict(lambda: defaultdict(lambda: {"i2t": [], "t2i": []}))
     t = time.time()
     for budget, arm, seed, summary, scores in _map_runs(_budget_job, jobs, cfg.parallel_runs):
@@ -151,14 +163,15 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
             ranks[(arm, budget)][name]["i2t"].append(i2t)
             ranks[(arm, budget)][name]["t2i"].append(t2i)
         rows.append(row)
-        print(f"[budget] x{budget:g} {arm} seed {seed}: rsum {row['rsum']:.1f}", flush=True)
+        probes = "".join(f", {p} {row[p + '_rsum']:.1f}" for p in PROBES if p + "_rsum" in row)
+        print(f"[budget] x{budget:g} {arm} seed {seed}: rsum {row['rsum']:.1f}{probes}", flush=True)
     pool.timings["training_and_eval"] = round(time.time() - t, 1)
     t2i_dev = pool.dev.text_to_image
     def paired(a, b):
         return [{"budget": budget, **paired_bootstrap(ranks[(a, budget)]["clean"], ranks[(b, budget)]["clean"], t2i_dev)}
                 for budget in bcfg.budgets if (a, budget) in ranks and (b, budget) in ranks]
     diffs = paired("filtered", "noisy")
-    comparisons = {f"{a} - {b}": rows for a, b in COMPARISONS if (rows := paired(a, b))}
+    comparisons = {f"{a} - {b}": pairs for a, b in COMPARISONS if (pairs := paired(a, b))}
     reading = []
     if bcfg.probe:
         for (arm, budget), by_set in sorted(ranks.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -172,7 +185,7 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
                "reading_index": reading,
                "dev": {"n_images": len(pool.dev.image_ids), "n_captions": len(pool.dev.captions)},
                "timings_s": pool.timings, "machine": machine(), "command": " ".join(sys.argv)}
-    write_budget_results(summary, out / "results")
+    write_budget_results(summary, out / RESULTS[cfg.image_tower])
     return summary
 
 
@@ -311,6 +324,9 @@ def parse_config(argv=None) -> tuple[BudgetConfig, argparse.Namespace]:
     ap.add_argument("--side-budgets", default=None, help="budgets at which the side arms ("
                     f"{','.join(BudgetConfig.side_arms)}) run (default: "
                     f"{','.join(f'{b:g}' for b in BudgetConfig.side_budgets)})")
+    ap.add_argument("--tower", choices=sorted(RUNS), default=None,
+                    help="image tower: locked (LiT, cannot read), reading (+ a CNN over 96-px thumbnails: can learn "
+                         "to read), full (from scratch; a GPU) (default: the scale's, locked for cpu)")
     ap.add_argument("--no-probe", action="store_true", help="skip the reading probe's two dev variants")
     a = ap.parse_args(argv)
     bcfg = replace(BudgetConfig(), **SCALES[a.scale])
@@ -321,6 +337,8 @@ def parse_config(argv=None) -> tuple[BudgetConfig, argparse.Namespace]:
         base = replace(base, noise=replace(base.noise, photos=a.photos))
     if a.arms:
         base = replace(base, arms=tuple(a.arms.split(",")))
+    if a.tower:
+        base = replace(base, image_tower=a.tower)
     budgets = tuple(float(b) for b in a.budgets.split(",")) if a.budgets else bcfg.budgets
     side = tuple(float(b) for b in a.side_budgets.split(",")) if a.side_budgets else bcfg.side_budgets
     return replace(bcfg, base=base, budgets=budgets, side_budgets=side, probe=not a.no_probe), a

@@ -1,6 +1,6 @@
-"""What does CAT filtering buy? A controlled experiment on real photos (Flickr8k), `make experiment`.
+"""What does CAT filtering buy? A controlled experiment on real photos (Flickr8k) at one budget, every arm.
 
-    make experiment                                   # defaults: ~30 min on 2 CPU cores
+    make experiment-arms                              # defaults: ~30 min on 2 CPU cores
     .venv/bin/catcurate experiment --out out/experiment [--photos 2000 --seeds 3 --steps 600]
     .venv/bin/catcurate experiment --out out/exp-gpu --scale gpu      # all 6,000 photos, full image tower
     .venv/bin/catcurate experiment --out out/exp-tiny --scale smoke   # what `make test` runs
@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 from experiments.webnoise import DEFAULT_FLICKR8K, NOISE_TYPES, NoiseConfig, make_noisy_set
 
 ARMS = ("clean", "noisy", "filtered", "random", "filtered_distill", "caption_only", "textspot_only", "masked")
+GLYPH_SIDE = 96   # the reading tower's thumbnail: drawn words (8-14% of the height) legible, 64 px is not
 FILTER_RUNS = {"filtered": "full", "caption_only": "caption_only", "textspot_only": "textspot_only"}
 
 
@@ -61,7 +62,10 @@ class ExperimentConfig:
     arms: tuple = ARMS
     seeds: int = 3                  # seeds per arm: init, data order (paired across arms by seed)
     model: str = "catclip-micro"    # text tower (2 layers, width 64) and image tower when image_tower == "full"
-    image_tower: str = "locked"     # locked: LiT over cached EfficientNet-Lite0 features | full: from scratch
+    # locked: LiT over cached EfficientNet-Lite0 features (cannot read) | reading: the same plus a small
+    # trainable CNN over a 96-px grayscale thumbnail, where drawn words are legible (a tower that can learn
+    # to read, model_training.features.GlyphCNN) | full: the model's own image tower from scratch (GPU)
+    image_tower: str = "locked"
     steps: int = 400                # same samples seen in every arm: steps x batch_size
     batch_size: int = 256
     lr: float = 1e-3
@@ -195,7 +199,7 @@ def train_arm(cfg: ExperimentConfig, arm: dict, seed: int, run_dir: Path, featur
                      batch_size=cfg.batch_size, max_steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                      num_workers=cfg.num_workers, seed=seed, checkpoint_every=cfg.steps, keep_checkpoints=1,
                      log_every=max(1, cfg.steps // 30),
-                     image_features=str(features) if cfg.image_tower == "locked" else "", loss=loss)
+                     image_features=str(features) if cfg.image_tower != "full" else "", loss=loss)
     t0 = time.time()
     summary = train(tc)
     summary["train_seconds"] = round(time.time() - t0, 1)
@@ -212,8 +216,8 @@ def evaluate_run(cfg: ExperimentConfig, run_dir: Path, dev, features: Path):
     from model_training.run_dir import find_checkpoint
     ckpt = find_checkpoint(run_dir, "latest")   # by step, as the trainer orders them
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    cache = FeatureCache(features) if cfg.image_tower == "locked" else None
-    model = build_model(cfg.model, image_feature_dim=cache.dim if cache else 0)
+    cache = FeatureCache(features) if cfg.image_tower != "full" else None
+    model = build_model(cfg.model, image_feature_dim=cache.dim if cache else 0, glyph_side=cache.glyph_side if cache else 0)
     model.load_state_dict({k[len("model."):]: v for k, v in state["trainee"].items() if k.startswith("model.")})
     model.eval()
     with torch.no_grad():
@@ -360,10 +364,13 @@ def prepare_pool(out: Path, cfg: ExperimentConfig, flickr8k: str | Path, spark=N
         dev = subset_images(dev, cfg.dev_images)
     features = work / "features"
     t = time.time()
-    if cfg.image_tower == "locked":
+    if cfg.image_tower != "full":
         write_dev_images(dev, work / "dev_images.parquet")
-        cache_features([str(noisy)] + [str(a["shards"]) for a in arms.values()] + [str(work / "dev_images.parquet")],
-                       features)
+        images = [str(noisy)] + [str(a["shards"]) for a in arms.values()] + [str(work / "dev_images.parquet")]
+        cache_features(images, features)
+        if cfg.image_tower == "reading":   # the teacher's vectors copied from the locked cache, plus thumbnails
+            features = work / f"features-glyphs{GLYPH_SIDE}"
+            cache_features(images, features, glyph_side=GLYPH_SIDE, reuse=work / "features")
     timings["image_features"] = round(time.time() - t, 1)
     return Pool(noisy, info_path, noise_of, filters, arms, dev, features, timings)
 

@@ -17,7 +17,14 @@ training stream counts their rows as skipped (reason missing_image_features).
 
 The trainable image side is FeatureHead (LayerNorm, two-layer MLP, to the joint embedding), so the
 student still learns its own projection of the locked features; the text tower is the model
-config's. The export holds the open_clip text tower plus feature_head.pt: it embeds images only
+config's.
+
+A locked tower cannot learn to read. `--glyphs 96` (cache_features(glyph_side=96)) makes the one that can:
+each cached vector also carries a 96x96 grayscale thumbnail (rendered 8-14%-of-height words stay legible
+there, 64 px is not), and FeatureHead adds a small trainable CNN over it (GlyphCNN) to the MLP over the
+teacher's features. The teacher part is copied from an existing cache of the same teacher (--reuse), so
+adding glyphs costs a JPEG decode per image. The experiment's reading probe (experiments/budget.py)
+measures whether a model trained this way reads. The export holds the open_clip text tower plus feature_head.pt: it embeds images only
 from the same teacher's features (say so when sharing it).
 """
 from __future__ import annotations
@@ -49,6 +56,7 @@ class FeatureCache:
                                     f"--shards ... --out {self.folder}`")
         self.meta = storage.read_json(meta)
         self.dim = int(self.meta["embed_dim"])
+        self.glyph_side = int(self.meta.get("glyph_side", 0))   # > 0: the vectors end in a glyph thumbnail
         self.vectors: dict[bytes, np.ndarray] = {}
         for path in feature_files(self.folder):
             t = storage.read_parquet(path)
@@ -83,9 +91,60 @@ def _iter_images(paths: list[str], column: str):
             yield from rb.column(0).to_pylist()
 
 
+def glyph_thumbnails(blobs: list[bytes], side: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Encoded images -> [n, side*side] grayscale 0-255 (squashed to a square: words stay whole), and
+    {input index: error} for the undecodable ones, as Teacher.embed_bytes returns them."""
+    from PIL import Image
+
+    from model_training.data import decode_image
+    out, errors = [], {}
+    for i, jpg in enumerate(blobs):
+        try:
+            im = decode_image(jpg, draft_size=2 * side).convert("L").resize((side, side), Image.BILINEAR)
+            out.append(np.asarray(im, dtype=np.float32).reshape(-1))
+        except Exception as exc:  # noqa: BLE001 - counted as undecodable, as the teacher counts them
+            errors[i] = str(exc)[:1000]
+    return (np.stack(out) if out else np.zeros((0, side * side), np.float32)), errors
+
+
+class _WithGlyphs:
+    """A teacher whose vectors end in a glyph thumbnail; the teacher part comes from `reuse` (a cache of
+    the same teacher) where it is there, else from the teacher, loaded only if needed."""
+
+    def __init__(self, teacher: str, side: int, reuse: FeatureCache | None, device: str | None):
+        from pipeline.distill.teacher import load_teacher
+        self.side, self.reuse, self._load = side, reuse, lambda: load_teacher(teacher, device)
+        self._teacher = None if reuse is not None else self._load()
+        self.meta = reuse.meta["teacher"] if reuse is not None else self._teacher.describe()
+        self.teacher_dim = reuse.dim if reuse is not None else self._teacher.embed_dim
+        self.embed_dim = self.teacher_dim + side * side
+
+    def describe(self) -> dict:
+        return self.meta
+
+    def embed_bytes(self, blobs: list[bytes], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
+        glyphs, errors = glyph_thumbnails(blobs, self.side)
+        ok = [i for i in range(len(blobs)) if i not in errors]
+        found = [self.reuse.get(blobs[i]) if self.reuse is not None else None for i in ok]
+        todo = [j for j, v in enumerate(found) if v is None]
+        if todo:
+            self._teacher = self._teacher or self._load()
+            emb, bad = self._teacher.embed_bytes([blobs[ok[j]] for j in todo], batch_size)
+            if bad:   # thumbnails decoded but the teacher's guarded decoder refused: undecodable for both
+                raise ValueError(f"{len(bad)} images decode as thumbnails but not for the teacher: {list(bad.values())[:1]}")
+            for j, v in zip(todo, emb):
+                found[j] = v
+        vecs = np.concatenate([np.stack(found).astype(np.float32), glyphs], axis=1) if ok else \
+            np.zeros((0, self.embed_dim), np.float32)
+        return vecs, errors
+
+
 def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "efficientnet-lite0",
-                   column: str = "jpg", batch_size: int = 64, device: str | None = None) -> dict:
-    """Embed every distinct image of the Parquet file(s) not yet in OUT with the frozen teacher."""
+                   column: str = "jpg", batch_size: int = 64, device: str | None = None,
+                   glyph_side: int = 0, reuse: str | Path | None = None) -> dict:
+    """Embed every distinct image of the Parquet file(s) not yet in OUT with the frozen teacher.
+    glyph_side > 0 appends a glyph thumbnail to every vector (the reading tower), taking the teacher's
+    part from the cache at `reuse` where it has the image."""
     from tqdm import tqdm
 
     from model_training.data import list_shards
@@ -98,9 +157,9 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
     meta_path = storage.join(out, "meta.json")
     if storage.isfile(meta_path):
         meta = storage.read_json(meta_path)
-        if meta["teacher"]["spec"] != teacher:
-            raise ValueError(f"{out} caches features of teacher {meta['teacher']['spec']!r}, not {teacher!r}: "
-                             "use another folder")
+        if meta["teacher"]["spec"] != teacher or int(meta.get("glyph_side", 0)) != glyph_side:
+            raise ValueError(f"{out} caches features of teacher {meta['teacher']['spec']!r} (glyphs "
+                             f"{meta.get('glyph_side', 0)}), not {teacher!r} (glyphs {glyph_side}): use another folder")
         known = set(FeatureCache(out).vectors)
     else:
         meta, known = None, set()
@@ -114,9 +173,14 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
         d = image_digest(jpg)
         if d not in known and d not in todo:
             todo[d] = jpg
-    model = load_teacher(teacher, device)
+    if glyph_side:
+        model = _WithGlyphs(teacher, glyph_side, FeatureCache(reuse) if reuse else None, device)
+    else:
+        model = load_teacher(teacher, device)
     if meta is None:
         meta = {"teacher": model.describe(), "embed_dim": model.embed_dim}
+        if glyph_side:
+            meta["glyph_side"] = glyph_side
     digests, blobs = list(todo), list(todo.values())
     part = len(feature_files(out))
     chunk = 4096   # one output file per chunk: an interrupted run keeps what it finished
@@ -134,16 +198,40 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
             "teacher": teacher}
 
 
-class FeatureHead(nn.Module):
-    """The trainable part of the locked image side: frozen features -> joint embedding."""
+class GlyphCNN(nn.Module):
+    """A small from-scratch CNN over a glyph thumbnail: four stride-2 convolutions (96 -> 6 px), then max and
+    mean pooling, so a word counts wherever it is drawn. ~9M multiply-adds per image: a CPU step stays cheap."""
 
-    def __init__(self, in_dim: int, embed_dim: int, hidden: int = 512):
+    def __init__(self, side: int, embed_dim: int, width: int = 16):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(),
+        self.side = side
+        layers, c_in = [], 1
+        for c_out in (width, 2 * width, 4 * width, 8 * width):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Linear(2 * c_in, embed_dim)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.convs((pixels.view(-1, 1, self.side, self.side) - 128.0) / 64.0)
+        return self.proj(torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1))
+
+
+class FeatureHead(nn.Module):
+    """The trainable part of the locked image side: frozen features -> joint embedding, plus a GlyphCNN over
+    the glyph thumbnail the vectors end in when the cache has one (glyph_side > 0)."""
+
+    def __init__(self, in_dim: int, embed_dim: int, hidden: int = 512, glyph_side: int = 0):
+        super().__init__()
+        self.teacher_dim = in_dim - glyph_side * glyph_side
+        self.net = nn.Sequential(nn.LayerNorm(self.teacher_dim), nn.Linear(self.teacher_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, embed_dim))
+        self.glyphs = GlyphCNN(glyph_side, embed_dim) if glyph_side else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.glyphs is None:
+            return self.net(x)
+        return self.net(x[:, :self.teacher_dim]) + self.glyphs(x[:, self.teacher_dim:])
 
 
 def main(argv=None):
@@ -153,8 +241,12 @@ def main(argv=None):
     ap.add_argument("--teacher", default="efficientnet-lite0", help="pipeline.distill.teacher spec (default: %(default)s)")
     ap.add_argument("--column", default="jpg", help="image bytes column (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    ap.add_argument("--glyphs", type=int, default=0, metavar="SIDE",
+                    help="append a SIDE x SIDE grayscale thumbnail to every vector: a tower that can learn to read")
+    ap.add_argument("--reuse", default=None, help="with --glyphs: a cache of the same teacher to copy vectors from")
     a = ap.parse_args(argv)
-    print(json.dumps(cache_features(a.shards, a.out, a.teacher, a.column, a.batch_size), indent=2))
+    print(json.dumps(cache_features(a.shards, a.out, a.teacher, a.column, a.batch_size,
+                                    glyph_side=a.glyphs, reuse=a.reuse), indent=2))
 
 
 if __name__ == "__main__":

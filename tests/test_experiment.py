@@ -3,6 +3,7 @@ the real distillation job, the LiT feature cache and the trainer; plus the Flick
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -195,6 +196,30 @@ def test_feature_cache_embeds_each_distinct_image_once_and_refuses_pixel_objecti
                           image_features=str(tmp_path / "feats"), num_workers=0, loss=LossConfig(mim_weight=0.5)))
 
 
+def test_glyph_cache_copies_the_teacher_vectors_and_appends_a_thumbnail_the_head_reads(tmp_path, shared_data):
+    """The reading tower's cache: the teacher's part is the locked cache's vector (copied, not recomputed),
+    the rest the 96-px grayscale thumbnail; a FeatureHead built from it has a GlyphCNN whose gradient is
+    non-zero (the part that can learn to read trains)."""
+    import pyarrow as pa
+    import torch
+    from model_training.features import FeatureCache, FeatureHead, cache_features, glyph_thumbnails
+    jpgs = pq.read_table(FLICKR8K / "images.parquet", columns=["jpg"]).slice(0, 3).column(0).to_pylist()
+    pq.write_table(pa.table({"jpg": jpgs + [b"not a jpeg"]}), tmp_path / "imgs.parquet")
+    cache_features(str(tmp_path / "imgs.parquet"), tmp_path / "feats")
+    stats = cache_features(str(tmp_path / "imgs.parquet"), tmp_path / "glyphs", glyph_side=96, reuse=tmp_path / "feats")
+    assert stats["undecodable"] == 1 and len(FeatureCache(tmp_path / "glyphs")) == 3
+    locked, glyphs = FeatureCache(tmp_path / "feats"), FeatureCache(tmp_path / "glyphs")
+    assert glyphs.glyph_side == 96 and glyphs.dim == locked.dim + 96 * 96
+    v = glyphs.get(jpgs[1])
+    assert np.array_equal(v[:locked.dim], locked.get(jpgs[1]))
+    assert np.array_equal(v[locked.dim:], glyph_thumbnails([jpgs[1]], 96)[0][0].astype(np.float16))
+    with pytest.raises(ValueError, match="glyphs"):     # one folder, one kind of vector
+        cache_features(str(tmp_path / "imgs.parquet"), tmp_path / "feats", glyph_side=96)
+    head = FeatureHead(glyphs.dim, 32, glyph_side=96)
+    head(glyphs.lookup(jpgs)).pow(2).sum().backward()
+    assert head.glyphs is not None and head.glyphs.convs[0].weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- the budget sweep and the reading probe
 
 @pytest.fixture(scope="module")
@@ -254,3 +279,17 @@ def test_crossover_is_interpolated_and_bracketed():
     assert c["interval"] == [0.125, 2.0] and "wins below" in c["statement"]
     none = crossover([{**d, "rsum_diff": -abs(d["rsum_diff"]) - 1} for d in diffs])
     assert none["estimate"] is None and "loses at every budget" in none["statement"]
+
+
+def test_reading_tower_sweep_runs_beside_the_locked_one_on_the_same_pool(budget, spark):
+    """--tower reading reuses the pool (noise, filter runs, teacher features), writes its own runs and
+    results, and every model is scored on clean dev and both probe variants."""
+    from experiments.budget import parse_config, run_budget_sweep
+    out, _, _ = budget
+    bcfg, _ = parse_config(["--scale", "smoke", "--tower", "reading", "--arms", "noisy,masked", "--budgets", "2"])
+    summary = run_budget_sweep(out, bcfg, FLICKR8K, spark=spark)
+    assert {(r["arm"], r["budget"]) for r in summary["runs"]} == {("noisy", 2.0), ("masked", 2.0)}
+    assert (out / "work" / "runs-reading" / "budget2" / "masked" / "seed0" / "train_summary.json").is_file()
+    assert (out / "results-reading" / "budget.md").is_file() and (out / "results" / "budget.md").is_file()
+    assert summary["config"]["base"]["image_tower"] == "reading"
+    assert "masked - noisy" in summary["comparisons"] and len(summary["reading_index"]) == 2
