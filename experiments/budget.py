@@ -176,7 +176,9 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
     if bcfg.probe:
         for (arm, budget), by_set in sorted(ranks.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             reading.append({"arm": arm, "budget": budget, **{
-                name: paired_bootstrap(by_set[name], by_set["clean"], t2i_dev) for name in PROBES}})
+                name: paired_bootstrap(by_set[name], by_set["clean"], t2i_dev) for name in PROBES},
+                # drawn words cover pixels either way: own - unrelated is what reading alone adds
+                "own_minus_unrelated": paired_bootstrap(by_set["own_text"], by_set["unrelated_text"], t2i_dev)})
     pool.timings["total"] = round(time.time() - t_start, 1)
     summary = {"config": _jsonable(asdict(bcfg)), "n_pool_pairs": n_pool,
                "arm_pairs": {a: s["n_pairs"] for a, s in pool.arms.items()},
@@ -276,12 +278,14 @@ def budget_markdown(summary: dict) -> str:
                   f"{d['p_two_sided']:.3f} |" for d in rows] + [""]
     if summary["reading_index"]:
         lines += ["Reading index (RSUM on dev with text drawn on the photos minus clean dev; own caption's words: a "
-                  "reader gains; an unrelated caption's words: a reader loses):", "",
-                  "| arm | budget | own text - clean [95% CI] | unrelated text - clean [95% CI] |", "|---|---|---|---|"]
+                  "reader gains; an unrelated caption's words: a reader loses; both lose the covered pixels, so own - "
+                  "unrelated > 0 is the sign of reading):", "",
+                  "| arm | budget | own text - clean [95% CI] | unrelated text - clean [95% CI] | own - unrelated [95% CI] |",
+                  "|---|---|---|---|---|"]
         for r in summary["reading_index"]:
-            own, att = r["own_text"], r["unrelated_text"]
-            lines.append(f"| {r['arm']} | {r['budget']:g} | {own['rsum_diff']:+.1f} [{own['ci95'][0]:+.1f}, "
-                         f"{own['ci95'][1]:+.1f}] | {att['rsum_diff']:+.1f} [{att['ci95'][0]:+.1f}, {att['ci95'][1]:+.1f}] |")
+            cells = [f"{d['rsum_diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+                     for d in (r["own_text"], r["unrelated_text"], r["own_minus_unrelated"])]
+            lines.append(f"| {r['arm']} | {r['budget']:g} | " + " | ".join(cells) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), "",
               f"Command: `{summary['command']}`", ""]
     return "\n".join(lines)

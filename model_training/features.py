@@ -24,8 +24,10 @@ each cached vector also carries a 96x96 grayscale thumbnail (rendered 8-14%-of-h
 there, 64 px is not), and FeatureHead adds a small trainable CNN over it (GlyphCNN) to the MLP over the
 teacher's features. The teacher part is copied from an existing cache of the same teacher (--reuse), so
 adding glyphs costs a JPEG decode per image. The experiment's reading probe (experiments/budget.py)
-measures whether a model trained this way reads. The export holds the open_clip text tower plus feature_head.pt: it embeds images only
-from the same teacher's features (say so when sharing it).
+measures whether a model trained this way reads.
+
+The export holds the open_clip text tower plus feature_head.pt: it embeds images only from the same
+teacher's features (say so when sharing it).
 """
 from __future__ import annotations
 
@@ -125,18 +127,17 @@ class _WithGlyphs:
     def embed_bytes(self, blobs: list[bytes], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
         glyphs, errors = glyph_thumbnails(blobs, self.side)
         ok = [i for i in range(len(blobs)) if i not in errors]
-        found = [self.reuse.get(blobs[i]) if self.reuse is not None else None for i in ok]
-        todo = [j for j, v in enumerate(found) if v is None]
+        found = {i: self.reuse.get(blobs[i]) if self.reuse is not None else None for i in ok}
+        todo = [i for i, v in found.items() if v is None]
         if todo:
             self._teacher = self._teacher or self._load()
-            emb, bad = self._teacher.embed_bytes([blobs[ok[j]] for j in todo], batch_size)
-            if bad:   # thumbnails decoded but the teacher's guarded decoder refused: undecodable for both
-                raise ValueError(f"{len(bad)} images decode as thumbnails but not for the teacher: {list(bad.values())[:1]}")
-            for j, v in zip(todo, emb):
-                found[j] = v
-        vecs = np.concatenate([np.stack(found).astype(np.float32), glyphs], axis=1) if ok else \
-            np.zeros((0, self.embed_dim), np.float32)
-        return vecs, errors
+            emb, bad = self._teacher.embed_bytes([blobs[i] for i in todo], batch_size)
+            errors.update({todo[j]: msg for j, msg in bad.items()})   # the teacher's guarded decoder refused it
+            found.update(zip([i for j, i in enumerate(todo) if j not in bad], emb))
+        keep = [k for k, i in enumerate(ok) if i not in errors]
+        if not keep:
+            return np.zeros((0, self.embed_dim), np.float32), errors
+        return np.concatenate([np.stack([found[ok[k]] for k in keep]).astype(np.float32), glyphs[keep]], axis=1), errors
 
 
 def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "efficientnet-lite0",

@@ -151,7 +151,7 @@ def smoke_note(n_holdout: int, samples_seen: int, rsum: float, chance_rsum: floa
         return f"[train-eval] held-out RSUM {rsum:.1f} vs chance {chance_rsum:.1f}"
     return (f"[train-eval] SMOKE TEST: {n_holdout} held-out pairs, {samples_seen} samples seen, RSUM {rsum:.1f} vs "
             f"chance {chance_rsum:.1f}. This checks that filter -> train -> eval work end to end; it measures "
-            "nothing. For a run that means something: `make experiment` (Flickr8k, real photos, every arm; "
+            "nothing. For a run that means something: `make experiment` (Flickr8k, real photos, arms over training budgets; "
             "reads ../shared/data/flickr8k or FLICKR8K=<folder with Flickr8k.token.txt + Flickr_8k.*Images.txt + "
             "images>, or dataset_flickr8k.json).")
 

@@ -264,7 +264,7 @@ def test_reading_probe_draws_text_and_scores_every_model(budget):
         assert {"rsum", "own_text_rsum", "unrelated_text_rsum"} <= set(r)
     assert len(summary["reading_index"]) == len(summary["runs"])   # one seed: one row per arm and budget
     for r in summary["reading_index"]:
-        for name in PROBES:
+        for name in PROBES + ("own_minus_unrelated",):
             assert r[name]["ci95"][0] <= r[name]["rsum_diff"] <= r[name]["ci95"][1]
 
 
