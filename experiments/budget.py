@@ -121,8 +121,23 @@ def steps_for(budget: float, n_pairs: int, batch_size: int) -> int:
 def _budget_job(job):
     cfg, budget, arm, spec, seed, run_dir, sets, features = job
     summary = train_arm(cfg, spec, seed, run_dir, features)
-    scores = {name: evaluate_run(cfg, run_dir, cs, features) for name, cs in sets.items()}
+    scores = {name: _scores(cfg, run_dir, name, cs, features) for name, cs in sets.items()}
     return budget, arm, seed, summary, scores
+
+
+def _scores(cfg, run_dir: Path, name: str, cs, features):
+    """evaluate_run, kept beside the run (metrics and ranks): a rerun that changes only the report re-reads
+    them instead of evaluating every model again."""
+    path = run_dir / f"eval_{name}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            if len(z["t2i"]) == len(cs.captions):
+                return json.loads(str(z["metrics"])), z["i2t"], z["t2i"]
+    metrics, i2t, t2i = evaluate_run(cfg, run_dir, cs, features)
+    tmp = run_dir / f"eval_{name}.tmp.npz"
+    np.savez(tmp, metrics=json.dumps(metrics), i2t=i2t, t2i=t2i)
+    tmp.replace(path)
+    return metrics, i2t, t2i
 
 
 def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flickr8k: str | Path = DEFAULT_FLICKR8K,
@@ -351,7 +366,7 @@ def parse_config(argv=None) -> tuple[BudgetConfig, argparse.Namespace]:
 def main(argv=None):
     bcfg, a = parse_config(argv)
     run_budget_sweep(a.out, bcfg, a.flickr8k)
-    print((Path(a.out) / "results" / "budget.md").read_text())
+    print((Path(a.out) / RESULTS[bcfg.base.image_tower] / "budget.md").read_text())
 
 
 if __name__ == "__main__":
