@@ -56,7 +56,7 @@ T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9
 class BudgetConfig:
     base: ExperimentConfig = field(default_factory=lambda: ExperimentConfig(
         noise=NoiseConfig(photos=0), arms=("clean", "noisy", "filtered", "random", "filtered_distill", "masked")))
-    # x the noisy pool's pairs, in samples seen: 1/8 sees each filtered pair about once at most, 8 about 16
+    # x the noisy pool's pairs, in samples seen: 1/8 sees each filtered pair once at most, 8 about 17
     # times; factor-4 steps span Goyal et al.'s regimes at a cost 2 cores can pay (each doubling of the top
     # budget doubles the training time)
     budgets: tuple = (0.125, 0.5, 2.0, 8.0)
