@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.flickr8k import (GLYPH_SIDE, ExperimentConfig, _jsonable, _map_runs, evaluate_run, machine, paired_bootstrap,
-                                  prepare_pool, train_arm)
+from experiments.flickr8k import (ExperimentConfig, _jsonable, _map_runs, cache_tower_features, evaluate_run, machine,
+                                  paired_bootstrap, prepare_pool, train_arm)
 from experiments.webnoise import DEFAULT_FLICKR8K, NoiseConfig, caption_phrase, encode_jpeg
 
 PROBES = ("own_text", "unrelated_text")
@@ -142,7 +142,6 @@ def _scores(cfg, run_dir: Path, name: str, cs, features):
 
 def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flickr8k: str | Path = DEFAULT_FLICKR8K,
                      spark=None) -> dict:
-    from model_training.features import cache_features
     out, cfg = Path(out), bcfg.base
     t_start = time.time()
     pool = prepare_pool(out, cfg, flickr8k, spark)
@@ -151,10 +150,8 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
     if bcfg.probe:
         sets.update(probe_sets(pool.dev, cfg.noise.seed))
         if cfg.image_tower != "full":
-            probes = [str(_write_images(sets[p], out / "work" / f"probe_{p}.parquet")) for p in PROBES]
-            cache_features(probes, out / "work" / "features")
-            if cfg.image_tower == "reading":
-                cache_features(probes, pool.features, glyph_side=GLYPH_SIDE, reuse=out / "work" / "features")
+            cache_tower_features([str(_write_images(sets[p], out / "work" / f"probe_{p}.parquet")) for p in PROBES],
+                                 out / "work", cfg.image_tower)
     jobs = []
     for budget in bcfg.budgets:
         steps = steps_for(budget, n_pool, cfg.batch_size)
@@ -265,6 +262,16 @@ def write_budget_results(summary: dict, out: Path) -> None:
     plot_budget(summary, out / "budget.png")
 
 
+def _ci(d: dict) -> str:
+    return f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+
+
+def _diff_table(rows: list[dict]) -> list[str]:
+    """Paired differences per budget as markdown rows."""
+    return ["| budget | RSUM diff | 95% CI | p |", "|---|---|---|---|"] + [
+        f"| {d['budget']:g} | {d['rsum_diff']:+.1f} | {_ci(d)} | {d['p_two_sided']:.3f} |" for d in rows]
+
+
 def budget_markdown(summary: dict) -> str:
     m, cfg = summary["machine"], summary["config"]["base"]
     lines = [f"# When does filtering pay? {summary['n_pool_pairs']:,} noisy Flickr8k pairs, budgets in samples seen",
@@ -281,16 +288,11 @@ def budget_markdown(summary: dict) -> str:
                  if (a, budget) in by else "-" for a in summary["arm_pairs"]]
         seen = next((b["samples_seen"] for b in summary["bands"] if b["budget"] == budget), "-")
         lines.append(f"| {budget:g} | {seen:,} | " + " | ".join(cells) + " |")
-    lines += ["", "filtered - noisy (paired bootstrap over dev images, seeds averaged):", "",
-              "| budget | RSUM diff | 95% CI | p |", "|---|---|---|---|"]
-    for d in summary["filtered_minus_noisy"]:
-        lines.append(f"| {d['budget']:g} | {d['rsum_diff']:+.1f} | [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] | "
-                     f"{d['p_two_sided']:.3f} |")
+    lines += ["", "filtered - noisy (paired bootstrap over dev images, seeds averaged):", ""]
+    lines += _diff_table(summary["filtered_minus_noisy"])
     lines += ["", f"Crossover: {summary['crossover']['statement']}.", ""]
     for name, rows in summary.get("comparisons", {}).items():
-        lines += [f"{name} (paired bootstrap):", "", "| budget | RSUM diff | 95% CI | p |", "|---|---|---|---|"]
-        lines += [f"| {d['budget']:g} | {d['rsum_diff']:+.1f} | [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] | "
-                  f"{d['p_two_sided']:.3f} |" for d in rows] + [""]
+        lines += [f"{name} (paired bootstrap):", ""] + _diff_table(rows) + [""]
     if summary["reading_index"]:
         lines += ["Reading index (RSUM on dev with text drawn on the photos minus clean dev; own caption's words: a "
                   "reader gains; an unrelated caption's words: a reader loses; both lose the covered pixels, so own - "
@@ -298,8 +300,7 @@ def budget_markdown(summary: dict) -> str:
                   "| arm | budget | own text - clean [95% CI] | unrelated text - clean [95% CI] | own - unrelated [95% CI] |",
                   "|---|---|---|---|---|"]
         for r in summary["reading_index"]:
-            cells = [f"{d['rsum_diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
-                     for d in (r["own_text"], r["unrelated_text"], r["own_minus_unrelated"])]
+            cells = [f"{d['rsum_diff']:+.1f} {_ci(d)}" for d in (r["own_text"], r["unrelated_text"], r["own_minus_unrelated"])]
             lines.append(f"| {r['arm']} | {r['budget']:g} | " + " | ".join(cells) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), "",
               f"Command: `{summary['command']}`", ""]

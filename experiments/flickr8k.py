@@ -327,12 +327,22 @@ class Pool:
     timings: dict
 
 
+def cache_tower_features(images: list[str], work: Path, tower: str) -> Path:
+    """The feature cache the image tower reads, extended by `images`: the teacher's vectors (locked), and for
+    the reading tower the same vectors copied with a glyph thumbnail appended. Returns its folder."""
+    from model_training.features import cache_features
+    cache_features(images, work / "features")
+    if tower != "reading":
+        return work / "features"
+    cache_features(images, work / f"features-glyphs{GLYPH_SIDE}", glyph_side=GLYPH_SIDE, reuse=work / "features")
+    return work / f"features-glyphs{GLYPH_SIDE}"
+
+
 def prepare_pool(out: Path, cfg: ExperimentConfig, flickr8k: str | Path, spark=None) -> Pool:
     """Noise model -> real filter runs -> distillation -> arm shards -> dev -> feature cache (LiT), each
     step skipped when its output is there."""
     from jobs.distill_labels import distill_labels
     from model_training.caption_sets import load_flickr8k
-    from model_training.features import cache_features
 
     work = out / "work"
     t_start = time.time()
@@ -367,10 +377,7 @@ def prepare_pool(out: Path, cfg: ExperimentConfig, flickr8k: str | Path, spark=N
     if cfg.image_tower != "full":
         write_dev_images(dev, work / "dev_images.parquet")
         images = [str(noisy)] + [str(a["shards"]) for a in arms.values()] + [str(work / "dev_images.parquet")]
-        cache_features(images, features)
-        if cfg.image_tower == "reading":   # the teacher's vectors copied from the locked cache, plus thumbnails
-            features = work / f"features-glyphs{GLYPH_SIDE}"
-            cache_features(images, features, glyph_side=GLYPH_SIDE, reuse=work / "features")
+        features = cache_tower_features(images, work, cfg.image_tower)
     timings["image_features"] = round(time.time() - t, 1)
     return Pool(noisy, info_path, noise_of, filters, arms, dev, features, timings)
 
