@@ -112,3 +112,21 @@ def test_early_errors(data, tmp_path):
         ShardStream([tmp_path / "nojpg.parquet"], None, 48, 4)
     with pytest.raises(FileNotFoundError, match="no Parquet shards"):
         list_shards(tmp_path / "missing")
+
+
+def test_cached_tokenizer_matches_open_clip_and_stays_bounded():
+    import pickle
+
+    import open_clip
+    import torch
+
+    from model_training.models import CachedTokenizer
+    plain = open_clip.get_tokenizer("catclip-micro")
+    tok = CachedTokenizer(plain, max_entries=3)
+    captions = ["A dog runs.", "two people on a BEACH!", "A dog runs.", "café &amp; bar", "a b c", "d"]
+    for _ in range(2):    # misses, then hits: the same rows either way
+        assert torch.equal(tok(captions), plain(captions))
+        assert len(tok._rows) <= 3
+    assert torch.equal(tok("a cat"), plain("a cat"))
+    assert tok.encode("a cat") == plain.encode("a cat")        # the rest is the wrapped tokenizer's
+    assert torch.equal(pickle.loads(pickle.dumps(tok))(captions), plain(captions))   # loader workers
