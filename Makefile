@@ -65,7 +65,8 @@ train-eval: $(VENV)/.installed
 experiment: $(VENV)/.installed
 	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment-budget --out "$$CC_EXPERIMENT_OUT" --flickr8k "$$CC_FLICKR8K"
 
-# The same pool with the tower that can learn to read (a CNN over 96-px thumbnails): OUT/results-reading/
+# The same pool with a tower that reads (the words the text spotter reads, beside the locked features;
+# EXPERIMENT_ARGS="--tower glyphs": a CNN over 96-px thumbnails that may learn to): OUT/results-ocr/
 experiment-reading: $(VENV)/.installed
 	$(call ARGS,EXPERIMENT_ARGS) $(CATCURATE) experiment-budget --scale reading --out "$$CC_EXPERIMENT_OUT" --flickr8k "$$CC_FLICKR8K"
 

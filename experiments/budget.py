@@ -3,7 +3,7 @@
     make experiment                                             # the whole pool, every budget, 3 seeds, locked tower
     .venv/bin/catcurate experiment-budget --out out/experiment [--budgets 0.125,0.5,2,8 --seeds 3]
     .venv/bin/catcurate experiment-budget --out out/budget-tiny --scale smoke    # what `make test` runs
-    make experiment-reading                                     # the tower that can learn to read (--scale reading)
+    make experiment-reading                                     # a tower that reads (--scale reading: --tower ocr)
 
 The pool is made once (experiments.flickr8k.prepare_pool: noise model, the real filter job, distillation,
 the LiT feature cache) and reused by every budget, arm and seed; a rerun reuses finished runs. A budget
@@ -43,8 +43,8 @@ from experiments.webnoise import DEFAULT_FLICKR8K, NoiseConfig, caption_phrase, 
 
 PROBES = ("own_text", "unrelated_text")
 # one pool (noise, filter runs, distillation, teacher features) serves both towers; their runs and results don't mix
-RUNS = {"locked": "runs", "reading": "runs-reading", "full": "runs-full"}
-RESULTS = {"locked": "results", "reading": "results-reading", "full": "results-full"}
+RUNS = {"locked": "runs", "glyphs": "runs-glyphs", "ocr": "runs-ocr", "full": "runs-full"}
+RESULTS = {"locked": "results", "glyphs": "results-glyphs", "ocr": "results-ocr", "full": "results-full"}
 # paired differences reported per budget beside filtered - noisy: which pairs vs how many, mask vs drop,
 # what distillation adds
 COMPARISONS = (("filtered", "random"), ("masked", "filtered"), ("masked", "noisy"), ("filtered_distill", "filtered"),
@@ -69,9 +69,10 @@ class BudgetConfig:
 
 SCALES = {
     "cpu": {},
-    # the tower that can learn to read (a GlyphCNN beside the locked features): does the noisy arm's model read,
-    # and what do text spotting, its mask and the whole filter do then
-    "reading": {"base": ExperimentConfig(noise=NoiseConfig(photos=0), image_tower="reading",
+    # a tower that reads (the text spotter's words beside the locked features; --tower glyphs: a CNN that may
+    # learn to read, and on 2 cores does not): does the noisy arm's model read, and what do text spotting, its
+    # mask and the whole filter do then
+    "reading": {"base": ExperimentConfig(noise=NoiseConfig(photos=0), image_tower="ocr",
                                          arms=("noisy", "filtered", "textspot_only", "masked")),
                 "budgets": (0.5, 2.0), "side_arms": ()},
     "smoke": {"base": ExperimentConfig(noise=NoiseConfig(photos=40, text_shortcut=0.3, misaligned=0.2,
@@ -345,8 +346,9 @@ def parse_config(argv=None) -> tuple[BudgetConfig, argparse.Namespace]:
                     f"{','.join(BudgetConfig.side_arms)}) run (default: "
                     f"{','.join(f'{b:g}' for b in BudgetConfig.side_budgets)})")
     ap.add_argument("--tower", choices=sorted(RUNS), default=None,
-                    help="image tower: locked (LiT, cannot read), reading (+ a CNN over 96-px thumbnails: can learn "
-                         "to read), full (from scratch; a GPU) (default: the scale's, locked for cpu)")
+                    help="image tower: locked (LiT, cannot read), glyphs (+ a CNN over 96-px thumbnails: may learn "
+                         "to read), ocr (+ the words the text spotter reads: learns whether to trust them), full "
+                         "(from scratch; a GPU) (default: the scale's: locked for cpu, ocr for reading)")
     ap.add_argument("--no-probe", action="store_true", help="skip the reading probe's two dev variants")
     a = ap.parse_args(argv)
     bcfg = replace(BudgetConfig(), **SCALES[a.scale])

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from experiments.webnoise import DEFAULT_FLICKR8K, NOISE_TYPES, NoiseConfig, make_noisy_set
 
 ARMS = ("clean", "noisy", "filtered", "random", "filtered_distill", "caption_only", "textspot_only", "masked")
-GLYPH_SIDE = 96   # the reading tower's thumbnail: drawn words (8-14% of the height) legible, 64 px is not
+GLYPH_SIDE = 96   # the glyphs tower's thumbnail: drawn words (8-14% of the height) legible, 64 px is not
 FILTER_RUNS = {"filtered": "full", "caption_only": "caption_only", "textspot_only": "textspot_only"}
 
 
@@ -62,9 +62,11 @@ class ExperimentConfig:
     arms: tuple = ARMS
     seeds: int = 3                  # seeds per arm: init, data order (paired across arms by seed)
     model: str = "catclip-micro"    # text tower (2 layers, width 64) and image tower when image_tower == "full"
-    # locked: LiT over cached EfficientNet-Lite0 features (cannot read) | reading: the same plus a small
-    # trainable CNN over a 96-px grayscale thumbnail, where drawn words are legible (a tower that can learn
-    # to read, model_training.features.GlyphCNN) | full: the model's own image tower from scratch (GPU)
+    # locked: LiT over cached EfficientNet-Lite0 features (cannot read) | glyphs: the same plus a small
+    # trainable CNN over a 96-px grayscale thumbnail, where drawn words are legible (a tower that may learn
+    # to read, model_training.features.GlyphCNN; on 2 cores it does not) | ocr: the same plus the words the
+    # text spotter reads, embedded with the text tower's token table (a tower given a reader, which learns
+    # whether to trust it: model_training.features.TokenReader) | full: the model's own tower from scratch (GPU)
     image_tower: str = "locked"
     steps: int = 400                # same samples seen in every arm: steps x batch_size
     batch_size: int = 256
@@ -217,7 +219,8 @@ def evaluate_run(cfg: ExperimentConfig, run_dir: Path, dev, features: Path):
     ckpt = find_checkpoint(run_dir, "latest")   # by step, as the trainer orders them
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cache = FeatureCache(features) if cfg.image_tower != "full" else None
-    model = build_model(cfg.model, image_feature_dim=cache.dim if cache else 0, glyph_side=cache.glyph_side if cache else 0)
+    model = build_model(cfg.model, image_feature_dim=cache.dim if cache else 0, glyph_side=cache.glyph_side if cache else 0,
+                        ocr_tokens=cache.ocr_tokens if cache else 0)
     model.load_state_dict({k[len("model."):]: v for k, v in state["trainee"].items() if k.startswith("model.")})
     model.eval()
     with torch.no_grad():
@@ -327,15 +330,39 @@ class Pool:
     timings: dict
 
 
+OCR_TOKENS = 16   # word pieces kept of what the spotter reads: the noise model draws 1-4 words
+
+
 def cache_tower_features(images: list[str], work: Path, tower: str) -> Path:
     """The feature cache the image tower reads, extended by `images`: the teacher's vectors (locked), and for
-    the reading tower the same vectors copied with a glyph thumbnail appended. Returns its folder."""
+    the glyphs / ocr towers the same vectors copied with a glyph thumbnail / the read words' token ids
+    appended (ocr reuses what the pool's filter runs read). Returns its folder."""
     from model_training.features import cache_features
     cache_features(images, work / "features")
-    if tower != "reading":
-        return work / "features"
-    cache_features(images, work / f"features-glyphs{GLYPH_SIDE}", glyph_side=GLYPH_SIDE, reuse=work / "features")
-    return work / f"features-glyphs{GLYPH_SIDE}"
+    if tower == "glyphs":
+        folder = work / f"features-glyphs{GLYPH_SIDE}"
+        cache_features(images, folder, glyph_side=GLYPH_SIDE, reuse=work / "features")
+    elif tower == "ocr":
+        folder = work / f"features-ocr{OCR_TOKENS}"
+        ocr_from = sorted(p for p in (work / "filter").glob("*") if (p / "ocr").is_dir())
+        cache_features(images, folder, ocr_tokens=OCR_TOKENS, reuse=work / "features", ocr_from=ocr_from)
+    else:
+        folder = work / "features"
+    return folder
+
+
+def noisy_pool(work: Path, cfg: ExperimentConfig, flickr8k: str | Path) -> tuple[Path, Path]:
+    """WORK/noisy/train.parquet and its noise.json, made by the noise model unless there for this config."""
+    noisy_dir = work / "noisy"
+    info_path = noisy_dir / "noise.json"
+    if not info_path.is_file() or json.loads(info_path.read_text())["config"] != asdict(cfg.noise):
+        make_noisy_set(noisy_dir, cfg.noise, flickr8k)
+    return noisy_dir / "train.parquet", info_path
+
+
+def _experiment_spark(cfg: ExperimentConfig):
+    from jobs.spark import get_spark
+    return get_spark("experiment", cfg.spark_master)
 
 
 def prepare_pool(out: Path, cfg: ExperimentConfig, flickr8k: str | Path, spark=None) -> Pool:
@@ -347,18 +374,12 @@ def prepare_pool(out: Path, cfg: ExperimentConfig, flickr8k: str | Path, spark=N
     work = out / "work"
     t_start = time.time()
     timings = {}
-    noisy_dir = work / "noisy"
-    info_path = noisy_dir / "noise.json"
-    if not info_path.is_file() or json.loads(info_path.read_text())["config"] != asdict(cfg.noise):
-        make_noisy_set(noisy_dir, cfg.noise, flickr8k)
-    noisy = noisy_dir / "train.parquet"
+    noisy, info_path = noisy_pool(work, cfg, flickr8k)
     noisy_rows = _read(noisy)
     noise_of = {r["key"]: r["noise"] for r in noisy_rows}
     timings["noise_model"] = round(time.time() - t_start, 1)
 
-    if spark is None:
-        from jobs.spark import get_spark
-        spark = get_spark("experiment", cfg.spark_master)
+    spark = spark or _experiment_spark(cfg)
     t = time.time()
     filters = run_filters(cfg, noisy, work, spark)
     timings["filters"] = round(time.time() - t, 1)
@@ -433,16 +454,10 @@ def run_detector(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(),
     from experiments.report import detector_markdown, write_detector_csv
 
     out, t_start = Path(out), time.time()
-    noisy_dir = out / "work" / "noisy"
-    info_path = noisy_dir / "noise.json"
-    if not info_path.is_file() or json.loads(info_path.read_text())["config"] != asdict(cfg.noise):
-        make_noisy_set(noisy_dir, cfg.noise, flickr8k)
-    noise_of = {r["key"]: r["noise"] for r in _read(noisy_dir / "train.parquet")}
-    if spark is None:
-        from jobs.spark import get_spark
-        spark = get_spark("experiment", cfg.spark_master)
+    noisy, info_path = noisy_pool(out / "work", cfg, flickr8k)
+    noise_of = {r["key"]: r["noise"] for r in _read(noisy)}
     filters = run_filters(replace(cfg, arms=("filtered", "caption_only", "textspot_only", "masked")),
-                          noisy_dir / "train.parquet", out / "work", spark)
+                          noisy, out / "work", spark or _experiment_spark(cfg))
     summary = {"noise": json.loads(info_path.read_text()), "detector": detector_table(filters, noise_of),
                "textspot_detector": textspot_scores(filters, noise_of),
                "filter_stats": {name: json.loads((p / "stats.json").read_text()) for name, p in filters.items()},

@@ -26,6 +26,15 @@ teacher's features. The teacher part is copied from an existing cache of the sam
 adding glyphs costs a JPEG decode per image. The experiment's reading probe (experiments/budget.py)
 measures whether a model trained this way reads.
 
+A glyph CNN trained from scratch on 2 cores does not learn to read within the experiment's budgets
+(docs/evaluation.md). `--ocr-tokens 16` (cache_features(ocr_tokens=16)) gives the tower a reader instead:
+each vector also carries the BPE ids (open_clip's tokenizer, -1 padded) of the words the product's text
+spotter reads in the image (confidence >= its min_conf, reading order), taken from the filter's own OCR
+store (`--ocr-from` filter outputs, by image digest) where it read those bytes, else spotted here.
+FeatureHead embeds them with the text tower's own token table (tied) and adds a learned projection of
+their mean: whether the model trusts what it reads is what training decides - as in a large CLIP, which
+has learned to read (Materzynska et al. 2022) - and the reading probe measures it.
+
 The export holds the open_clip text tower plus feature_head.pt: it embeds images only from the same
 teacher's features (say so when sharing it).
 """
@@ -59,6 +68,7 @@ class FeatureCache:
         self.meta = storage.read_json(meta)
         self.dim = int(self.meta["embed_dim"])
         self.glyph_side = int(self.meta.get("glyph_side", 0))   # > 0: the vectors end in a glyph thumbnail
+        self.ocr_tokens = int(self.meta.get("ocr_tokens", 0))   # > 0: ... or in the token ids of the words read
         self.vectors: dict[bytes, np.ndarray] = {}
         for path in feature_files(self.folder):
             t = storage.read_parquet(path)
@@ -109,23 +119,101 @@ def glyph_thumbnails(blobs: list[bytes], side: int) -> tuple[np.ndarray, dict[in
     return (np.stack(out) if out else np.zeros((0, side * side), np.float32)), errors
 
 
-class _WithGlyphs:
-    """A teacher whose vectors end in a glyph thumbnail; the teacher part comes from `reuse` (a cache of
-    the same teacher) where it is there, else from the teacher, loaded only if needed."""
+def _reading_order(detections) -> list:
+    """Lines top to bottom (a line at its highest word), words left to right; unlined words are lines."""
+    def line_of(k, d):
+        return d.line if d.line >= 0 else -1 - k
+    top = {}
+    for k, d in enumerate(detections):
+        top[line_of(k, d)] = min(top.get(line_of(k, d), float("inf")), d.box[1] if d.box else 0.0)
+    order = sorted(range(len(detections)), key=lambda k: (top[line_of(k, detections[k])], line_of(k, detections[k]),
+                                                         detections[k].box[0] if detections[k].box else 0.0))
+    return [detections[k] for k in order]
 
-    def __init__(self, teacher: str, side: int, reuse: FeatureCache | None, device: str | None):
+
+def stored_detections(filter_outputs: list[str | Path]) -> dict[bytes, list]:
+    """image digest -> the detections (textspot.Detection) the filter stored for those bytes in
+    OUTPUT/ocr/ (schemas.OCR) of each filter output; later outputs do not override earlier ones."""
+    from pipeline.filter.textspot import Detection
+    found: dict[bytes, list] = {}
+    for folder in filter_outputs:
+        for path in storage.files(storage.join(storage.normalize(str(folder)), "ocr"), ".parquet"):
+            t = storage.read_parquet(path, columns=["digest", "detections"])
+            for digest, dets in zip(t.column("digest").to_pylist(), t.column("detections").to_pylist()):
+                if digest is not None and digest not in found:
+                    found[digest] = [Detection(d["text"], d["conf"], (d["x0"], d["y0"], d["x1"], d["y1"]), d["line"])
+                                     for d in dets]
+    return found
+
+
+def read_token_ids(blobs: list[bytes], n_tokens: int, known: dict[bytes, list] | None = None
+                   ) -> tuple[np.ndarray, dict[int, str]]:
+    """Encoded images -> [n, n_tokens] BPE ids (open_clip's tokenizer, -1 padded) of the words the text spotter
+    (TextSpotParams() defaults) reads with confidence >= min_conf, in reading order; detections in `known`
+    (by digest) are reused, the rest spotted here. {input index: error} for the undecodable ones."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from pipeline.filter.spotting import get_spotter
+    from pipeline.filter.textspot import TextSpotParams
+    from pipeline.media.images import decode_image
+    params, known = TextSpotParams(), known or {}
+    detections, errors, todo = {}, {}, {}
+    for i, jpg in enumerate(blobs):
+        d = image_digest(jpg)
+        if d in known:
+            detections[i] = known[d]
+            continue
+        try:
+            todo[i] = decode_image(jpg).array()
+        except Exception as exc:  # noqa: BLE001 - counted as undecodable, as the teacher counts them
+            errors[i] = str(exc)[:1000]
+    if todo:
+        spotter, idx = get_spotter(params), list(todo)
+        for start in range(0, len(idx), 32):
+            batch = idx[start:start + 32]
+            detections.update(zip(batch, spotter.spot([todo[i] for i in batch])))
+    tokenizer = SimpleTokenizer()
+    ids = np.full((len(blobs), n_tokens), -1, np.int64)
+    for i, dets in detections.items():
+        words = [d.text for d in _reading_order([d for d in dets if d.conf >= params.min_conf])]
+        read = tokenizer.encode(" ".join(words))[:n_tokens] if words else []
+        ids[i, :len(read)] = read
+    ok = [i for i in range(len(blobs)) if i not in errors]
+    return split_token_ids(ids[ok]), errors
+
+
+# The cache stores float16, exact for integers up to 2048 only: an id (< 49408) is kept as id // 256 and
+# id % 256, both exact; -1 (padding) as -1, -1.
+def split_token_ids(ids: np.ndarray) -> np.ndarray:
+    """[n, k] int ids (-1 = none) -> [n, 2k] float32: k high parts, then k low parts."""
+    pad = ids < 0
+    return np.concatenate([np.where(pad, -1, ids // 256), np.where(pad, -1, ids % 256)], axis=1).astype(np.float32)
+
+
+def join_token_ids(parts: torch.Tensor) -> torch.Tensor:
+    """split_token_ids' inverse on a [B, 2k] tensor: [B, k] long ids, -1 where none."""
+    hi, lo = parts.round().long().chunk(2, dim=1)
+    return torch.where(hi < 0, -1, hi * 256 + lo)
+
+
+class _WithExtras:
+    """A teacher whose vectors end in extra columns (a glyph thumbnail, or the token ids of the words read);
+    the teacher part comes from `reuse` (a cache of the same teacher) where it is there, else from the
+    teacher, loaded only if needed. extras(blobs) -> ([n_ok, extra_dim], {index: error})."""
+
+    def __init__(self, teacher: str, extras, extra_dim: int, reuse: FeatureCache | None, device: str | None):
         from pipeline.distill.teacher import load_teacher
-        self.side, self.reuse, self._load = side, reuse, lambda: load_teacher(teacher, device)
+        self.extras, self.reuse, self._load = extras, reuse, lambda: load_teacher(teacher, device)
         self._teacher = None if reuse is not None else self._load()
         self.meta = reuse.meta["teacher"] if reuse is not None else self._teacher.describe()
         self.teacher_dim = reuse.dim if reuse is not None else self._teacher.embed_dim
-        self.embed_dim = self.teacher_dim + side * side
+        self.embed_dim = self.teacher_dim + extra_dim
 
     def describe(self) -> dict:
         return self.meta
 
     def embed_bytes(self, blobs: list[bytes], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
-        glyphs, errors = glyph_thumbnails(blobs, self.side)
+        extra, errors = self.extras(blobs)
         ok = [i for i in range(len(blobs)) if i not in errors]
         found = {i: self.reuse.get(blobs[i]) if self.reuse is not None else None for i in ok}
         todo = [i for i, v in found.items() if v is None]
@@ -137,15 +225,18 @@ class _WithGlyphs:
         keep = [k for k, i in enumerate(ok) if i not in errors]
         if not keep:
             return np.zeros((0, self.embed_dim), np.float32), errors
-        return np.concatenate([np.stack([found[ok[k]] for k in keep]).astype(np.float32), glyphs[keep]], axis=1), errors
+        return np.concatenate([np.stack([found[ok[k]] for k in keep]).astype(np.float32), extra[keep]], axis=1), errors
 
 
 def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "efficientnet-lite0",
                    column: str = "jpg", batch_size: int = 64, device: str | None = None,
-                   glyph_side: int = 0, reuse: str | Path | None = None) -> dict:
+                   glyph_side: int = 0, reuse: str | Path | None = None, ocr_tokens: int = 0,
+                   ocr_from: list[str | Path] = ()) -> dict:
     """Embed every distinct image of the Parquet file(s) not yet in OUT with the frozen teacher.
-    glyph_side > 0 appends a glyph thumbnail to every vector (the reading tower), taking the teacher's
-    part from the cache at `reuse` where it has the image."""
+    glyph_side > 0 appends a glyph thumbnail to every vector (a tower that may learn to read); ocr_tokens > 0
+    appends the token ids of the words the text spotter reads (a tower given a reader), reusing the OCR
+    stored by the filter outputs in `ocr_from`. Either takes the teacher's part from the cache at `reuse`
+    where it has the image."""
     from tqdm import tqdm
 
     from model_training.data import list_shards
@@ -158,9 +249,11 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
     meta_path = storage.join(out, "meta.json")
     if storage.isfile(meta_path):
         meta = storage.read_json(meta_path)
-        if meta["teacher"]["spec"] != teacher or int(meta.get("glyph_side", 0)) != glyph_side:
+        if (meta["teacher"]["spec"], int(meta.get("glyph_side", 0)), int(meta.get("ocr_tokens", 0))) != (
+                teacher, glyph_side, ocr_tokens):
             raise ValueError(f"{out} caches features of teacher {meta['teacher']['spec']!r} (glyphs "
-                             f"{meta.get('glyph_side', 0)}), not {teacher!r} (glyphs {glyph_side}): use another folder")
+                             f"{meta.get('glyph_side', 0)}, ocr tokens {meta.get('ocr_tokens', 0)}), not {teacher!r} "
+                             f"(glyphs {glyph_side}, ocr tokens {ocr_tokens}): use another folder")
         known = set(FeatureCache(out).vectors)
     else:
         meta, known = None, set()
@@ -174,14 +267,20 @@ def cache_features(parquet: str | list[str], out: str | Path, teacher: str = "ef
         d = image_digest(jpg)
         if d not in known and d not in todo:
             todo[d] = jpg
+    if glyph_side and ocr_tokens:
+        raise ValueError("a cache carries glyph thumbnails or read tokens, not both")
     if glyph_side:
-        model = _WithGlyphs(teacher, glyph_side, FeatureCache(reuse) if reuse else None, device)
+        model = _WithExtras(teacher, lambda blobs: glyph_thumbnails(blobs, glyph_side), glyph_side * glyph_side,
+                            FeatureCache(reuse) if reuse else None, device)
+    elif ocr_tokens:
+        stored = stored_detections(list(ocr_from)) if todo else {}
+        model = _WithExtras(teacher, lambda blobs: read_token_ids(blobs, ocr_tokens, stored), 2 * ocr_tokens,
+                            FeatureCache(reuse) if reuse else None, device)
     else:
         model = load_teacher(teacher, device)
     if meta is None:
         meta = {"teacher": model.describe(), "embed_dim": model.embed_dim}
-        if glyph_side:
-            meta["glyph_side"] = glyph_side
+        meta.update({k: v for k, v in (("glyph_side", glyph_side), ("ocr_tokens", ocr_tokens)) if v})
     digests, blobs = list(todo), list(todo.values())
     part = len(feature_files(out))
     chunk = 4096   # one output file per chunk: an interrupted run keeps what it finished
@@ -218,21 +317,43 @@ class GlyphCNN(nn.Module):
         return self.proj(torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1))
 
 
+class TokenReader(nn.Module):
+    """The words read in an image (token ids from the cache) -> a joint-space offset: their mean embedding in
+    the text tower's own token table (passed in: tied, so a word read means what the word written means),
+    through a small MLP. Images with nothing read get zero: the MLP over the teacher's features decides."""
+
+    def __init__(self, width: int, embed_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+
+    def forward(self, parts: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        ids = join_token_ids(parts)
+        read = (ids >= 0).unsqueeze(-1).to(token_embedding.dtype)
+        mean = (nn.functional.embedding(ids.clamp(min=0), token_embedding) * read).sum(1) / read.sum(1).clamp(min=1)
+        return self.net(mean) * (read.sum(1) > 0).to(mean.dtype)
+
+
 class FeatureHead(nn.Module):
     """The trainable part of the locked image side: frozen features -> joint embedding, plus a GlyphCNN over
-    the glyph thumbnail the vectors end in when the cache has one (glyph_side > 0)."""
+    the glyph thumbnail the vectors end in when the cache has one (glyph_side > 0), or a TokenReader over the
+    words read (ocr_tokens > 0; it needs the text tower's token table at forward)."""
 
-    def __init__(self, in_dim: int, embed_dim: int, hidden: int = 512, glyph_side: int = 0):
+    def __init__(self, in_dim: int, embed_dim: int, hidden: int = 512, glyph_side: int = 0, ocr_tokens: int = 0,
+                 token_width: int = 0):
         super().__init__()
-        self.teacher_dim = in_dim - glyph_side * glyph_side
+        self.teacher_dim = in_dim - glyph_side * glyph_side - 2 * ocr_tokens
         self.net = nn.Sequential(nn.LayerNorm(self.teacher_dim), nn.Linear(self.teacher_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, embed_dim))
         self.glyphs = GlyphCNN(glyph_side, embed_dim) if glyph_side else None
+        self.reader = TokenReader(token_width, embed_dim) if ocr_tokens else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.glyphs is None:
-            return self.net(x)
-        return self.net(x[:, :self.teacher_dim]) + self.glyphs(x[:, self.teacher_dim:])
+    def forward(self, x: torch.Tensor, token_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.net(x[:, :self.teacher_dim])
+        if self.glyphs is not None:
+            out = out + self.glyphs(x[:, self.teacher_dim:])
+        if self.reader is not None:
+            out = out + self.reader(x[:, self.teacher_dim:], token_embedding)
+        return out
 
 
 def main(argv=None):
@@ -244,10 +365,15 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     ap.add_argument("--glyphs", type=int, default=0, metavar="SIDE",
                     help="append a SIDE x SIDE grayscale thumbnail to every vector: a tower that can learn to read")
-    ap.add_argument("--reuse", default=None, help="with --glyphs: a cache of the same teacher to copy vectors from")
+    ap.add_argument("--ocr-tokens", type=int, default=0, metavar="N",
+                    help="append the BPE ids of up to N words-pieces the text spotter reads: a tower given a reader")
+    ap.add_argument("--ocr-from", nargs="*", default=[], metavar="FILTER_OUT",
+                    help="with --ocr-tokens: filter outputs whose stored OCR (OUT/ocr/) is reused for the same bytes")
+    ap.add_argument("--reuse", default=None, help="with --glyphs / --ocr-tokens: a cache of the same teacher to copy "
+                                                  "vectors from")
     a = ap.parse_args(argv)
-    print(json.dumps(cache_features(a.shards, a.out, a.teacher, a.column, a.batch_size,
-                                    glyph_side=a.glyphs, reuse=a.reuse), indent=2))
+    print(json.dumps(cache_features(a.shards, a.out, a.teacher, a.column, a.batch_size, glyph_side=a.glyphs,
+                                    reuse=a.reuse, ocr_tokens=a.ocr_tokens, ocr_from=a.ocr_from), indent=2))
 
 
 if __name__ == "__main__":

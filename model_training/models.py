@@ -170,10 +170,11 @@ class LockedImageDualEncoder(DualEncoder):
     FeatureHead maps them to the joint space. The config's own vision tower is kept, frozen and
     unused, so the text side stays an open_clip CLIP that exports and loads as usual."""
 
-    def __init__(self, name: str, clip: open_clip.CLIP, feature_dim: int, glyph_side: int = 0):
+    def __init__(self, name: str, clip: open_clip.CLIP, feature_dim: int, glyph_side: int = 0, ocr_tokens: int = 0):
         from model_training.features import FeatureHead
         super().__init__(name, clip)
-        self.feature_head = FeatureHead(feature_dim, self.embed_dim, glyph_side=glyph_side)
+        self.feature_head = FeatureHead(feature_dim, self.embed_dim, glyph_side=glyph_side, ocr_tokens=ocr_tokens,
+                                        token_width=clip.token_embedding.weight.shape[1])
         self.clip.visual.requires_grad_(False)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True, return_tokens: bool = False,
@@ -181,7 +182,7 @@ class LockedImageDualEncoder(DualEncoder):
         if patch_mask is not None or images.dim() != 2:
             raise ValueError("a locked image tower takes [B, feature_dim] features: objectives that mask or "
                              "noise pixels (MIM, image denoising) need the full image tower")
-        emb = self.feature_head(images)
+        emb = self.feature_head(images, self.clip.token_embedding.weight)
         emb = F.normalize(emb, dim=-1) if normalize else emb
         return (emb, None) if return_tokens else emb
 
@@ -204,11 +205,13 @@ def _quiet_random_init():
 
 
 def build_model(name: str, init_checkpoint: str | None = None, device: str | torch.device = "cpu",
-                image_feature_dim: int = 0, text_attention: str = "causal", glyph_side: int = 0) -> DualEncoder:
+                image_feature_dim: int = 0, text_attention: str = "causal", glyph_side: int = 0,
+                ocr_tokens: int = 0) -> DualEncoder:
     """Build a preset (or open_clip model name, or JSON config path) with random weights, or
     initialise from a local open_clip checkpoint (a state dict, or a dict with 'state_dict').
     image_feature_dim > 0 builds the LiT variant over cached frozen image features (glyph_side > 0: the
-    features end in a glyph thumbnail read by a trainable CNN, model_training.features.GlyphCNN).
+    features end in a glyph thumbnail read by a trainable CNN, model_training.features.GlyphCNN; ocr_tokens > 0:
+    in the token ids of the words the text spotter read, model_training.features.TokenReader).
     text_attention="bidirectional" builds <name>-bidir (see bidirectional_config); the weights have the
     same shapes, so a causal checkpoint can initialise it."""
     name = register_config(name, text_attention)
@@ -220,7 +223,7 @@ def build_model(name: str, init_checkpoint: str | None = None, device: str | tor
                                     "nothing is downloaded at run time)")
         open_clip.load_checkpoint(clip, str(init_checkpoint), weights_only=True)
     if image_feature_dim:
-        return LockedImageDualEncoder(name, clip, image_feature_dim, glyph_side).to(device)
+        return LockedImageDualEncoder(name, clip, image_feature_dim, glyph_side, ocr_tokens).to(device)
     return DualEncoder(name, clip)
 
 

@@ -1,5 +1,6 @@
 """The Flickr8k evidence experiment, reduced (`--scale smoke`), end to end with the real Spark filter,
 the real distillation job, the LiT feature cache and the trainer; plus the Flickr8k readers."""
+import io
 import json
 from pathlib import Path
 
@@ -220,6 +221,58 @@ def test_glyph_cache_copies_the_teacher_vectors_and_appends_a_thumbnail_the_head
     assert head.glyphs is not None and head.glyphs.convs[0].weight.grad.abs().sum() > 0
 
 
+def test_ocr_cache_appends_the_words_read_and_the_head_embeds_them_with_the_text_towers_table(tmp_path, shared_data):
+    """The ocr tower's cache: the teacher's part copied from the locked cache, then the token ids of the words
+    the real text spotter reads (float16-safe split); detections the filter stored for the same bytes are
+    reused instead of spotted again. The head reads them through the text tower's token table: gradients
+    reach the reader and that table, and an image with nothing read gets no offset."""
+    import pyarrow as pa
+    import torch
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from experiments.webnoise import NoiseConfig, encode_jpeg
+    from model_training.features import (FeatureCache, FeatureHead, cache_features, join_token_ids,
+                                         split_token_ids)
+    from pipeline.media.images import image_digest
+    from pipeline.media.render import render_text
+    from PIL import Image
+    import random
+    ids = np.array([[0, 255, 256, 49407, -1], [-1, -1, -1, -1, -1]])
+    assert torch.equal(join_token_ids(torch.from_numpy(split_token_ids(ids)).half().float()), torch.from_numpy(ids))
+    photos = pq.read_table(FLICKR8K / "images.parquet", columns=["jpg"]).slice(0, 3).column(0).to_pylist()
+    photo = Image.open(io.BytesIO(photos[0])).convert("RGB")
+    drawn = encode_jpeg(render_text(photo, "yellow submarine", random.Random(3)), NoiseConfig().jpeg_quality)
+    jpgs = [drawn, photos[1], photos[2]]
+    pq.write_table(pa.table({"jpg": jpgs + [b"not a jpeg"]}), tmp_path / "imgs.parquet")
+    cache_features(str(tmp_path / "imgs.parquet"), tmp_path / "feats")
+    # a filter output's OCR store, as the image stage writes it: photos[2] "read" as STOP (not spotted again)
+    (tmp_path / "filter" / "ocr").mkdir(parents=True)
+    stop = [{"text": "STOP", "conf": 0.97, "x0": 5.0, "y0": 5.0, "x1": 40.0, "y1": 20.0, "line": 0},
+            {"text": "faint", "conf": 0.3, "x0": 50.0, "y0": 5.0, "x1": 90.0, "y1": 20.0, "line": 0}]
+    pq.write_table(pa.table({"key": ["k"], "detections": [stop], "digest": [image_digest(photos[2])]}),
+                   tmp_path / "filter" / "ocr" / "p.parquet")
+    stats = cache_features(str(tmp_path / "imgs.parquet"), tmp_path / "ocr", ocr_tokens=8, reuse=tmp_path / "feats",
+                           ocr_from=[tmp_path / "filter"])
+    assert stats["undecodable"] == 1
+    locked, ocr = FeatureCache(tmp_path / "feats"), FeatureCache(tmp_path / "ocr")
+    assert ocr.ocr_tokens == 8 and ocr.dim == locked.dim + 16 and len(ocr) == 3
+    assert np.array_equal(ocr.get(drawn)[:locked.dim], locked.get(drawn))
+    tok = SimpleTokenizer()
+    read = [tok.decode([int(i) for i in row if i >= 0]).strip() for row in join_token_ids(ocr.lookup(jpgs)[:, locked.dim:])]
+    assert "submarine" in read[0].replace(" ", "")      # the rendered words, read by the real spotter
+    assert read[2] == "stop"                             # the stored reading; the unconfident word left out
+    with pytest.raises(ValueError, match="ocr tokens"):
+        cache_features(str(tmp_path / "imgs.parquet"), tmp_path / "ocr", ocr_tokens=4)
+    table = torch.nn.Parameter(torch.randn(49408, 24))
+    head = FeatureHead(ocr.dim, 32, ocr_tokens=8, token_width=24)
+    x = ocr.lookup(jpgs)
+    blank = x.clone()
+    blank[:, locked.dim:] = -1                           # nothing read
+    assert torch.equal(head(blank, table), head.net(blank[:, :locked.dim]))
+    head(x, table).pow(2).sum().backward()
+    assert head.reader.net[1].weight.grad.abs().sum() > 0 and table.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- the budget sweep and the reading probe
 
 @pytest.fixture(scope="module")
@@ -282,14 +335,20 @@ def test_crossover_is_interpolated_and_bracketed():
 
 
 def test_reading_tower_sweep_runs_beside_the_locked_one_on_the_same_pool(budget, spark):
-    """--tower reading reuses the pool (noise, filter runs, teacher features), writes its own runs and
-    results, and every model is scored on clean dev and both probe variants."""
+    """The ocr tower (the reading preset's) reuses the pool (noise, filter runs and their OCR, teacher
+    features), writes its own runs and results, and every model is scored on clean dev and both probe
+    variants - whose drawn words it reads."""
     from experiments.budget import parse_config, run_budget_sweep
+    from model_training.features import FeatureCache, join_token_ids
     out, _, _ = budget
-    bcfg, _ = parse_config(["--scale", "smoke", "--tower", "reading", "--arms", "noisy,masked", "--budgets", "2"])
+    bcfg, _ = parse_config(["--scale", "smoke", "--tower", "ocr", "--arms", "noisy,masked", "--budgets", "2"])
     summary = run_budget_sweep(out, bcfg, FLICKR8K, spark=spark)
     assert {(r["arm"], r["budget"]) for r in summary["runs"]} == {("noisy", 2.0), ("masked", 2.0)}
-    assert (out / "work" / "runs-reading" / "budget2" / "masked" / "seed0" / "train_summary.json").is_file()
-    assert (out / "results-reading" / "budget.md").is_file() and (out / "results" / "budget.md").is_file()
-    assert summary["config"]["base"]["image_tower"] == "reading"
+    assert (out / "work" / "runs-ocr" / "budget2" / "masked" / "seed0" / "train_summary.json").is_file()
+    assert (out / "results-ocr" / "budget.md").is_file() and (out / "results" / "budget.md").is_file()
+    assert summary["config"]["base"]["image_tower"] == "ocr"
+    cache = FeatureCache(out / "work" / "features-ocr16")
+    own = pq.read_table(out / "work" / "probe_own_text.parquet").column("jpg").to_pylist()
+    words_read = (join_token_ids(cache.lookup(own)[:, -32:]) >= 0).any(dim=1)
+    assert words_read.float().mean() > 0.8, "the spotter reads the probe's drawn words"
     assert "masked - noisy" in summary["comparisons"] and len(summary["reading_index"]) == 2
