@@ -214,3 +214,22 @@ def test_datacomp_shards_are_image_input(spark, tmp_path):
     ledger = ledger_of(out2)
     assert (ledger.status == S.KEPT).all() and (ledger.stage == S.STAGE_TEXTSPOT).all(), ledger.to_dict()
     assert S.STAGE_CAPTION not in stats["by_stage"] and stats["by_stage"][S.STAGE_TEXTSPOT]["in"] == 3
+
+
+def test_subset_leaves_out_text_masked_pairs_and_says_so(tmp_path, capsys):
+    """A uid fetches the pool's original image: a pair kept only with its text masked cannot be listed without
+    bringing the text back, so it is left out, counted and warned about; --include-masked lists it anyway."""
+    uids = [uid_of(i, "mask") for i in range(4)]
+    (tmp_path / "ledger" / "textspot").mkdir(parents=True)
+    pq.write_table(pa.table({"key": uids, "status": [S.KEPT, S.KEPT, S.DROPPED, S.KEPT],
+                             "reason": [None, S.R_TEXT_MASKED, S.R_TEXT_SPOTTED, None]}),
+                   tmp_path / "ledger" / "textspot" / "p0.parquet")
+    info = datacomp.write_subset(str(tmp_path), 3)
+    subset = datacomp.read_subset(str(tmp_path / "datacomp" / "subset_uids.npy"))
+    assert np.array_equal(subset, datacomp.uids_to_array([uids[0], uids[3]]))
+    assert info["n_subset_uids"] == 2 and info["datacomp"]["n_masked_not_in_subset"] == 1
+    assert "1 pairs kept with their text masked are not in the subset file" in capsys.readouterr().out
+    info = datacomp.write_subset(str(tmp_path), 3, include_masked=True)
+    assert info["n_subset_uids"] == 3 and info["datacomp"]["n_masked_not_in_subset"] == 0
+    assert np.array_equal(datacomp.read_subset(str(tmp_path / "datacomp" / "subset_uids.npy")),
+                          datacomp.uids_to_array([uids[0], uids[1], uids[3]]))

@@ -16,6 +16,12 @@ sorted and de-duplicated (a uid kept under a renamed duplicate key `uid~2` count
 (3) the driver streams the sorted buckets, in bucket order, after one .npy header into the file -
 a byte copy, never holding more than one block. Buckets hold ~BUCKET_BYTES each (uids are hashes,
 spread evenly), 2**bits of them. The count goes to stats.json (n_subset_uids).
+
+Pairs kept with their text masked (--text-action mask, reason text_masked) are left out by default: a uid
+names the pool's original image, so DataComp's resharder would fetch the unmasked photo - the very text
+the filter found - and a uid list cannot carry a mask. They are counted (n_masked_not_in_subset) and
+named in a warning; to train on the masked images, use OUTPUT/shards (DataComp's BYOD track), or pass
+--include-masked to list their uids anyway (the originals, unmasked).
 """
 from __future__ import annotations
 
@@ -69,10 +75,14 @@ def bucket_bits(n_kept: int) -> int:
     return bits
 
 
-def _kept_uids(ledger_file: str) -> tuple[np.ndarray, int]:
-    """The kept uids of one ledger file (duplicate suffixes `~n` removed); and how many kept keys are no uid."""
-    t = storage.read_parquet(ledger_file, columns=["key", "status"])
-    keys = t.filter(pc.equal(t.column("status"), S.KEPT)).column("key").to_pylist()
+def _kept_uids(ledger_file: str, include_masked: bool = False) -> tuple[np.ndarray, int, int]:
+    """The kept uids of one ledger file (duplicate suffixes `~n` removed); how many kept keys are no uid;
+    and how many kept-with-text-masked rows were left out (none with include_masked)."""
+    t = storage.read_parquet(ledger_file, columns=["key", "status", "reason"])
+    kept = t.filter(pc.equal(t.column("status"), S.KEPT))
+    masked = pc.fill_null(pc.equal(kept.column("reason"), S.R_TEXT_MASKED), False)
+    n_masked = 0 if include_masked else pc.sum(masked).as_py() or 0
+    keys = (kept if include_masked else kept.filter(pc.invert(masked))).column("key").to_pylist()
     pairs, invalid = [], 0
     for k in keys:
         uid = k.split("~", 1)[0]
@@ -80,7 +90,7 @@ def _kept_uids(ledger_file: str) -> tuple[np.ndarray, int]:
             pairs.append(uid_pair(uid))
         else:
             invalid += 1
-    return np.array(pairs, dtype=SUBSET_DTYPE), invalid
+    return np.array(pairs, dtype=SUBSET_DTYPE), invalid, n_masked
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -93,16 +103,16 @@ def _load(path: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
 
 
-def scatter(output: str, bits: int, item: tuple[str, str]) -> int:
-    """Task: one ledger file's kept uids into bucket runs; returns the kept keys that are no uid."""
+def scatter(output: str, bits: int, include_masked: bool, item: tuple[str, str]) -> tuple[int, int]:
+    """Task: one ledger file's kept uids into bucket runs; returns (kept keys that are no uid, masked left out)."""
     name, ledger_file = item
-    arr, invalid = _kept_uids(ledger_file)
+    arr, invalid, n_masked = _kept_uids(ledger_file, include_masked)
     if len(arr):
         bucket = (arr["f0"] >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(arr), np.int64)
         for b in np.unique(bucket):
             storage.write_bytes(storage.join(output, *WORK, "runs", f"b{int(b):05d}", f"{name}.npy"),
                                 _npy_bytes(arr[bucket == b]))
-    return invalid
+    return invalid, n_masked
 
 
 def sort_bucket(output: str, bucket: str) -> int:
@@ -139,10 +149,11 @@ def _local_map(fn, items):
     return [fn(x) for x in items]
 
 
-def write_subset(output: str, n_kept: int, map_fn=None, bits: int | None = None) -> dict:
+def write_subset(output: str, n_kept: int, map_fn=None, bits: int | None = None, include_masked: bool = False) -> dict:
     """OUTPUT/datacomp/subset_uids.npy from OUTPUT's ledger; returns {n_subset_uids, ...} for stats.json.
     map_fn(fn, items) runs fn over items (a list of results back): in this process by default, as
-    Spark tasks when the job passes one (only per-task counts come back)."""
+    Spark tasks when the job passes one (only per-task counts come back). Kept-with-text-masked rows are
+    left out unless include_masked (see the module's docstring)."""
     from pipeline.filter.finalize import ledger_dirs
     map_fn = map_fn or _local_map
     bits = bucket_bits(n_kept) if bits is None else bits
@@ -150,7 +161,8 @@ def write_subset(output: str, n_kept: int, map_fn=None, bits: int | None = None)
     storage.remove_tree(work)
     files = [(f"{storage.basename(d)}-{storage.basename(f)[: -len('.parquet')]}", f)
              for d in ledger_dirs(output) for f in storage.files(d, ".parquet")]
-    invalid = sum(map_fn(functools.partial(scatter, output, bits), files)) if files else 0
+    counts = map_fn(functools.partial(scatter, output, bits, include_masked), files) if files else []
+    invalid, n_masked = sum(c[0] for c in counts), sum(c[1] for c in counts)
     runs = storage.join(work, "runs")
     buckets = sorted(d for d in (storage.listdir(runs) if storage.isdir(runs) else [])
                      if storage.isdir(storage.join(runs, d)))
@@ -160,8 +172,14 @@ def write_subset(output: str, n_kept: int, map_fn=None, bits: int | None = None)
     if invalid:
         print(f"[datacomp] WARNING: {invalid} kept keys are not 32-hex-character uids and are not in the subset file",
               flush=True)
+    if n_masked:
+        print(f"[datacomp] WARNING: {n_masked} pairs kept with their text masked are not in the subset file: a uid "
+              "would fetch the unmasked original; train on OUTPUT/shards to use them (datacomp-subset "
+              "--include-masked lists the originals anyway)", flush=True)
     return {"n_subset_uids": n, "datacomp": {"subset_file": "/".join(SUBSET_PATH), "dtype": "u8,u8",
-                                             "n_uids": n, "n_kept_keys_not_uids": invalid, "bucket_bits": bits}}
+                                             "n_uids": n, "n_kept_keys_not_uids": invalid,
+                                             "n_masked_not_in_subset": n_masked, "include_masked": include_masked,
+                                             "bucket_bits": bits}}
 
 
 def read_subset(path: str) -> np.ndarray:
@@ -173,6 +191,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", help="a finished filter (or redecide) output whose keys are uids")
     ap.add_argument("--bucket-bits", type=int, default=None, help="2**bits sort buckets (default: from the count)")
+    ap.add_argument("--include-masked", action="store_true",
+                    help="also list pairs kept with their text masked (their uids fetch the unmasked originals)")
     a = ap.parse_args(argv)
     output = storage.normalize(a.output)
     stats_path, manifest_path = storage.join(output, "stats.json"), storage.join(output, "manifest.json")
@@ -185,7 +205,7 @@ def main(argv=None) -> int:
         print(f"datacomp: error: {a.output}'s keys are not DataComp uids (its input has no `uid` column)",
               file=sys.stderr)
         return 2
-    info = write_subset(output, stats.get("n_kept", 0), bits=a.bucket_bits)
+    info = write_subset(output, stats.get("n_kept", 0), bits=a.bucket_bits, include_masked=a.include_masked)
     stats.update(info)
     storage.write_json(stats_path, stats)
     print(f"{info['n_subset_uids']:,} uids -> {subset_path(output)}")
