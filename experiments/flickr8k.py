@@ -209,26 +209,40 @@ def train_arm(cfg: ExperimentConfig, arm: dict, seed: int, run_dir: Path, featur
     return summary
 
 
-def evaluate_run(cfg: ExperimentConfig, run_dir: Path, dev, features: Path):
-    """Dev retrieval of a finished run: (metrics dict, i2t ranks, t2i ranks)."""
+def load_run(cfg: ExperimentConfig, run_dir: Path, features: Path) -> dict:
+    """A finished run's model (latest checkpoint, eval mode) and the feature cache it reads, for evaluate_run
+    on several sets without loading either again."""
     import torch
-    from model_training.evaluate import embed_images, embed_texts, recall_from_ranks, retrieval_ranks
     from model_training.features import FeatureCache
-    from model_training.models import build_model, get_tokenizer
+    from model_training.models import build_model
     from model_training.run_dir import find_checkpoint
     ckpt = find_checkpoint(run_dir, "latest")   # by step, as the trainer orders them
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    cache = FeatureCache(features) if cfg.image_tower != "full" else None
+    cache = FeatureCache.shared(features) if cfg.image_tower != "full" else None
     model = build_model(cfg.model, image_feature_dim=cache.dim if cache else 0, glyph_side=cache.glyph_side if cache else 0,
                         ocr_tokens=cache.ocr_tokens if cache else 0)
     model.load_state_dict({k[len("model."):]: v for k, v in state["trainee"].items() if k.startswith("model.")})
     model.eval()
+    return {"model": model, "cache": cache, "texts": {}}
+
+
+def evaluate_run(cfg: ExperimentConfig, run_dir: Path, dev, features: Path, loaded: dict | None = None):
+    """Dev retrieval of a finished run: (metrics dict, i2t ranks, t2i ranks). `loaded` (load_run's) is reused,
+    and with it the caption embeddings of sets with the same captions (the probe sets keep dev's)."""
+    import torch
+    from model_training.evaluate import embed_images, embed_texts, recall_from_ranks, retrieval_ranks
+    from model_training.models import get_tokenizer
+    loaded = loaded or load_run(cfg, run_dir, features)
+    model, cache = loaded["model"], loaded["cache"]
     with torch.no_grad():
         if cache:
             img = model.encode_image(cache.lookup([dev.image_bytes(i) for i in range(len(dev.image_ids))]))
         else:
             img = embed_images(model, dev.image_paths, model.image_size)
-        txt = embed_texts(model, get_tokenizer(model.name), dev.captions)
+        key = tuple(dev.captions)
+        if key not in loaded["texts"]:
+            loaded["texts"][key] = embed_texts(model, get_tokenizer(model.name), dev.captions)
+        txt = loaded["texts"][key]
     i2t, t2i = retrieval_ranks(img, txt, dev.text_to_image)
     return recall_from_ranks(i2t, t2i), i2t.numpy(), t2i.numpy()
 

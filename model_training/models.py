@@ -16,6 +16,7 @@ single place that knows the config directory. Configs are open_clip's format:
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from contextlib import contextmanager
@@ -227,9 +228,10 @@ def build_model(name: str, init_checkpoint: str | None = None, device: str | tor
     return DualEncoder(name, clip)
 
 
+@functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str):
     """open_clip's bundled BPE tokenizer with the config's context length (offline), remembering the token
-    rows of recent captions."""
+    rows of recent captions; one per name in a process, so runs after runs share what it remembers."""
     return CachedTokenizer(open_clip.get_tokenizer(register_config(name)))
 
 

@@ -239,7 +239,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, run_di
         if needs_tokens:
             raise ValueError(f"--image-features (a locked image tower) gives no image tokens or pixels; "
                              f"{', '.join('--' + n.replace('_', '-') for n in needs_tokens)} need the full tower")
-        features = FeatureCache(cfg.image_features)
+        features = FeatureCache.shared(cfg.image_features)
     model = build_model(cfg.model, cfg.init_checkpoint or None, image_feature_dim=features.dim if features else 0,
                         text_attention=cfg.text_attention, glyph_side=features.glyph_side if features else 0,
                         ocr_tokens=features.ocr_tokens if features else 0

@@ -268,7 +268,13 @@ def test_ocr_cache_appends_the_words_read_and_the_head_embeds_them_with_the_text
     x = ocr.lookup(jpgs)
     blank = x.clone()
     blank[:, locked.dim:] = -1                           # nothing read
-    assert torch.equal(head(blank, table), head.net(blank[:, :locked.dim]))
+    assert torch.equal(head(x, table), head.net(x[:, :locked.dim]))     # the reader starts silent...
+    head(x, table).sum().backward()
+    assert head.reader.net[-1].weight.grad.abs().sum() > 0              # ... and learns
+    torch.nn.init.normal_(head.reader.net[-1].weight)
+    assert torch.equal(head(blank, table), head.net(blank[:, :locked.dim]))  # trained or not: nothing read, no offset
+    assert not torch.equal(head(x, table), head.net(x[:, :locked.dim]))
+    head.zero_grad()
     head(x, table).pow(2).sum().backward()
     assert head.reader.net[1].weight.grad.abs().sum() > 0 and table.grad.abs().sum() > 0
 
