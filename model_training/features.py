@@ -160,10 +160,12 @@ def stored_detections(filter_outputs: list[str | Path]) -> dict[bytes, list]:
 
 def read_token_ids(blobs: list[bytes], n_tokens: int, known: dict[bytes, list] | None = None
                    ) -> tuple[np.ndarray, dict[int, str]]:
-    """Encoded images -> [n, n_tokens] BPE ids (open_clip's tokenizer, -1 padded) of the words the text spotter
-    (TextSpotParams() defaults) reads with confidence >= min_conf, in reading order; detections in `known`
-    (by digest) are reused, the rest spotted here. {input index: error} for the undecodable ones."""
+    """Encoded images -> the BPE ids (open_clip's tokenizer, at most n_tokens, -1 padded) of the words the text
+    spotter (TextSpotParams() defaults) reads with confidence >= min_conf, in reading order, as
+    split_token_ids' [n_decoded, 2 * n_tokens]; and {input index: error} for the undecodable ones.
+    Detections in `known` (by digest: the filter's reading of the same bytes) are reused, the rest spotted."""
     from open_clip.tokenizer import SimpleTokenizer
+    from tqdm import tqdm
 
     from pipeline.filter.spotting import get_spotter
     from pipeline.filter.textspot import TextSpotParams
@@ -181,7 +183,8 @@ def read_token_ids(blobs: list[bytes], n_tokens: int, known: dict[bytes, list] |
             errors[i] = str(exc)[:1000]
     if todo:
         spotter, idx = get_spotter(params), list(todo)
-        for start in range(0, len(idx), 32):
+        for start in tqdm(range(0, len(idx), 32), desc="text spotting (ocr tower)", unit="batch", leave=False,
+                          disable=len(idx) < 256):
             batch = idx[start:start + 32]
             detections.update(zip(batch, spotter.spot([todo[i] for i in batch])))
     tokenizer = SimpleTokenizer()
