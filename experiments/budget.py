@@ -152,10 +152,12 @@ def run_budget_sweep(out: str | Path, bcfg: BudgetConfig = BudgetConfig(), flick
     n_pool = json.loads(pool.info_path.read_text())["n_pairs"]
     sets = {"clean": pool.dev}
     if bcfg.probe:
+        t = time.time()
         sets.update(probe_sets(pool.dev, cfg.noise.seed))
         if cfg.image_tower != "full":
             cache_tower_features([str(_write_images(sets[p], out / "work" / f"probe_{p}.parquet")) for p in PROBES],
                                  out / "work", cfg.image_tower)
+        pool.timings["probe_sets"] = round(time.time() - t, 1)
     jobs = []
     for budget in bcfg.budgets:
         steps = steps_for(budget, n_pool, cfg.batch_size)
