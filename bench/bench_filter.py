@@ -19,13 +19,15 @@
    reading parts, finalize and report.
 2. Plain baselines in the same process afterwards, one core (OMP/BLAS threads 1, torch.set_num_threads(1),
    CPU time): bench_captions.PipeReference (nlp.pipe, batch 256, ner and lemmatizer off, the same rules)
-   on the same 10,000 captions; easyocr `Reader.readtext(image)` (bench_textspot.reference_paths) on a
-   seeded sample of the distinct images the job spotted, with the DiHT rule (caption_match, 0.8, 5) on
-   its output. Their sum for the job's work = captions / caption rate + distinct spotted images x
-   readtext CPU-s per image + the job's own decode CPU; the ratio is that sum over the job's tree CPU.
-   Accuracy beside it: drop-verdict agreement of the job with readtext + rule on the sampled images'
+   on the same 10,000 captions; the reference OCR of the job's text-spot engine, what a competent user writes
+   with that engine's own library - RapidOCR's defaults (`rapidocr_onnxruntime.RapidOCR()`) for ppocr, easyocr
+   `Reader.readtext(image)` for easyocr (bench_textspot's reference paths; both are measured) - on a seeded
+   sample of the distinct images the job spotted, with the DiHT rule (caption_match, 0.8, 5) on its output.
+   Their sum for the job's work = captions / caption rate + distinct spotted images x the reference's CPU-s
+   per image + the job's own decode CPU; the ratio is that sum over the job's tree CPU.
+   Accuracy beside it: drop-verdict agreement of the job with the reference + rule on the sampled images'
    rows, recall / precision of the text-spot drop against the `noise` column's text_shortcut labels
-   (the job on all rows it spotted and on the sampled rows; readtext on the sampled rows), and the
+   (the job on all rows it spotted and on the sampled rows; each reference on the sampled rows), and the
    caption verdict agreement with the baseline parse.
 3. Caption stage alone (--caption-rows, 0 = keep the last recorded figures): bench_captions'
    web-like set (real LAION alt-texts, 30% repeats) through `--stages caption`: the job's captions/s
@@ -204,32 +206,51 @@ def spotted_rows(inp: Path, out: Path) -> list[dict]:
             if r["status"] != S.FAILED]
 
 
-def readtext_baseline(rows: list[dict], n_images: int, seed: int) -> dict:
-    """easyocr readtext + the DiHT rule on a seeded sample of the distinct spotted images, one thread."""
+# what a competent user writes with each engine's own library (bench_textspot's reference paths)
+OCR_REFERENCES = {"readtext": ("easyocr", "easyocr Reader(['en'], gpu=False).readtext(image), defaults, one image per call"),
+                  "rapidocr_default": ("ppocr", "rapidocr_onnxruntime.RapidOCR()(bgr), its defaults (PP-OCRv4, short "
+                                                "side upscaled to 736), one thread, one image per call")}
+
+
+def ocr_baselines(rows: list[dict], n_images: int, seed: int) -> tuple[dict, list[dict]]:
+    """Each reference OCR + the DiHT rule on the same seeded sample of the distinct spotted images, one thread."""
     import torch
 
-    from bench.bench_textspot import reference_paths
+    from bench.bench_textspot import rapidocr_path, readtext_path
     from pipeline.media import images as img
-    from pipeline.filter.textspot import caption_match, get_reader
+    from pipeline.filter.textspot import caption_match
     torch.set_num_threads(1)
     by_image: dict[bytes, list[dict]] = {}
     for r in rows:
         by_image.setdefault(img.image_digest(r["jpg"]), []).append(r)
     sample = random.Random(seed).sample(sorted(by_image), min(n_images, len(by_image)))
-    readtext = reference_paths(get_reader(False), size=0)["readtext"]   # size is only readtext_batched's
     arrays = [img.decode_image(by_image[d][0]["jpg"]).array() for d in sample]
-    readtext(arrays[:2])   # warm-up: first calls per shape build kernels
-    clock, wall = time.process_time(), time.perf_counter()
-    found = readtext(arrays)
-    cpu, wall = time.process_time() - clock, time.perf_counter() - wall
-    sampled = []
-    for digest, detections in zip(sample, found):
-        for r in by_image[digest]:
-            sampled.append({**r, "readtext_drop": caption_match(detections, r["caption"], 0.8, 5) is not None})
-    return {"what": "easyocr Reader(['en'], gpu=False).readtext(image), defaults, one image per call; "
-                    "DiHT rule caption_match(min_conf 0.8, min_chars 5) on its detections",
-            "images": len(sample), "rows_of_those_images": len(sampled), "cpu_s": round(cpu, 2),
-            "wall_s": round(wall, 2), "cpu_s_per_image": round(cpu / len(sample), 4)}, sampled
+    sampled = [{**r} for d in sample for r in by_image[d]]
+    out = {}
+    for name, make in (("readtext", readtext_path), ("rapidocr_default", rapidocr_path)):
+        engine, what = OCR_REFERENCES[name]
+        read = make()
+        read(arrays[:2])   # warm-up: first calls per shape build kernels
+        clock, wall = time.process_time(), time.perf_counter()
+        found = read(arrays)
+        cpu, wall = time.process_time() - clock, time.perf_counter() - wall
+        drops = {d: found_i for d, found_i in zip(sample, found)}
+        for r in sampled:
+            r[f"{name}_drop"] = caption_match(drops[img.image_digest(r["jpg"])], r["caption"], 0.8, 5) is not None
+        out[name] = {"what": what + "; DiHT rule caption_match(min_conf 0.8, min_chars 5) on its detections",
+                     "reference_for_engine": engine, "images": len(sample), "rows_of_those_images": len(sampled),
+                     "cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "cpu_s_per_image": round(cpu / len(sample), 4)}
+    return out, sampled
+
+
+def job_engine(out: Path) -> str:
+    """The engine the job's text-spot stage ran (every spotted ledger row records it)."""
+    import schemas as S
+    engines = set(pq.read_table(out / "ledger" / S.STAGE_TEXTSPOT, columns=["ocr_engine"]).column(0).drop_null()
+                  .to_pylist())
+    if len(engines) != 1:
+        raise RuntimeError(f"expected one text-spot engine in {out}, found {sorted(engines)}")
+    return engines.pop()
 
 
 def drop_quality(rows: list[dict], verdict: str) -> dict:
@@ -238,16 +259,18 @@ def drop_quality(rows: list[dict], verdict: str) -> dict:
     return {"rows": len(rows), **verdict_quality([r[verdict] for r in rows], [r["noise"] == TEXT_SHORTCUT for r in rows])}
 
 
-def compare(job: dict, phases: dict, captions: dict, readtext: dict, rows: list[dict], sampled: list[dict],
+def compare(job: dict, phases: dict, captions: dict, ocr: dict, engine: str, rows: list[dict], sampled: list[dict],
             n_rows: int) -> dict:
+    """The job against the sum of the plain baselines; the OCR baseline is the job's engine's own library."""
     n_images = phases["n_images_spotted"]
+    reference = next(name for name, (eng, _) in OCR_REFERENCES.items() if eng == engine)
     baseline = {"captions": round(captions["captions"] / captions["captions_per_cpu_s"], 1),
-                "readtext": round(n_images * readtext["cpu_s_per_image"], 1),
+                reference: round(n_images * ocr[reference]["cpu_s_per_image"], 1),
                 "decode_as_the_job": phases["textspot_parts_cpu_s"]["decode"]}
     baseline_total = round(sum(baseline.values()), 1)
     textspot_cpu = phases["windows"]["textspot_stage"]["cpu_s_tree"]
     return {
-        "rows": n_rows, "distinct_images_spotted": n_images,
+        "rows": n_rows, "distinct_images_spotted": n_images, "engine": engine, "ocr_reference": reference,
         "job_cpu_s": job["cpu_s_tree"], "job_cpu_s_per_input_row": round(job["cpu_s_tree"] / n_rows, 4),
         "job_cpu_s_per_spotted_image_whole_job": round(job["cpu_s_tree"] / n_images, 4),
         "job_textspot_stage_cpu_s_per_spotted_image": round(textspot_cpu / n_images, 4),
@@ -255,16 +278,16 @@ def compare(job: dict, phases: dict, captions: dict, readtext: dict, rows: list[
             (phases["cpu_s"]["detect"] + phases["cpu_s"]["recognise"]) / n_images, 4),
         "baseline_cpu_s": baseline, "baseline_cpu_s_total": baseline_total,
         "baseline_cpu_s_per_input_row": round(baseline_total / n_rows, 4),
-        "baseline_readtext_plus_decode_cpu_s_per_spotted_image": round(
-            (baseline["readtext"] + baseline["decode_as_the_job"]) / n_images, 4),
+        "baseline_ocr_plus_decode_cpu_s_per_spotted_image": round(
+            (baseline[reference] + baseline["decode_as_the_job"]) / n_images, 4),
         "speedup_cpu_job_vs_baselines_sum": round(baseline_total / job["cpu_s_tree"], 2),
         "job_rows_per_wall_s_on_2_cores": round(n_rows / job["wall_s"], 1),
         "accuracy": {
-            "drop_verdict_agreement_job_vs_readtext_rule": round(
-                sum(r["job_drop"] == r["readtext_drop"] for r in sampled) / len(sampled), 4),
+            "drop_verdict_agreement_job_vs_reference_rule": round(
+                sum(r["job_drop"] == r[f"{reference}_drop"] for r in sampled) / len(sampled), 4),
             "job_all_spotted_rows": drop_quality(rows, "job_drop"),
             "job_sampled_rows": drop_quality(sampled, "job_drop"),
-            "readtext_rule_sampled_rows": drop_quality(sampled, "readtext_drop"),
+            **{f"{name}_rule_sampled_rows": drop_quality(sampled, f"{name}_drop") for name in OCR_REFERENCES},
             "caption_verdict_agreement_job_vs_pipe_reference": captions["job_verdict_agreement"],
         },
     }
@@ -372,7 +395,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/bench_filter_work", help="scratch folder (the input and the job's output)")
     ap.add_argument("--rows-per-part", type=int, default=1280)
-    ap.add_argument("--readtext-images", type=int, default=80, help="distinct spotted images readtext reads")
+    ap.add_argument("--ocr-images", type=int, default=80, help="distinct spotted images each reference OCR reads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--caption-rows", type=int, default=100_000,
                     help="rows of the caption-stage run; 0 keeps the figures bench/results/filter.json has")
@@ -392,7 +415,8 @@ def main(argv=None):
     texts = pq.read_table(inp, columns=["caption"]).column(0).to_pylist()
     captions = caption_baseline(texts, out)
     rows = spotted_rows(inp, out)
-    readtext, sampled = readtext_baseline(rows, a.readtext_images, a.seed)
+    ocr, sampled = ocr_baselines(rows, a.ocr_images, a.seed)
+    engine = job_engine(out)
     result = {
         "benchmark": "filter",
         "machine": {**machine(), "load_average_1_5_15_at_start": load_start,
@@ -407,8 +431,8 @@ def main(argv=None):
                           "job_s": stats["seconds"], "n_input": stats["n_input"], "n_kept": stats["n_kept"],
                           "n_dropped": stats["n_dropped"], "n_failed": stats["n_failed"]},
             "phases": phases,
-            "baselines": {"captions": captions, "readtext": readtext},
-            **compare(run, phases, captions, readtext, rows, sampled, stats["n_input"]),
+            "baselines": {"captions": captions, **ocr},
+            **compare(run, phases, captions, ocr, engine, rows, sampled, stats["n_input"]),
         },
     }
     for name, rows, measure_it in (("throughput", a.caption_rows, caption_stage_job),
