@@ -74,7 +74,7 @@ SCALES = {
     # mask and the whole filter do then
     "reading": {"base": ExperimentConfig(noise=NoiseConfig(photos=0), image_tower="ocr",
                                          arms=("noisy", "filtered", "textspot_only", "masked")),
-                "budgets": (0.5, 2.0), "side_arms": ()},
+                "side_arms": ()},   # the default's four budgets: where reading starts to pay, and what 8x repeats do
     "smoke": {"base": ExperimentConfig(noise=NoiseConfig(photos=40, text_shortcut=0.3, misaligned=0.2,
                                                          low_complexity=0.15),
                                        arms=("noisy", "filtered", "random"), seeds=1, batch_size=32,
