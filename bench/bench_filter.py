@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -255,8 +256,10 @@ def job_engine(out: Path) -> str:
 
 def drop_quality(rows: list[dict], verdict: str) -> dict:
     """Recall / precision of a drop verdict against the text_shortcut labels."""
-    from bench.bench_textspot import verdict_quality
-    return {"rows": len(rows), **verdict_quality([r[verdict] for r in rows], [r["noise"] == TEXT_SHORTCUT for r in rows])}
+    from bench.bench_textspot import quality
+    labelled = [SimpleNamespace(drop=r["noise"] == TEXT_SHORTCUT, name=r["key"]) for r in rows]
+    q = quality([r[verdict] for r in rows], labelled)
+    return {"rows": len(rows), **{k: q[k] for k in ("precision", "recall", "tp", "fp", "fn")}}
 
 
 def compare(job: dict, phases: dict, captions: dict, ocr: dict, engine: str, rows: list[dict], sampled: list[dict],
