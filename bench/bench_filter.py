@@ -226,7 +226,7 @@ def ocr_baselines(rows: list[dict], n_images: int, seed: int) -> tuple[dict, lis
         by_image.setdefault(img.image_digest(r["jpg"]), []).append(r)
     sample = random.Random(seed).sample(sorted(by_image), min(n_images, len(by_image)))
     arrays = [img.decode_image(by_image[d][0]["jpg"]).array() for d in sample]
-    sampled = [{**r} for d in sample for r in by_image[d]]
+    sampled = [(k, {**r}) for k, d in enumerate(sample) for r in by_image[d]]   # (index in sample, row)
     out = {}
     for name, make in (("readtext", readtext_path), ("rapidocr_default", rapidocr_path)):
         engine, what = OCR_REFERENCES[name]
@@ -235,13 +235,12 @@ def ocr_baselines(rows: list[dict], n_images: int, seed: int) -> tuple[dict, lis
         clock, wall = time.process_time(), time.perf_counter()
         found = read(arrays)
         cpu, wall = time.process_time() - clock, time.perf_counter() - wall
-        drops = {d: found_i for d, found_i in zip(sample, found)}
-        for r in sampled:
-            r[f"{name}_drop"] = caption_match(drops[img.image_digest(r["jpg"])], r["caption"], 0.8, 5) is not None
+        for k, r in sampled:
+            r[f"{name}_drop"] = caption_match(found[k], r["caption"], 0.8, 5) is not None
         out[name] = {"what": what + "; DiHT rule caption_match(min_conf 0.8, min_chars 5) on its detections",
                      "reference_for_engine": engine, "images": len(sample), "rows_of_those_images": len(sampled),
                      "cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "cpu_s_per_image": round(cpu / len(sample), 4)}
-    return out, sampled
+    return out, [r for _, r in sampled]
 
 
 def job_engine(out: Path) -> str:

@@ -35,24 +35,20 @@ def rows() -> list[tuple[str, str, str]]:
         w = r.get("whole_job")
         if w:
             job, acc = w["spark_job"], w["accuracy"]
-            ocr = w.get("ocr_reference", "readtext")   # results written before the engine was recorded: readtext
+            ocr = w["ocr_reference"]
             q, ref = acc["job_all_spotted_rows"], acc[f"{ocr}_rule_sampled_rows"]
-            agreement = acc.get("drop_verdict_agreement_job_vs_reference_rule",
-                                acc.get("drop_verdict_agreement_job_vs_readtext_rule"))
-            out.append((f"whole filter job ({w.get('engine', 'easyocr')}), spark-submit local[2], Flickr8k web-noise "
+            out.append((f"whole filter job ({w['engine']}), spark-submit local[2], Flickr8k web-noise "
                         f"({w['rows']:,} rows, {w['distinct_images_spotted']:,} images spotted)",
                          f"{w['job_cpu_s_per_input_row']} CPU s/row ({job['cpu_s_tree']} CPU s, {job['wall_s']} s wall, "
                          f"load {job['load_1min_during']['mean']}) vs plain baselines summed "
                          f"{w['baseline_cpu_s_per_input_row']} (nlp.pipe + {ocr} + decode)",
                          f"{w['speedup_cpu_job_vs_baselines_sum']}x; text-spot drop P {q['precision']} R {q['recall']} "
                          f"({ocr} + rule P {ref['precision']} R {ref['recall']} on {ref['rows']} sampled rows), "
-                         f"verdict agreement {agreement}"))
+                         f"verdict agreement {acc['drop_verdict_agreement_job_vs_reference_rule']}"))
             cpu = w["phases"]["cpu_s"]
-            per_image = w.get("baseline_ocr_plus_decode_cpu_s_per_spotted_image",
-                              w.get("baseline_readtext_plus_decode_cpu_s_per_spotted_image"))
             out.append(("whole filter job, CPU s by phase", ", ".join(f"{k} {v}" for k, v in cpu.items()),
                         f"text spotting {w['job_textspot_stage_cpu_s_per_spotted_image']} CPU s/image vs {ocr} "
-                        f"+ decode {per_image}"))
+                        f"+ decode {w['baseline_ocr_plus_decode_cpu_s_per_spotted_image']}"))
         m = r.get("bounded_memory")
         if m:
             out.append((f"filter job, {m['n_input']:,} rows, --driver-memory {m['driver_memory']}",

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.flickr8k import (ExperimentConfig, _jsonable, _map_runs, cache_tower_features, evaluate_run, load_run,
-                                  machine, paired_bootstrap, prepare_pool, train_arm)
+from experiments.flickr8k import (ExperimentConfig, _jsonable, _map_runs, cache_tower_features, evaluate_run, machine,
+                                  paired_bootstrap, prepare_pool, train_arm)
 from experiments.webnoise import DEFAULT_FLICKR8K, NoiseConfig, caption_phrase, encode_jpeg
 
 PROBES = ("own_text", "unrelated_text")
@@ -129,14 +129,12 @@ def _budget_job(job):
 
 def _scores(cfg, run_dir: Path, name: str, cs, features, loaded: dict):
     """evaluate_run, kept beside the run (metrics and ranks): a rerun that changes only the report re-reads
-    them instead of evaluating every model again. `loaded`: the run's model, loaded on first need."""
+    them instead of evaluating every model again. `loaded`: the run's model, loaded by evaluate_run on first need."""
     path = run_dir / f"eval_{name}.npz"
     if path.is_file():
         with np.load(path) as z:
             if len(z["t2i"]) == len(cs.captions):
                 return json.loads(str(z["metrics"])), z["i2t"], z["t2i"]
-    if not loaded:
-        loaded.update(load_run(cfg, run_dir, features))
     metrics, i2t, t2i = evaluate_run(cfg, run_dir, cs, features, loaded)
     tmp = run_dir / f"eval_{name}.tmp.npz"
     np.savez(tmp, metrics=json.dumps(metrics), i2t=i2t, t2i=t2i)

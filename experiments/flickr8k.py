@@ -227,12 +227,15 @@ def load_run(cfg: ExperimentConfig, run_dir: Path, features: Path) -> dict:
 
 
 def evaluate_run(cfg: ExperimentConfig, run_dir: Path, dev, features: Path, loaded: dict | None = None):
-    """Dev retrieval of a finished run: (metrics dict, i2t ranks, t2i ranks). `loaded` (load_run's) is reused,
-    and with it the caption embeddings of sets with the same captions (the probe sets keep dev's)."""
+    """Dev retrieval of a finished run: (metrics dict, i2t ranks, t2i ranks). `loaded`, a dict kept across the
+    calls of one run, is filled with load_run's on first need and reused, and with it the caption embeddings
+    of sets with the same captions (the probe sets keep dev's)."""
     import torch
     from model_training.evaluate import embed_images, embed_texts, recall_from_ranks, retrieval_ranks
     from model_training.models import get_tokenizer
-    loaded = loaded or load_run(cfg, run_dir, features)
+    loaded = {} if loaded is None else loaded
+    if not loaded:
+        loaded.update(load_run(cfg, run_dir, features))
     model, cache = loaded["model"], loaded["cache"]
     with torch.no_grad():
         if cache:
